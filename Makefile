@@ -1,0 +1,31 @@
+# mutransfer: `make demo` runs the main job on CPU, `make test` builds everything from nothing and tests.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv test lint demo clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first: the registry's standard builds run on CPU as well
+	$(PIP) install -q $(TORCH_PINS)
+	$(PIP) install -q -e '.[dev,hf]' $(TORCH_PINS)
+	$(PY) -c "import torch, torchvision; assert torch.__version__.startswith('2.14.1'), torch.__version__; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check mutransfer tests benchmarks
+
+test: venv lint
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+
+demo: venv
+	DS_ACCELERATOR=cpu $(VENV)/bin/mutransfer demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info
