@@ -1,0 +1,35 @@
+"""Parameterizations, the ViT zoo, the residual-MLP testbed and coordinate checks."""
+
+from .layers import collect_param_info
+from .parametrization import (
+    NAMES,
+    RULES,
+    Parametrization,
+    ParamInfo,
+    Role,
+    RoleRule,
+    Scale,
+    resolve_parametrization,
+)
+from .resmlp import ResidualMLP
+from .vit import VisionTransformer
+from .zoo import TIMM_PREFIX, create_model, list_models, model_config, zoo_entry
+
+__all__ = [
+    "NAMES",
+    "RULES",
+    "TIMM_PREFIX",
+    "ParamInfo",
+    "Parametrization",
+    "ResidualMLP",
+    "Role",
+    "RoleRule",
+    "Scale",
+    "VisionTransformer",
+    "collect_param_info",
+    "create_model",
+    "list_models",
+    "model_config",
+    "resolve_parametrization",
+    "zoo_entry",
+]

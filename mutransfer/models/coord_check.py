@@ -1,0 +1,209 @@
+"""Coordinate checks: do activations keep their size as width (or depth) grows while training?
+
+For each size, one model is trained for a few steps on one fixed batch with a large LR, and the mean
+|activation| of every layer's output is recorded before each step, together with the mean |change| since
+step 0. Under muP the curves are flat in width; under SP they grow with width from the second step on. With
+depth on the x-axis, the last block's output grows like sqrt(L) without a residual multiplier (sp, mup) and
+stays flat under depth_mup (alpha = 1/2) and completep (alpha = 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .parametrization import resolve_parametrization
+from .zoo import create_model
+
+VARY = ("width", "depth")
+CSV_FIELDS = ("layer", "step", "size", "mean_abs", "mean_abs_change")
+
+
+@dataclass(frozen=True)
+class CoordRecord:
+    layer: str
+    step: int
+    size: int
+    mean_abs: float
+    mean_abs_change: float  # mean |a_t - a_0|: how far training has moved this layer's output
+
+
+def coordinate_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules whose outputs are the network's coordinates, in forward order."""
+    embed = getattr(model, "patch_embed", None) or model.stem
+    modules = {"embed": embed}
+    modules.update({f"block.{i}": block for i, block in enumerate(model.blocks)})
+    modules["final_norm"] = model.norm
+    modules["logits"] = model.head
+    return modules
+
+
+def _recorder(outputs: dict[str, torch.Tensor], name: str):
+    def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        outputs[name] = output.detach()
+
+    return hook
+
+
+def _fixed_batch(model: nn.Module, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch_size, 3, model.img_size, model.img_size, generator=generator)
+    labels = torch.randint(0, model.num_classes, (batch_size,), generator=generator)
+    return images, labels
+
+
+def run_coord_check(
+    model: str = "vit",
+    parametrization: str = "mup",
+    vary: str = "width",
+    values: Sequence[int] = (64, 128, 256, 512),
+    steps: int = 4,
+    optimizer: str = "adamw",
+    lr: float | None = None,
+    momentum: float = 0.9,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    **model_kwargs: Any,
+) -> list[CoordRecord]:
+    """Train one model per size for `steps` steps on one batch; record each layer's coordinates per step."""
+    from mutransfer.train.optim import build_optimizer  # models must not import train at module load
+
+    resolve_parametrization(parametrization)  # a bad name fails before any work
+    if vary not in VARY:
+        raise ValueError(f"--vary must be one of {', '.join(VARY)}, got {vary!r}")
+    values = [int(v) for v in values]
+    if len(values) < 2 or any(v < 1 for v in values):
+        raise ValueError(f"--values needs at least two positive sizes, got {values}")
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    if lr is None:  # large on purpose: the check is about what a big step does to each layer
+        lr = 1e-2 if optimizer == "adamw" else 0.5
+    records: list[CoordRecord] = []
+    for size in tqdm(values, desc=f"coord-check {parametrization} over {vary}", disable=not progress):
+        torch.manual_seed(seed)
+        net = create_model(model, parametrization=parametrization, **{**model_kwargs, vary: size})
+        opt = build_optimizer(net, optimizer, lr=lr, momentum=momentum)
+        images, labels = _fixed_batch(net, batch_size, seed)
+        outputs: dict[str, torch.Tensor] = {}
+        hooks = [
+            module.register_forward_hook(_recorder(outputs, name))
+            for name, module in coordinate_modules(net).items()
+        ]
+        first: dict[str, torch.Tensor] = {}
+        try:
+            for step in range(steps):
+                loss = F.cross_entropy(net(images), labels)
+                for name, out in outputs.items():
+                    first.setdefault(name, out)
+                    records.append(
+                        CoordRecord(
+                            layer=name,
+                            step=step,
+                            size=size,
+                            mean_abs=out.abs().mean().item(),
+                            mean_abs_change=(out - first[name]).abs().mean().item(),
+                        )
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            for hook in hooks:
+                hook.remove()
+    return records
+
+
+def growth(records: Iterable[CoordRecord], layer: str, step: int, field: str = "mean_abs") -> float:
+    """value at the largest size / value at the smallest size, for one layer and step."""
+    rows = sorted((r for r in records if r.layer == layer and r.step == step), key=lambda r: r.size)
+    if len(rows) < 2:
+        raise ValueError(f"no records for layer {layer!r} at step {step}")
+    low, high = getattr(rows[0], field), getattr(rows[-1], field)
+    return high / low if low > 0 else math.inf
+
+
+def last_block_growth(records: Sequence[CoordRecord], step: int, field: str = "mean_abs") -> float:
+    """Growth of the LAST block's output across sizes (for depth sweeps the last block's index differs)."""
+    sizes = sorted({r.size for r in records})
+
+    def last_block_value(size: int) -> float:
+        rows = [r for r in records if r.size == size and r.step == step and r.layer.startswith("block.")]
+        return getattr(max(rows, key=lambda r: int(r.layer.split(".")[1])), field)
+
+    low = last_block_value(sizes[0])
+    return last_block_value(sizes[-1]) / low if low > 0 else math.inf
+
+
+def write_csv(records: Sequence[CoordRecord], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CSV_FIELDS)
+        for r in records:
+            writer.writerow([r.layer, r.step, r.size, f"{r.mean_abs:.6g}", f"{r.mean_abs_change:.6g}"])
+
+
+def _plotted_layers(records: Sequence[CoordRecord], vary: str) -> dict[str, dict[int, str]]:
+    """Line label -> {size: layer name}. Over depth, blocks are matched by relative position."""
+    sizes = sorted({r.size for r in records})
+    blocks = {s: sorted({int(r.layer.split(".")[1]) for r in records if r.size == s and r.layer.startswith("block.")})
+              for s in sizes}
+    if vary == "width":
+        names = sorted({r.layer for r in records}, key=lambda n: [r.layer for r in records].index(n))
+        return {name: {s: name for s in sizes} for name in names}
+    lines = {"embed": {s: "embed" for s in sizes}}
+    lines["first block"] = {s: f"block.{blocks[s][0]}" for s in sizes}
+    lines["middle block"] = {s: f"block.{blocks[s][len(blocks[s]) // 2]}" for s in sizes}
+    lines["last block"] = {s: f"block.{blocks[s][-1]}" for s in sizes}
+    lines["final_norm"] = {s: "final_norm" for s in sizes}
+    lines["logits"] = {s: "logits" for s in sizes}
+    return lines
+
+
+def plot(records: Sequence[CoordRecord], path: Path, title: str, vary: str) -> None:
+    """One panel per step; top row mean |activation|, bottom row mean |change since step 0|; log2 axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r.step for r in records})
+    sizes = sorted({r.size for r in records})
+    lookup = {(r.layer, r.step, r.size): r for r in records}
+    lines = _plotted_layers(records, vary)
+    fig, axes = plt.subplots(2, len(steps), figsize=(3.2 * len(steps), 6.4), squeeze=False, sharex=True)
+    cmap = plt.get_cmap("viridis")
+    for col, step in enumerate(steps):
+        for row, field in enumerate(("mean_abs", "mean_abs_change")):
+            ax = axes[row][col]
+            if field == "mean_abs_change" and step == 0:
+                ax.axis("off")  # nothing has moved before the first update
+                continue
+            for i, (label, per_size) in enumerate(lines.items()):
+                ys = [getattr(lookup[(per_size[s], step, s)], field) for s in sizes]
+                ax.plot(sizes, ys, marker="o", ms=3, lw=1, color=cmap(i / max(1, len(lines) - 1)), label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.set_title(f"step {step}" if row == 0 else f"change since step 0, step {step}", fontsize=9)
+            if row == 1:
+                ax.set_xlabel(vary)
+        axes[0][col].set_xticks(sizes, [str(s) for s in sizes])
+    axes[0][0].set_ylabel("mean |activation|")
+    axes[1][0].set_ylabel("mean |a_t - a_0|")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.88, 0.95))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

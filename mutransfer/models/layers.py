@@ -1,0 +1,145 @@
+"""Building blocks shared by the ViT and the residual-MLP testbed.
+
+Each module that owns parameters declares their roles with `own_param_info()` (names relative to itself);
+`collect_param_info(model)` gathers them for the whole model. Roles are declared by the model code, never
+guessed from shapes: under ZeRO-3 every parameter is shape (0,) and a shape rule would call it a vector.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp, trunc_normal_
+from torch import nn
+
+from .parametrization import Parametrization, ParamInfo, Role
+
+
+def require_positive_ints(**values: object) -> None:
+    """Constructor argument check: each value must be an int >= 1, else ValueError naming it."""
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+
+
+class Readout(nn.Linear):
+    """The classification head: y = multiplier * (x W^T) + b, with multiplier alpha_out / m_N."""
+
+    def __init__(self, in_features: int, out_features: int, multiplier: float = 1.0) -> None:
+        super().__init__(in_features, out_features)
+        self.multiplier = float(multiplier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # one fused kernel: bias + multiplier * x @ W^T
+            return torch.addmm(self.bias, x, self.weight.t(), alpha=self.multiplier)
+        return F.linear(x, self.weight) * self.multiplier + self.bias
+
+    def own_param_info(self) -> dict[str, ParamInfo]:
+        return {
+            "weight": ParamInfo(Role.READOUT, decay=True),
+            "bias": ParamInfo(Role.READOUT_BIAS, decay=False),
+        }
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, multiplier={self.multiplier:g}"
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA with the parameterization's logit scale."""
+
+    def __init__(self, dim: int, head_dim: int, scale: float, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % head_dim:
+            raise ValueError(f"width {dim} is not divisible by head_dim {head_dim}")
+        self.num_heads = dim // head_dim
+        self.head_dim = head_dim
+        self.scale = float(scale)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def block_linear_info(first_layer: bool) -> dict[str, ParamInfo]:
+    """A linear layer inside a residual branch: hidden weight, in-block bias."""
+    return {
+        "weight": ParamInfo(Role.HIDDEN, decay=True, first_layer=first_layer),
+        "bias": ParamInfo(Role.BLOCK_VECTOR, decay=False, first_layer=first_layer),
+    }
+
+
+def norm_info(role: Role) -> dict[str, ParamInfo]:
+    return {"weight": ParamInfo(role, decay=False), "bias": ParamInfo(role, decay=False)}
+
+
+def prefixed(prefix: str, info: dict[str, ParamInfo]) -> dict[str, ParamInfo]:
+    return {f"{prefix}.{name}": value for name, value in info.items()}
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN block; each residual branch is scaled by m_L ** -alpha (1 at base depth and under sp/mup)."""
+
+    def __init__(
+        self, dim: int, head_dim: int, mlp_ratio: float, attn_scale: float, branch_multiplier: float
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, head_dim, attn_scale)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.branch_multiplier = float(branch_multiplier)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # add(..., alpha=m) fuses the branch multiplier into the residual add: no extra kernel
+        x = torch.add(x, self.attn(self.norm1(x)), alpha=self.branch_multiplier)
+        return torch.add(x, self.mlp(self.norm2(x)), alpha=self.branch_multiplier)
+
+    def own_param_info(self) -> dict[str, ParamInfo]:
+        return {
+            **prefixed("norm1", norm_info(Role.BLOCK_VECTOR)),
+            **prefixed("attn.qkv", block_linear_info(first_layer=True)),
+            **prefixed("attn.proj", block_linear_info(first_layer=False)),
+            **prefixed("norm2", norm_info(Role.BLOCK_VECTOR)),
+            **prefixed("mlp.fc1", block_linear_info(first_layer=True)),
+            **prefixed("mlp.fc2", block_linear_info(first_layer=False)),
+        }
+
+
+def collect_param_info(model: nn.Module) -> dict[str, ParamInfo]:
+    """Every parameter's declared ParamInfo, keyed by its name in `model.named_parameters()`."""
+    info: dict[str, ParamInfo] = {}
+    for module_name, module in model.named_modules():
+        declare = getattr(module, "own_param_info", None)
+        if declare is None:
+            continue
+        for name, value in declare().items():
+            info[f"{module_name}.{name}" if module_name else name] = value
+    names = [name for name, _ in model.named_parameters()]
+    missing = [name for name in names if name not in info]
+    if missing:
+        raise ValueError(f"{type(model).__name__} declares no role for parameters: {', '.join(missing)}")
+    return {name: info[name] for name in names}
+
+
+def init_block_linear(linear: nn.Linear, std: float) -> None:
+    trunc_normal_(linear.weight, std=std)
+    if linear.bias is not None:
+        nn.init.zeros_(linear.bias)
+
+
+def init_readout(head: Readout, param: Parametrization, width: int) -> None:
+    if param.zero_readout:
+        nn.init.zeros_(head.weight)
+    else:
+        trunc_normal_(head.weight, std=param.init_std_for(Role.READOUT, width))
+    nn.init.zeros_(head.bias)
+
+
+def init_norm(norm: nn.LayerNorm) -> None:
+    nn.init.ones_(norm.weight)
+    nn.init.zeros_(norm.bias)

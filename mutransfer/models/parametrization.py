@@ -1,0 +1,278 @@
+"""Parameterizations that make hyperparameters transfer across width and depth.
+
+Every scaling rule lives in ONE table, `RULES`, keyed by the role a parameter plays (see `Role`). A rule
+entry is a `Scale`: the product m_N ** width * m_L ** (depth + depth_per_alpha * alpha), where
+m_N = width / base_width, m_L = depth / base_depth and alpha is the residual-branch exponent (each branch is
+x <- x + m_L ** -alpha * F(x)). The table is DESIGN.md's table written as data:
+
+    role           init std      forward mult     AdamW LR               SGD LR
+    input          sigma         1                eta                    eta * m_N
+    hidden         sigma/sqrt(mN) 1               eta/m_N * m_L^(a-1)    eta * m_L^(2a-1)
+    block_vector   as SP         1                eta * m_L^(a-1)        eta * m_N * m_L^(2a-1)
+    vector         as SP         1                eta                    eta * m_N
+    readout        zero|sigma    alpha_out / m_N  eta                    eta * m_N
+    readout_bias   zero          1                eta                    eta
+
+How the named parameterizations read the table (DESIGN.md):
+- sp: m_N = m_L = 1 (no multipliers, one LR for all, attention 1/sqrt(d_head)).
+- mup: alpha = 0 and m_L = 1 (Tensor Programs V); attention sqrt(d_base_head) / d_head; zero readout, query.
+- depth_mup: alpha = 1/2 (Tensor Programs VI, Bordelon et al. 2023).
+- completep: alpha = 1 (Dey et al. 2025).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from enum import Enum
+
+
+class Role(str, Enum):
+    """What a parameter does in the network; decides its init, multiplier, LR, weight decay and eps."""
+
+    INPUT = "input"  # patch embedding, pos_embed, cls token: fan-in fixed as width grows
+    HIDDEN = "hidden"  # matrices inside residual blocks: fan-in and fan-out grow with width
+    BLOCK_VECTOR = "block_vector"  # biases and LayerNorm gains inside residual blocks
+    VECTOR = "vector"  # vectors outside blocks (the final LayerNorm)
+    READOUT = "readout"  # classification head weight
+    READOUT_BIAS = "readout_bias"  # classification head bias
+
+
+IN_BLOCK_ROLES = frozenset({Role.HIDDEN, Role.BLOCK_VECTOR})
+
+
+@dataclass(frozen=True)
+class Scale:
+    """m_N ** width * m_L ** (depth + depth_per_alpha * alpha)."""
+
+    width: float = 0.0
+    depth: float = 0.0
+    depth_per_alpha: float = 0.0
+
+    def __call__(self, m_width: float, m_depth: float, alpha: float) -> float:
+        return m_width**self.width * m_depth ** (self.depth + self.depth_per_alpha * alpha)
+
+
+ONE = Scale()
+
+
+@dataclass(frozen=True)
+class RoleRule:
+    """One row of the table. Each entry multiplies the base value (sigma, 1, eta, lambda, eps)."""
+
+    init_std: Scale
+    multiplier: Scale
+    adamw_lr: Scale
+    adamw_weight_decay: Scale
+    adamw_eps: Scale
+    sgd_lr: Scale
+    sgd_weight_decay: Scale
+
+
+# Weight decay (torch's coupled form, applied as lr * wd * w): DESIGN.md fixes AdamW's hidden weights at
+# lambda * m_N so that lr * wd does not change with width. We apply the same principle to every other row,
+# so each role's wd scale is the inverse of the width part of its LR scale (for SGD too, where DESIGN.md is
+# silent). Depth is left out of wd on purpose, as in DESIGN.md.
+# AdamW eps inside blocks follows the gradient's size there: eps * m_N^-1 * m_L^-alpha (CompleteP Table 1).
+RULES: dict[Role, RoleRule] = {
+    Role.INPUT: RoleRule(
+        init_std=ONE,
+        multiplier=ONE,
+        adamw_lr=ONE,
+        adamw_weight_decay=ONE,
+        adamw_eps=ONE,
+        sgd_lr=Scale(width=1),
+        sgd_weight_decay=Scale(width=-1),
+    ),
+    Role.HIDDEN: RoleRule(
+        init_std=Scale(width=-0.5),
+        multiplier=ONE,
+        adamw_lr=Scale(width=-1, depth=-1, depth_per_alpha=1),
+        adamw_weight_decay=Scale(width=1),
+        adamw_eps=Scale(width=-1, depth_per_alpha=-1),
+        sgd_lr=Scale(depth=-1, depth_per_alpha=2),
+        sgd_weight_decay=ONE,
+    ),
+    Role.BLOCK_VECTOR: RoleRule(
+        init_std=ONE,
+        multiplier=ONE,
+        adamw_lr=Scale(depth=-1, depth_per_alpha=1),
+        adamw_weight_decay=ONE,
+        adamw_eps=Scale(width=-1, depth_per_alpha=-1),
+        sgd_lr=Scale(width=1, depth=-1, depth_per_alpha=2),
+        sgd_weight_decay=Scale(width=-1),
+    ),
+    Role.VECTOR: RoleRule(
+        init_std=ONE,
+        multiplier=ONE,
+        adamw_lr=ONE,
+        adamw_weight_decay=ONE,
+        adamw_eps=ONE,
+        sgd_lr=Scale(width=1),
+        sgd_weight_decay=Scale(width=-1),
+    ),
+    Role.READOUT: RoleRule(
+        init_std=ONE,  # used only when the readout is not zero-initialised
+        multiplier=Scale(width=-1),  # times alpha_out
+        adamw_lr=ONE,
+        adamw_weight_decay=ONE,
+        adamw_eps=ONE,
+        sgd_lr=Scale(width=1),
+        sgd_weight_decay=Scale(width=-1),
+    ),
+    Role.READOUT_BIAS: RoleRule(
+        init_std=ONE,
+        multiplier=ONE,
+        adamw_lr=ONE,
+        adamw_weight_decay=ONE,
+        adamw_eps=ONE,
+        sgd_lr=ONE,
+        sgd_weight_decay=ONE,
+    ),
+}
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What the model declares about one parameter. Kept off the tensor (ZeRO-3, FSDP, compile drop it)."""
+
+    role: Role
+    decay: bool = True  # timm's convention: no weight decay on biases, norms, pos_embed and cls token
+    first_layer: bool = False  # first layer inside a two-layer residual branch (qkv, fc1): seed-003 option
+
+
+# alpha of each name; None means the name has no depth scaling at all (m_L is held at 1).
+_NAMED_ALPHA: dict[str, float | None] = {"sp": None, "mup": None, "depth_mup": 0.5, "completep": 1.0}
+NAMES = tuple(_NAMED_ALPHA)
+
+DEFAULT_BASE_WIDTH = 128
+DEFAULT_BASE_DEPTH = 4
+DEFAULT_INIT_STD = 0.02  # timm's trunc-normal std for ViT linears
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """A parameterization plus the base shape it is measured against.
+
+    At base width and base depth every parameterization gives the same model and the same optimizer
+    groups as `sp` with the same zero-init flags; away from the base the rules in `RULES` apply.
+    """
+
+    name: str = "sp"
+    alpha: float | None = None  # residual exponent; defaults by name, overridable in [1/2, 1] for depth-aware names
+    base_width: int = DEFAULT_BASE_WIDTH
+    base_depth: int = DEFAULT_BASE_DEPTH
+    base_head_dim: int | None = None  # None: the model's own head_dim, so the attention scale is 1/sqrt(d)
+    readout_multiplier: float = 1.0  # alpha_out in alpha_out / m_N
+    init_std: float = DEFAULT_INIT_STD  # sigma: the base init std of matrices
+    zero_readout: bool | None = None  # default: True for every name but sp
+    zero_query: bool | None = None  # default: True for every name but sp
+    first_layer_lr_exponent: float = 0.0  # seed 003: LR of qkv / fc1 times m_L ** this (0 = off)
+
+    def __post_init__(self) -> None:
+        if self.name not in _NAMED_ALPHA:
+            raise ValueError(f"unknown parametrization {self.name!r}; choose one of {', '.join(NAMES)}")
+        named_alpha = _NAMED_ALPHA[self.name]
+        if named_alpha is None:
+            if self.alpha not in (None, 0, 0.0):
+                raise ValueError(
+                    f"parametrization {self.name!r} has no residual scaling; alpha={self.alpha} is only "
+                    "meaningful for depth_mup or completep"
+                )
+            object.__setattr__(self, "alpha", 0.0)
+        else:
+            alpha = named_alpha if self.alpha is None else float(self.alpha)
+            if not 0.5 <= alpha <= 1.0:
+                raise ValueError(f"alpha must lie in [1/2, 1] for {self.name!r}, got {alpha}")
+            object.__setattr__(self, "alpha", alpha)
+        for key in ("base_width", "base_depth"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if self.base_head_dim is not None and self.base_head_dim < 1:
+            raise ValueError(f"base_head_dim must be a positive integer, got {self.base_head_dim!r}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be positive, got {self.init_std}")
+        if not math.isfinite(self.first_layer_lr_exponent):
+            raise ValueError("first_layer_lr_exponent must be finite")
+        zero_default = self.name != "sp"
+        if self.zero_readout is None:
+            object.__setattr__(self, "zero_readout", zero_default)
+        if self.zero_query is None:
+            object.__setattr__(self, "zero_query", zero_default)
+
+    # --- the shape multipliers -------------------------------------------------------------------------
+    @property
+    def scales_width(self) -> bool:
+        return self.name != "sp"
+
+    @property
+    def scales_depth(self) -> bool:
+        return _NAMED_ALPHA[self.name] is not None
+
+    def width_mult(self, width: int) -> float:
+        """m_N as the rules see it (1 under sp)."""
+        return width / self.base_width if self.scales_width else 1.0
+
+    def depth_mult(self, depth: int) -> float:
+        """m_L as the rules see it (1 under sp and mup)."""
+        return depth / self.base_depth if self.scales_depth else 1.0
+
+    # --- forward-pass rules ----------------------------------------------------------------------------
+    def branch_multiplier(self, depth: int) -> float:
+        """The residual-branch multiplier m_L ** -alpha."""
+        return self.depth_mult(depth) ** -self.alpha
+
+    def readout_scale(self, width: int) -> float:
+        rule = RULES[Role.READOUT].multiplier
+        return self.readout_multiplier * rule(self.width_mult(width), 1.0, self.alpha)
+
+    def attention_scale(self, head_dim: int) -> float:
+        """sp: 1/sqrt(d_head). muP family: sqrt(d_base) / d_head, so 1/sqrt(d) at the base head dim."""
+        if not self.scales_width:
+            return head_dim**-0.5
+        base = self.base_head_dim or head_dim
+        return math.sqrt(base) / head_dim
+
+    def init_std_for(self, role: Role, width: int) -> float:
+        return self.init_std * RULES[role].init_std(self.width_mult(width), 1.0, self.alpha)
+
+    # --- optimizer rules -------------------------------------------------------------------------------
+    def optimizer_scales(
+        self, info: ParamInfo, optimizer: str, width: int, depth: int
+    ) -> tuple[float, float, float]:
+        """(lr_scale, weight_decay_scale, eps_scale) for a parameter, relative to the base values."""
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        rule = RULES[info.role]
+        m_n, m_l, alpha = self.width_mult(width), self.depth_mult(depth), self.alpha
+        if optimizer == "adamw":
+            lr, wd, eps = rule.adamw_lr, rule.adamw_weight_decay, rule.adamw_eps
+            eps_scale = eps(m_n, m_l, alpha)
+        else:
+            lr, wd = rule.sgd_lr, rule.sgd_weight_decay
+            eps_scale = 1.0
+        lr_scale = lr(m_n, m_l, alpha)
+        if info.first_layer:
+            lr_scale *= m_l**self.first_layer_lr_exponent
+        wd_scale = wd(m_n, m_l, alpha) if info.decay else 0.0
+        return lr_scale, wd_scale, eps_scale
+
+    def with_overrides(self, **overrides) -> Parametrization:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_parametrization(
+    parametrization: str | Parametrization | None = None, **overrides
+) -> Parametrization:
+    """A Parametrization from a name or an instance, with keyword overrides (None means keep)."""
+    if parametrization is None:
+        parametrization = "sp"
+    if isinstance(parametrization, str):
+        fields = {k: v for k, v in overrides.items() if v is not None}
+        return Parametrization(name=parametrization, **fields)
+    if isinstance(parametrization, Parametrization):
+        return parametrization.with_overrides(**overrides)
+    raise ValueError(f"parametrization must be a name or a Parametrization, got {type(parametrization).__name__}")
