@@ -70,8 +70,11 @@ class ResidualMLP(nn.Module):
         parametrization: str | Parametrization | None = None,
         base_width: int | None = None,
         base_depth: int | None = None,
+        weight_init: bool = True,
         **parametrization_overrides,
     ) -> None:
+        """`weight_init=False` leaves parameters as torch made them, for callers that initialise later
+        (under ZeRO-3, parameters are partitioned at construction and init_weights must run gathered)."""
         super().__init__()
         require_positive_ints(width=width, depth=depth, img_size=img_size, num_classes=num_classes,
                               in_chans=in_chans)
@@ -86,7 +89,8 @@ class ResidualMLP(nn.Module):
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = Readout(width, num_classes, multiplier=param.readout_scale(width))
-        self.init_weights()
+        if weight_init:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -1,0 +1,43 @@
+"""`python -m mutransfer.train --config C [section.key=value ...]`
+
+Runs as a plain process, under torchrun, or under DeepSpeed's launcher:
+    deepspeed --num_gpus 2 --module mutransfer.train --config configs/vit_s16_imagenet_zero1.yaml
+Exit codes: 0 finished or preempted (checkpoint saved), 2 bad config, 3 diverged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m mutransfer.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"mutransfer.train: config error: {err}", file=sys.stderr)
+        return 2
+    from .trainer import EXIT_DIVERGED, train
+
+    try:
+        result = train(cfg)
+    except ConfigError as err:
+        print(f"mutransfer.train: config error: {err}", file=sys.stderr)
+        return 2
+    return EXIT_DIVERGED if result.status == "diverged" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Checkpoints: DeepSpeed's engine state plus ours (step, epoch, data position, RNG, config).
+
+Layout under `<output_dir>/checkpoints/`: one folder per tag `step_00000123/` with DeepSpeed's files, our
+`rng_rank<R>.safetensors` + `rng_rank<R>.json` per rank, and `mutransfer_state.json`, written by rank 0
+last, after every rank has saved. A checkpoint without that file is incomplete and never resumed from.
+
+Nothing here unpickles: our state is JSON and safetensors, and DeepSpeed's own files are read through
+`SafeTorchCheckpointEngine`, which loads with `weights_only=True` and allows only the few DeepSpeed types
+those files hold.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE_FILE = "mutransfer_state.json"
+TAG_PREFIX = "step_"
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch the next batch belongs to
+    batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
+    samples_seen: int = 0  # images trained on, all ranks
+    mlflow_run_id: str | None = None
+    status: str = "running"
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def read_state(folder: Path) -> tuple[TrainState, dict[str, Any]]:
+    raw = json.loads((folder / STATE_FILE).read_text())
+    return TrainState(**raw["state"]), raw["config"]
+
+
+def write_state(folder: Path, state: TrainState, config: dict[str, Any]) -> None:
+    tmp = folder / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"state": asdict(state), "config": config}, indent=1))
+    tmp.replace(folder / STATE_FILE)  # atomic: the checkpoint is complete once this name exists
+
+
+def prune(output_dir: str | os.PathLike, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; drop older ones and any incomplete leftovers."""
+    complete = complete_checkpoints(output_dir)
+    keep_names = {p.name for p in complete[-keep:]}
+    newest = complete[-1].name if complete else ""
+    for folder in checkpoint_root(output_dir).glob(f"{TAG_PREFIX}*"):
+        stale_incomplete = folder.name < newest and not (folder / STATE_FILE).exists()
+        if (folder in complete and folder.name not in keep_names) or stale_incomplete:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- RNG state as safetensors + JSON ------------------------------------------------------------------------
+def save_rng(folder: Path, rank: int) -> None:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = state
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, py_state, gauss = random.getstate()
+    save_file(tensors, str(folder / f"rng_rank{rank}.safetensors"))
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(cached)], "python": [version, list(py_state), gauss]}
+    (folder / f"rng_rank{rank}.json").write_text(json.dumps(meta))
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    path = folder / f"rng_rank{rank}.safetensors"
+    if not path.is_file():  # resumed on more ranks than saved: those ranks keep their seeded state
+        return
+    tensors = load_file(str(path))
+    meta = json.loads((folder / f"rng_rank{rank}.json").read_text())
+    torch.set_rng_state(tensors["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    kind, pos, has_gauss, cached = meta["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = meta["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+# --- DeepSpeed files without unpickling arbitrary objects ---------------------------------------------------
+def _deepspeed_safe_globals() -> list[Any]:
+    """The non-tensor types DeepSpeed writes into its checkpoint files (found by loading them)."""
+    import collections
+
+    allowed: list[Any] = [collections.OrderedDict, set, torch.Size]
+    try:
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        allowed.append(ZeroStageEnum)
+    except ImportError:
+        pass
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        allowed += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    try:
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        allowed.append(fragment_address)
+    except ImportError:
+        pass
+    return allowed
+
+
+def make_safe_checkpoint_engine(base_engine: Any) -> Any:
+    """Wrap DeepSpeed's checkpoint engine so that its `load` refuses arbitrary pickled objects."""
+    original_load = base_engine.load
+
+    def safe_load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+    base_engine.load = safe_load
+    base_engine._unsafe_load = original_load
+    return base_engine

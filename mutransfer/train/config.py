@@ -1,0 +1,343 @@
+"""Run configuration: YAML files validated into typed sections, with dotted command-line overrides.
+
+    cfg = load_config("configs/cpu_demo.yaml", ["optim.lr=3e-3", "deepspeed.zero_stage=2"])
+
+Unknown keys, wrong types and missing paths raise ConfigError naming the dotted key, before any work starts
+(the entry point turns it into one line on stderr and exit code 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mutransfer.data import DataConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key it is about."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class ModelSection:
+    name: str = "vit"
+    """Zoo name (`mutransfer models` lists them)."""
+    width: int | None = None
+    """Embedding width; None keeps the zoo entry's default."""
+    depth: int | None = None
+    """Number of residual blocks; None keeps the zoo entry's default."""
+    head_dim: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float | None = None
+    parametrization: Literal["sp", "mup", "depth_mup", "completep"] = "sp"
+    alpha: float | None = None
+    """Residual exponent; None: 1/2 for depth_mup, 1 for completep."""
+    base_width: int | None = None
+    base_depth: int | None = None
+    readout_multiplier: float | None = None
+    first_layer_lr_exponent: float | None = None
+    zero_init: bool | None = None
+    """Zero-initialise readout and query weights; None: on for every parametrization but sp."""
+
+    def create_kwargs(self, img_size: int, num_classes: int) -> dict[str, Any]:
+        kwargs = {k: getattr(self, k) for k in (
+            "width", "depth", "head_dim", "patch_size", "mlp_ratio", "alpha", "base_width", "base_depth",
+            "readout_multiplier", "first_layer_lr_exponent")}
+        kwargs.update(parametrization=self.parametrization, img_size=img_size, num_classes=num_classes,
+                      zero_readout=self.zero_init, zero_query=self.zero_init)
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+
+@dataclass
+class OptimSection:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3
+    """Base learning rate eta; each role group gets eta * its lr_scale."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    """Cosine floor as a fraction of each group's own LR."""
+    grad_clip: float = 0.0
+    """Global grad-norm clip; 0 turns it off (DeepSpeed's own default would clip at 1.0)."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step."""
+
+    @property
+    def momentum_value(self) -> float:
+        """The momentum a sweep tunes: SGD momentum or Adam beta1."""
+        return self.momentum if self.name == "sgd" else self.beta1
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0
+    bf16: bool = False
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    zero3_init: bool = True
+    """Build the model under deepspeed.zero.Init at stage 3 (parameters born partitioned)."""
+    config: str | None = None
+    """Path to a DeepSpeed JSON merged over the generated one (its keys win, except batch sizes)."""
+
+
+@dataclass
+class RunSection:
+    steps: int | None = None
+    """Optimizer steps to train; exactly one of steps and epochs."""
+    epochs: int | None = None
+    eval_interval: int = 0
+    """Evaluate every N steps (0: only at the end)."""
+    checkpoint_interval: int = 0
+    """Checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep_checkpoints: int = 2
+    log_interval: int = 10
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: str = "auto"
+    """auto: continue from the newest checkpoint in output_dir; never: start fresh (refuses a used dir)."""
+    divergence_loss: float = 1e3
+    """A training loss above this (or NaN/inf) stops the run as diverged."""
+    save_checkpoints: bool = True
+    """False: no checkpoints at all (short sweep trials)."""
+
+
+@dataclass
+class TrackingSection:
+    enabled: bool = True
+    uri: str | None = None
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
+    experiment: str = "mutransfer"
+    run_name: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    run: RunSection = field(default_factory=RunSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against a type hint; convert lists to tuples and ints to floats where the hint says."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, "must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(key, f"must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(prefix, f"must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise ConfigError(_join(prefix, key), f"unknown key (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in values.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, _join(prefix, name))
+        else:
+            kwargs[name] = _coerce(_join(prefix, name), value, hint)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a section's own checks (DataConfig.validate) name their field
+        message = str(err)
+        field_name = next((n for n in sorted(known, key=len, reverse=True) if n in message), None)
+        raise ConfigError(_join(prefix, field_name) if field_name else prefix or "config", message) from err
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot parse value {raw!r}") from err
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(".".join(path), f"{part} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def _local(path: str) -> bool:
+    return "://" not in path and not path.startswith("pipe:")
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Paths the run reads must exist before any work starts."""
+    if cfg.data.shards_dir and _local(cfg.data.shards_dir) and not Path(cfg.data.shards_dir).is_dir():
+        raise ConfigError("data.shards_dir", f"no such directory: {cfg.data.shards_dir}")
+    if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
+        raise ConfigError("deepspeed.config", f"no such file: {cfg.deepspeed.config}")
+    resume = cfg.run.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
+
+
+def validate(cfg: RunConfig) -> None:
+    run, optim, ds = cfg.run, cfg.optim, cfg.deepspeed
+    if (run.steps is None) == (run.epochs is None):
+        raise ConfigError("run.steps", "set exactly one of run.steps and run.epochs")
+    for key, value in (("run.steps", run.steps), ("run.epochs", run.epochs)):
+        if value is not None and value < 1:
+            raise ConfigError(key, f"must be at least 1, got {value}")
+    for key, value in (("run.eval_interval", run.eval_interval), ("run.checkpoint_interval", run.checkpoint_interval),
+                       ("optim.warmup_steps", optim.warmup_steps)):
+        if value < 0:
+            raise ConfigError(key, f"must be >= 0, got {value}")
+    for key, value in (("run.keep_checkpoints", run.keep_checkpoints), ("run.log_interval", run.log_interval),
+                       ("optim.accumulation", optim.accumulation)):
+        if value < 1:
+            raise ConfigError(key, f"must be at least 1, got {value}")
+    if not optim.lr > 0:
+        raise ConfigError("optim.lr", f"must be positive, got {optim.lr}")
+    for key in ("momentum", "beta1", "beta2"):
+        if not 0 <= getattr(optim, key) < 1:
+            raise ConfigError(f"optim.{key}", f"must lie in [0, 1), got {getattr(optim, key)}")
+    for key in ("weight_decay", "eps", "grad_clip"):
+        if getattr(optim, key) < 0:
+            raise ConfigError(f"optim.{key}", f"must be >= 0, got {getattr(optim, key)}")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"must lie in [0, 1], got {optim.min_lr_ratio}")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
+    if ds.offload_param and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3")
+    if not run.divergence_loss > 0:
+        raise ConfigError("run.divergence_loss", f"must be positive, got {run.divergence_loss}")
+    from mutransfer.models import zoo_entry
+
+    try:
+        zoo_entry(cfg.model.name)
+    except ValueError as err:
+        raise ConfigError("model.name", str(err)) from err
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """A validated RunConfig from a plain mapping (as saved with a run); paths are not checked."""
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
+                check: bool = True) -> RunConfig:
+    """Read a YAML run config, apply dotted overrides, validate types, values and paths."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", f"no such file: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError("--config", f"{path} is not valid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping of sections")
+    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    if check:
+        check_paths(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
