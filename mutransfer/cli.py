@@ -14,6 +14,7 @@ import sys
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "mutransfer.models.cli",
     "mutransfer.data.cli",
+    "mutransfer.train.cli",
 )
 
 

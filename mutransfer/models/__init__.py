@@ -13,7 +13,7 @@ from .parametrization import (
 )
 from .resmlp import ResidualMLP
 from .vit import VisionTransformer
-from .zoo import TIMM_PREFIX, create_model, list_models, model_config, zoo_entry
+from .zoo import TIMM_PREFIX, create_model, list_models, load_model, load_weights, model_config, zoo_entry
 
 __all__ = [
     "NAMES",
@@ -29,6 +29,8 @@ __all__ = [
     "collect_param_info",
     "create_model",
     "list_models",
+    "load_model",
+    "load_weights",
     "model_config",
     "resolve_parametrization",
     "zoo_entry",

@@ -20,6 +20,7 @@ from .resmlp import ResidualMLP
 from .vit import VisionTransformer
 
 TIMM_PREFIX = "mutransfer_"
+MODEL_METADATA_KEY = "mutransfer_model"  # safetensors metadata: {"name": zoo name, "kwargs": {...}}
 PARAMETRIZATION_KEYS = frozenset(f.name for f in fields(Parametrization)) - {"name"}
 
 
@@ -67,8 +68,11 @@ def zoo_entry(name: str) -> ZooEntry:
     return _ZOO[name]
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a zoo model. Unknown names and arguments raise ValueError naming them."""
+def create_model(name: str, checkpoint_path: str | None = None, **overrides: Any) -> nn.Module:
+    """Build a zoo model; with `checkpoint_path`, load its weights from a safetensors file (strict).
+
+    Unknown names and arguments raise ValueError naming them.
+    """
     entry = zoo_entry(name)
     unknown = sorted(set(overrides) - entry.arguments())
     if unknown:
@@ -77,7 +81,40 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
             f"it takes: {', '.join(sorted(entry.arguments()))}"
         )
     kwargs = {**entry.defaults, **{k: v for k, v in overrides.items() if v is not None}}
-    return entry.builder(**kwargs)
+    model = entry.builder(**kwargs)
+    if checkpoint_path is not None:
+        load_weights(model, checkpoint_path)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a safetensors state dict into `model`; names and shapes must match exactly."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    own = model.state_dict()
+    mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                  if k in own and v.shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: shape of {', '.join(mismatched[:6])}")
+    result = model.load_state_dict(state, strict=False)
+    problems = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
+    if problems:
+        raise ValueError(f"{path} does not fit {type(model).__name__}: {', '.join(problems[:6])}")
+
+
+def load_model(path: str) -> nn.Module:
+    """Rebuild a model from a file written by `mutransfer export` (its metadata names model and arguments)."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        metadata = fh.metadata() or {}
+    if MODEL_METADATA_KEY not in metadata:
+        raise ValueError(f"{path} was not written by mutransfer export (no {MODEL_METADATA_KEY} metadata)")
+    spec = json.loads(metadata[MODEL_METADATA_KEY])
+    return create_model(spec["name"], checkpoint_path=path, **spec["kwargs"])
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

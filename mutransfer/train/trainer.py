@@ -272,15 +272,15 @@ def train(cfg: RunConfig) -> RunResult:
     output_dir = Path(cfg.run.output_dir)
     resume_from = _resume_point(cfg)
     ds_config = deepspeed_config(cfg, world_size)
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
-
     loader = build_train_loader(cfg.data, rank, world_size)
     num_classes = cfg.data.num_classes or loader.num_classes
     if not num_classes:
         raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
+    cfg.data.num_classes = num_classes  # saved resolved, so that export and resume need no shards
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output_dir / "config.yaml")
+        (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg, ds_config, num_classes)
     optimizer = build_optimizer(
@@ -336,15 +336,20 @@ def train(cfg: RunConfig) -> RunResult:
         try:
             while state.step < total_steps:
                 t0 = time.perf_counter()
-                micro = [batches.next() for _ in range(cfg.optim.accumulation)]
+                position = (state.epoch, state.batch_in_epoch)
+                try:
+                    micro = [batches.next() for _ in range(cfg.optim.accumulation)]
+                except Exception:
+                    if not stop.signal:
+                        raise
+                    micro = []  # a stop signal also reached the loader's workers
                 if rng_restore is not None:  # after replaying the data order, continue the saved RNG streams
                     ckpt.load_rng(rng_restore, rank)
                     rng_restore = None
                 t_data = time.perf_counter() - t0
                 if _all_reduce([1.0 if stop.signal else 0.0], device, op="max")[0] > 0:
                     stop_signal = stop.signal or signal.SIGTERM
-                    for _ in micro:  # these batches were not trained on
-                        state.batch_in_epoch -= 1
+                    state.epoch, state.batch_in_epoch = position  # these batches were not trained on
                     break
                 loss_sum = 0.0
                 for images, targets in micro:
@@ -373,10 +378,12 @@ def train(cfg: RunConfig) -> RunResult:
                     metrics = _window_metrics(window, groups, engine, global_batch, flops, peak, world_size)
                     pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ips=f"{metrics['perf/images_per_s']:.0f}")
                     tracker.log_metrics(metrics, state.step)
+                    _append_metrics(output_dir, rank, state.step, metrics)
                     window = {"loss": 0.0, "steps": 0, "time": 0.0, "data": 0.0}
                 if cfg.run.eval_interval and state.step % cfg.run.eval_interval == 0 and state.step < total_steps:
                     eval_metrics = evaluate(engine, cfg, rank, world_size, device)
                     tracker.log_metrics(eval_metrics, state.step)
+                    _append_metrics(output_dir, rank, state.step, eval_metrics)
                 if (cfg.run.save_checkpoints and cfg.run.checkpoint_interval
                         and state.step % cfg.run.checkpoint_interval == 0 and state.step < total_steps):
                     save_checkpoint(engine, state, cfg, rank)
@@ -408,6 +415,7 @@ def train(cfg: RunConfig) -> RunResult:
     else:
         eval_metrics = evaluate(engine, cfg, rank, world_size, device)
         tracker.log_metrics(eval_metrics, state.step)
+        _append_metrics(output_dir, rank, state.step, eval_metrics)
         state.status = "finished"
         if cfg.run.save_checkpoints:
             save_checkpoint(engine, state, cfg, rank)
@@ -472,6 +480,13 @@ def _resume_point(cfg: RunConfig) -> Path | None:
     if not (folder / ckpt.STATE_FILE).is_file():
         raise ConfigError("run.resume", f"{folder} is not a complete mutransfer checkpoint")
     return folder
+
+
+def _append_metrics(output_dir: Path, rank: int, step: int, metrics: dict[str, float]) -> None:
+    """metrics.jsonl beside the checkpoints: the same numbers as MLflow, readable without it."""
+    if rank == 0:
+        with open(output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
 def _write_result(result: RunResult, output_dir: Path, rank: int) -> None:

@@ -1,0 +1,74 @@
+"""`mutransfer export RUN_DIR OUT`: consolidated fp32 weights of a run as safetensors.
+
+The file's metadata names the zoo model and its arguments, so `mutransfer.models.load_model(OUT)` (or
+`create_model(name, checkpoint_path=OUT, **same_args)`) rebuilds it. ZeRO 1-3 partitions are merged with
+DeepSpeed's own consolidation; a stage-0 checkpoint holds the whole model already. Every torch file is read
+with `weights_only=True`: nothing here unpickles arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from mutransfer.models import create_model
+from mutransfer.models.zoo import MODEL_METADATA_KEY
+
+from . import checkpoint as ckpt
+from .config import config_from_dict
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Make every torch.load inside (DeepSpeed's consolidation included) a weights-only load."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        with torch.serialization.safe_globals(ckpt._deepspeed_safe_globals()):
+            return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def consolidated_state_dict(folder: Path, zero_stage: int, bf16: bool) -> dict[str, torch.Tensor]:
+    with weights_only_torch_load():
+        if zero_stage == 0 and not bf16:
+            states = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
+    """Write the newest complete checkpoint of `run_dir` (or `checkpoint`) as one safetensors file."""
+    run_dir, out = Path(run_dir), Path(out)
+    folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
+    if folder is None or not (folder / ckpt.STATE_FILE).is_file():
+        raise ValueError(f"{run_dir} holds no complete checkpoint (looked in {ckpt.checkpoint_root(run_dir)})")
+    state, raw_config = ckpt.read_state(folder)
+    cfg = config_from_dict(raw_config)
+    tensors = consolidated_state_dict(folder, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16)
+    # runs save the resolved class count; the head's shape tells it for older configs
+    num_classes = cfg.data.num_classes or int(tensors["head.weight"].shape[0])
+    kwargs = cfg.model.create_kwargs(cfg.data.img_size, num_classes)
+    expected = {k: tuple(v.shape) for k, v in create_model(cfg.model.name, **kwargs).state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise ValueError(f"checkpoint {folder} does not match model {cfg.model.name}: {', '.join(diff[:5])}")
+    metadata = {MODEL_METADATA_KEY: json.dumps({"name": cfg.model.name, "kwargs": kwargs}),
+                "mutransfer_step": str(state.step)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
+    return out

@@ -1,0 +1,75 @@
+"""Shared pieces of the trainer tests: tiny configs, launching real DeepSpeed jobs, reading results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BIN = Path(sys.executable).parent
+DEEPSPEED = str(BIN / "deepspeed")
+
+# A ViT small enough for CPU, at 2x base width and 2x base depth so that every role has its own LR scale.
+TINY_MODEL = dict(name="vit", width=32, depth=2, head_dim=16, patch_size=8, parametrization="depth_mup",
+                  base_width=16, base_depth=1, first_layer_lr_exponent=0.5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def write_config(path: Path, shards: Path, output_dir: Path, mlflow_uri: str, **sections: dict[str, Any]) -> Path:
+    config = {
+        "model": dict(TINY_MODEL),
+        "data": dict(shards_dir=str(shards), img_size=32, batch_size=16, num_workers=0, shuffle_buffer=200,
+                     scale=[0.5, 1.0], interpolation="bilinear"),
+        "optim": dict(name="adamw", lr=3e-2, weight_decay=0.01, warmup_steps=2, schedule="cosine", grad_clip=0.0),
+        "deepspeed": dict(zero_stage=1),
+        "run": dict(steps=20, log_interval=1, seed=0, output_dir=str(output_dir)),
+        "tracking": dict(uri=mlflow_uri, experiment="tests"),
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def deepspeed_command(config: Path, *overrides: str, procs: int = 2) -> list[str]:
+    return [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "mutransfer.train",
+            "--config", str(config), *overrides]
+
+
+def python_command(config: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "mutransfer.train", "--config", str(config), *overrides]
+
+
+def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def result(output_dir: Path) -> dict[str, Any]:
+    return json.loads((output_dir / "result.json").read_text())
+
+
+def losses(output_dir: Path) -> dict[int, float]:
+    """train/loss per step from metrics.jsonl; a replayed step keeps its last value."""
+    out: dict[int, float] = {}
+    for line in (output_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
