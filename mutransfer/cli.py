@@ -15,6 +15,9 @@ SUBCOMMAND_MODULES: tuple[str, ...] = (
     "mutransfer.models.cli",
     "mutransfer.data.cli",
     "mutransfer.train.cli",
+    "mutransfer.launch.cli",
+    "mutransfer.launch.report",
+    "mutransfer.launch.ui",
 )
 
 

@@ -116,6 +116,8 @@ class RunSection:
     """A training loss above this (or NaN/inf) stops the run as diverged."""
     save_checkpoints: bool = True
     """False: no checkpoints at all (short sweep trials)."""
+    progress: bool = True
+    """A tqdm bar on rank 0 (sweeps turn it off and show one bar over trials)."""
 
 
 @dataclass
@@ -180,10 +182,16 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, list | tuple) or len(value) != len(args):
             raise ConfigError(key, f"must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = typing.get_args(hint) or (Any,)
+        if not isinstance(value, list):
+            raise ConfigError(key, f"must be a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(key, f"must be a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        _, value_hint = typing.get_args(hint) or (str, Any)
+        return {str(k): str(v) if value_hint is str else v for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(key, f"must be true or false, got {value!r}")
@@ -207,7 +215,8 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _build(cls: type, values: Any, prefix: str) -> Any:
+def build_section(cls: type, values: Any, prefix: str) -> Any:
+    """A dataclass from a mapping, every value checked against its type hint; errors name the dotted key."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -221,7 +230,7 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     for name, value in values.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            kwargs[name] = _build(hint, value, _join(prefix, name))
+            kwargs[name] = build_section(hint, value, _join(prefix, name))
         else:
             kwargs[name] = _coerce(_join(prefix, name), value, hint)
     try:
@@ -313,7 +322,7 @@ def validate(cfg: RunConfig) -> None:
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
     """A validated RunConfig from a plain mapping (as saved with a run); paths are not checked."""
-    cfg = _build(RunConfig, raw, "")
+    cfg = build_section(RunConfig, raw, "")
     validate(cfg)
     return cfg
 

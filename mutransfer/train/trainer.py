@@ -11,6 +11,7 @@ stops as `diverged`). So all ranks always save or stop at the same step.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -68,7 +69,10 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
 
+    if not os.environ.get("MUTRANSFER_DEEPSPEED_INFO"):  # DeepSpeed's INFO lines drown the progress bar
+        deepspeed_logger.setLevel(logging.WARNING)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     import torch.distributed as dist
@@ -326,7 +330,8 @@ def train(cfg: RunConfig) -> RunResult:
     batches = _Batches(loader, state, on_epoch_start=lambda epoch: None)
     rng_restore = resume_from
     result = RunResult(status="running", step=state.step, output_dir=str(output_dir), mlflow_run_id=run_id)
-    pbar = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc=output_dir.name, dynamic_ncols=True)
+    pbar = tqdm(total=total_steps, initial=state.step, disable=rank != 0 or not cfg.run.progress,
+                desc=output_dir.name, dynamic_ncols=True)
     window = {"loss": 0.0, "steps": 0, "time": 0.0, "data": 0.0}
     last_loss = math.nan
     eval_metrics: dict[str, float] = {}
@@ -400,6 +405,10 @@ def train(cfg: RunConfig) -> RunResult:
             _write_result(result, output_dir, rank)
             engine.destroy()
             return result
+        except BaseException:
+            tracker.end("failed")  # the MLflow run must not stay RUNNING
+            engine.destroy()
+            raise
     pbar.close()
 
     if stop_signal is not None:

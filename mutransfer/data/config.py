@@ -1,0 +1,205 @@
+"""`DataConfig`: every knob of the input pipeline, with defaults and checks that name the bad field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+# Interpolation names timm's transforms understand ('random' picks one per image, train only).
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "hamming", "box", "random")
+SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they become batches. Per-rank values unless a field says otherwise.
+
+    Shards are found either through `shards_dir` (a folder or URL prefix holding `_info.json`, which names
+    each split's shard files and sample counts) or through explicit patterns (`train_shards`, `eval_shards`):
+    a local path, a brace pattern (`train-{000000..000127}.tar`), a `pipe:` command or an fsspec URL.
+    """
+
+    shards_dir: str | None = None
+    """Folder or URL prefix with `_info.json` and the shards it lists (as written by `mutransfer shards write`)."""
+    train_split: str = "train"
+    """Split of `_info.json` to train on."""
+    eval_split: str = "validation"
+    """Split of `_info.json` to evaluate on."""
+    train_shards: str | None = None
+    """Explicit training shard pattern; overrides `shards_dir` + `train_split`."""
+    eval_shards: str | None = None
+    """Explicit evaluation shard pattern; overrides `shards_dir` + `eval_split`."""
+    train_num_samples: int | None = None
+    """Samples in the training shards, for patterns that no `_info.json` describes."""
+
+    img_size: int = 224
+    """Side of the square images the model sees."""
+    batch_size: int = 64
+    """Training batch size per rank."""
+    eval_batch_size: int | None = None
+    """Evaluation batch size per rank; None means `batch_size`."""
+    num_workers: int = 4
+    """DataLoader worker processes per rank (0 reads in the calling process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    pin_memory: bool | None = None
+    """Pin host memory for faster copies to the GPU; None pins when CUDA is available."""
+    shuffle_buffer: int = 2000
+    """Raw (undecoded) samples held per worker for shuffling; 0 or 1 disables shuffling."""
+    seed: int = 0
+    """Seed of shard sampling, shuffling and (with workers) augmentation; same seed and epoch, same data."""
+    resampled: bool = True
+    """Train on shards drawn with replacement (endless, the usual choice at scale). False: each epoch
+    partitions the shards over ranks x workers by an epoch-seeded permutation."""
+    batches_per_epoch: int | None = None
+    """Training batches per rank per epoch; None derives num_samples / (batch_size * world_size)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    """RandomResizedCrop area range."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """RandomResizedCrop aspect-ratio range."""
+    hflip: float = 0.5
+    """Probability of a horizontal flip."""
+    color_jitter: float = 0.0
+    """Colour-jitter strength (timm ignores it when `auto_augment` is set)."""
+    auto_augment: str | None = None
+    """timm auto-augment policy string, e.g. 'rand-m9-mstd0.5-inc1' (RandAugment) or 'augmix-m5-w4-d2'."""
+    interpolation: str = "bicubic"
+    """Resize interpolation; 'random' (training only) picks bilinear or bicubic per image."""
+    mean: tuple[float, float, float] = IMAGENET_DEFAULT_MEAN
+    """Per-channel normalisation mean."""
+    std: tuple[float, float, float] = IMAGENET_DEFAULT_STD
+    """Per-channel normalisation standard deviation."""
+    crop_pct: float = 0.875
+    """Evaluation centre crop: resize the short side to img_size / crop_pct, then crop img_size."""
+    re_prob: float = 0.0
+    """Random-erasing probability."""
+    re_mode: str = "pixel"
+    """Random-erasing fill: 'const', 'rand' or 'pixel'."""
+    re_count: int = 1
+    """Random-erasing boxes per image."""
+
+    mixup_alpha: float = 0.0
+    """Mixup Beta(alpha, alpha); 0 turns mixup off."""
+    cutmix_alpha: float = 0.0
+    """CutMix Beta(alpha, alpha); 0 turns cutmix off."""
+    cutmix_minmax: tuple[float, float] | None = None
+    """CutMix box size as a fraction of the image, overrides cutmix_alpha when set."""
+    mixup_prob: float = 1.0
+    """Probability that a batch (or element) is mixed at all."""
+    mixup_switch_prob: float = 0.5
+    """Probability of cutmix instead of mixup when both are on."""
+    mixup_mode: str = "batch"
+    """How mixing parameters are drawn: 'batch', 'pair' or 'elem'."""
+    label_smoothing: float = 0.0
+    """Label smoothing; folded into the soft targets when mixup/cutmix is on."""
+    num_classes: int | None = None
+    """Number of classes; None reads it from `_info.json` (needed for mixup and label checks)."""
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "ratio", "mean", "std", "cutmix_minmax"):
+            value = getattr(self, name)
+            if isinstance(value, list):  # from YAML
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    @property
+    def mixup_active(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        """Build from a plain mapping (a YAML section); unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"DataConfig: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**values)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field whose value cannot work."""
+        for name in ("train_split", "eval_split"):
+            if not SPLIT_NAME.match(getattr(self, name)):
+                _bad(name, getattr(self, name), "must be letters, digits, '_' or '-'")
+        for name in ("shards_dir", "train_shards", "eval_shards"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                _bad(name, value, "must be a non-empty string or None")
+        for name in ("img_size", "batch_size", "prefetch_factor", "re_count"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("num_workers", self.num_workers, minimum=0)
+        _check_int("shuffle_buffer", self.shuffle_buffer, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        for name in ("eval_batch_size", "batches_per_epoch", "train_num_samples", "num_classes"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_range("scale", self.scale, low=0.0, high=1.0)
+        _check_range("ratio", self.ratio, low=0.0, high=math.inf)
+        for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+            _check_probability(name, getattr(self, name))
+        for name in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0:
+                _bad(name, value, "must be a number >= 0")
+        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 1:
+            _bad("label_smoothing", self.label_smoothing, "must be in [0, 1)")
+        if not isinstance(self.crop_pct, (int, float)) or not 0 < self.crop_pct <= 1:
+            _bad("crop_pct", self.crop_pct, "must be in (0, 1]")
+        if self.interpolation not in INTERPOLATIONS:
+            _bad("interpolation", self.interpolation, f"must be one of {', '.join(INTERPOLATIONS)}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
+                _bad(name, value, "must be three numbers (R, G, B)")
+        if not all(v > 0 for v in self.std):
+            _bad("std", self.std, "must be positive")
+        if self.re_mode not in ("const", "rand", "pixel"):
+            _bad("re_mode", self.re_mode, "must be 'const', 'rand' or 'pixel'")
+        if self.mixup_mode not in ("batch", "pair", "elem"):
+            _bad("mixup_mode", self.mixup_mode, "must be 'batch', 'pair' or 'elem'")
+        if self.cutmix_minmax is not None:
+            _check_range("cutmix_minmax", self.cutmix_minmax, low=0.0, high=1.0)
+        if self.mixup_active and self.batch_size % 2:
+            _bad("batch_size", self.batch_size, "must be even when mixup or cutmix is on (timm mixes pairs)")
+        if self.auto_augment is not None:
+            self._check_auto_augment()
+
+    def _check_auto_augment(self) -> None:
+        from timm.data import create_transform
+
+        if not isinstance(self.auto_augment, str) or not self.auto_augment:
+            _bad("auto_augment", self.auto_augment, "must be a timm policy string such as 'rand-m9-mstd0.5-inc1'")
+        try:  # timm parses the policy string while building the transform
+            create_transform(self.img_size, is_training=True, auto_augment=self.auto_augment)
+        except Exception as err:
+            raise ValueError(f"DataConfig.auto_augment={self.auto_augment!r} is not a timm policy: {err}") from err
+
+
+def _bad(name: str, value: object, why: str) -> None:
+    raise ValueError(f"DataConfig.{name}={value!r} {why}")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _bad(name, value, f"must be an integer >= {minimum}")
+
+
+def _check_probability(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        _bad(name, value, "must be a probability in [0, 1]")
+
+
+def _check_range(name: str, value: object, low: float, high: float) -> None:
+    ok = (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) for v in value)
+        and low < value[0] <= value[1] <= high
+    )
+    if not ok:
+        _bad(name, value, f"must be a pair (lo, hi) with {low} < lo <= hi <= {high}")

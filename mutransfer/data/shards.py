@@ -1,0 +1,138 @@
+"""Finding and opening shards: local paths, brace patterns, `pipe:` commands and fsspec URLs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from dataclasses import dataclass
+from typing import IO
+from urllib.parse import urlparse
+
+import webdataset as wds
+from webdataset.shardlists import expand_urls
+
+from mutransfer.data.info import read_info, shard_pattern
+
+log = logging.getLogger(__name__)
+
+
+def _scheme(url: str) -> str:
+    if url.startswith("pipe:"):
+        return "pipe"
+    scheme = urlparse(url).scheme
+    return "" if len(scheme) <= 1 else scheme  # one letter is a Windows drive, not a scheme
+
+
+def _fsspec_knows(scheme: str) -> bool:
+    """True when fsspec has an importable implementation for this URL scheme."""
+    try:
+        import fsspec
+
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
+def open_url(url: str) -> IO[bytes]:
+    """Open a shard or index for binary reading.
+
+    Local paths and file:// URLs open directly; `pipe:CMD` reads CMD's stdout (webdataset's gopen); other
+    schemes go through fsspec when it has an implementation (s3, gcs, hf, http with aiohttp, memory, ...),
+    and otherwise through webdataset's gopen (curl for http, gsutil for gs, ...).
+    """
+    scheme = _scheme(url)
+    if scheme in ("", "file"):  # a large buffer: tarfile reads in many small pieces
+        return open(url[len("file://") :] if scheme == "file" else url, "rb", buffering=1 << 20)
+    if scheme != "pipe" and _fsspec_knows(scheme):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()
+    return wds.gopen(url, "rb")
+
+
+def url_dirname(url: str) -> str:
+    return posixpath.dirname(url) if _scheme(url) else os.path.dirname(url)
+
+
+def url_join(folder: str, name: str) -> str:
+    return folder.rstrip("/") + "/" + name if _scheme(folder) else os.path.join(folder, name)
+
+
+def check_shards_exist(pattern: str, urls: list[str]) -> None:
+    """Fail at once, naming the pattern, when shards are missing. Local shards are all checked; for an
+    fsspec URL the first shard is; `pipe:` and curl-style URLs can only fail when read."""
+    scheme = _scheme(urls[0])
+    if scheme in ("", "file"):
+        paths = [u[len("file://") :] if scheme == "file" else u for u in urls]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"shard set {pattern!r}: {len(missing)} of {len(urls)} shards missing: {missing[0]}{more}")
+    elif scheme != "pipe" and _fsspec_knows(scheme):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(urls[0])
+        if not fs.exists(path):
+            raise FileNotFoundError(f"shard set {pattern!r}: first shard {urls[0]} does not exist")
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """The shards of one split, in order, with their sample counts when an `_info.json` gives them."""
+
+    pattern: str
+    urls: tuple[str, ...]
+    shard_lengths: tuple[int, ...] | None = None
+    num_classes: int | None = None
+
+    @property
+    def num_samples(self) -> int | None:
+        return sum(self.shard_lengths) if self.shard_lengths is not None else None
+
+
+def shards_from_info(shards_dir: str, split: str) -> ShardSet:
+    """The shards `_info.json` in `shards_dir` lists for `split`."""
+    info = read_info(shards_dir)
+    split_info = info.split(split, where=url_join(shards_dir, "_info.json"))
+    if not split_info.filenames:
+        raise ValueError(f"split {split!r} of {shards_dir} lists no shards")
+    urls = [url_join(shards_dir, f) for f in split_info.filenames]
+    pattern = url_join(shards_dir, shard_pattern(split, len(urls)))
+    check_shards_exist(pattern, urls)
+    return ShardSet(pattern, tuple(urls), tuple(split_info.shard_lengths), split_info.num_classes)
+
+
+def shards_from_pattern(pattern: str) -> ShardSet:
+    """Expand a brace pattern ('::' joins several). Sample counts come from an `_info.json` beside the
+    shards when it lists every one of them (as timm does); otherwise they stay unknown."""
+    urls = expand_urls(pattern)
+    if not urls or not all(urls):
+        raise ValueError(f"shard pattern {pattern!r} names no shards")
+    check_shards_exist(pattern, urls)
+    lengths, num_classes = _lengths_from_neighbour_info(urls)
+    return ShardSet(pattern, tuple(urls), lengths, num_classes)
+
+
+def _lengths_from_neighbour_info(urls: list[str]) -> tuple[tuple[int, ...] | None, int | None]:
+    if _scheme(urls[0]) == "pipe":
+        return None, None
+    folder = url_dirname(urls[0])
+    try:
+        info = read_info(folder or ".")
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as err:
+        log.warning("ignoring the shard index in %s: %s", folder, err)
+        return None, None
+    lengths: dict[str, int] = {}
+    classes: set[int | None] = set()
+    for split in info.splits.values():
+        lengths.update(zip(split.filenames, split.shard_lengths))
+        classes.add(split.num_classes)
+    names = [posixpath.basename(u) for u in urls]
+    if not all(n in lengths for n in names):
+        return None, None
+    num_classes = classes.pop() if len(classes) == 1 else None
+    return tuple(lengths[n] for n in names), num_classes

@@ -1,0 +1,133 @@
+"""How a study lives in MLflow, and reading it back.
+
+A study is one parent run (tags `mutransfer.study=<name>`, `mutransfer.role=study`) in the study's
+experiment. Each trial is a child run (`mlflow.parentRunId`) tagged with:
+
+    mutransfer.study, mutransfer.trial_key, mutransfer.role=proxy (target for the transferred run),
+    mutransfer.width, mutransfer.depth, mutransfer.parametrization, mutransfer.lr, mutransfer.momentum,
+    mutransfer.weight_decay, mutransfer.seed, mutransfer.status (running | finished | diverged | failed)
+
+and holds the trainer's metrics, among them `final/eval_loss`, `final/eval_top1`, `final/train_loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+STUDY_TAG = "mutransfer.study"
+ROLE_TAG = "mutransfer.role"
+KEY_TAG = "mutransfer.trial_key"
+STATUS_TAG = "mutransfer.status"
+DEFAULT_METRIC = "final/eval_loss"
+# metrics where larger is better; everything else is minimised
+MAXIMISED = frozenset({"final/eval_top1", "final/eval_top5", "eval/top1", "eval/top5"})
+
+
+@dataclass
+class Trial:
+    run_id: str
+    key: str
+    role: str
+    parametrization: str
+    width: int
+    depth: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    seed: int
+    status: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[str, int, int]:
+        return (self.parametrization, self.width, self.depth)
+
+    def value(self, metric: str) -> float:
+        """The metric, or inf (-inf when maximised) for trials that diverged or lack it: never best."""
+        bad = -math.inf if metric in MAXIMISED else math.inf
+        if self.status != "finished":
+            return bad
+        value = self.metrics.get(metric)
+        return bad if value is None or not math.isfinite(value) else value
+
+
+def client_for(uri: str | None):
+    from mlflow.tracking import MlflowClient
+
+    from mutransfer.train.tracking import resolve_tracking_uri
+
+    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+
+
+def find_study_run(client, study: str, experiment: str | None = None):
+    """The study's parent run, or None."""
+    experiments = _experiment_ids(client, experiment)
+    if not experiments:
+        return None
+    runs = client.search_runs(experiments, filter_string=f"tags.`{STUDY_TAG}` = '{study}' and "
+                              f"tags.`{ROLE_TAG}` = 'study'", max_results=10)
+    return runs[0] if runs else None
+
+
+def _experiment_ids(client, experiment: str | None) -> list[str]:
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        return [found.experiment_id] if found else []
+    return [e.experiment_id for e in client.search_experiments()]
+
+
+def _as_float(value: Any, default: float = math.nan) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def load_trials(client, study: str, experiment: str | None = None, role: str | None = "proxy") -> list[Trial]:
+    """Every run of a study (proxies by default), newest first for each trial key."""
+    experiments = _experiment_ids(client, experiment)
+    if not experiments:
+        return []
+    flt = f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` != 'study'"
+    if role:
+        flt = f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = '{role}'"
+    runs = []
+    token = None
+    while True:
+        page = client.search_runs(experiments, filter_string=flt, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            break
+    trials = []
+    for run in runs:
+        tags = run.data.tags
+        trials.append(Trial(
+            run_id=run.info.run_id,
+            key=tags.get(KEY_TAG, run.info.run_id),
+            role=tags.get(ROLE_TAG, ""),
+            parametrization=tags.get("mutransfer.parametrization", ""),
+            width=int(_as_float(tags.get("mutransfer.width"), 0)),
+            depth=int(_as_float(tags.get("mutransfer.depth"), 0)),
+            lr=_as_float(tags.get("mutransfer.lr")),
+            momentum=_as_float(tags.get("mutransfer.momentum")),
+            weight_decay=_as_float(tags.get("mutransfer.weight_decay"), 0.0),
+            seed=int(_as_float(tags.get("mutransfer.seed"), 0)),
+            status=tags.get(STATUS_TAG, "unknown"),
+            metrics=dict(run.data.metrics),
+        ))
+    return trials
+
+
+def latest_per_key(trials: list[Trial]) -> list[Trial]:
+    """One trial per key: a finished or diverged one if any, else the newest."""
+    chosen: dict[str, Trial] = {}
+    for trial in trials:  # newest first
+        current = chosen.get(trial.key)
+        if current is None or (current.status not in ("finished", "diverged")
+                               and trial.status in ("finished", "diverged")):
+            chosen[trial.key] = trial
+    return list(chosen.values())

@@ -1,0 +1,66 @@
+"""Fixtures for the data tests: small shard sets written by our own writer."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mutransfer.data import write_synthetic_shards
+
+
+@dataclass(frozen=True)
+class SmallShards:
+    """A synthetic shard set with train and validation splits, uneven on purpose: 5 train shards of
+    12, 12, 12, 12, 2 samples and 5 validation shards of 5, 5, 5, 5, 3. Read-only: copy it to damage it."""
+
+    path: Path
+    train_samples: int = 50
+    train_per_shard: int = 12
+    eval_samples: int = 23
+    eval_per_shard: int = 5
+    classes: int = 4
+    size: int = 16
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> SmallShards:
+    shards = SmallShards(tmp_path_factory.mktemp("small_shards"))
+    out = str(shards.path)
+    write_synthetic_shards(out, "train", shards.classes, shards.train_samples, shards.size, 0, shards.train_per_shard)
+    write_synthetic_shards(out, "validation", shards.classes, shards.eval_samples, shards.size, 0, shards.eval_per_shard)
+    return shards
+
+
+def gradient_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A random smooth colour gradient: JPEG keeps it to within a few levels, while two of them differ by
+    tens of levels, so pixel comparisons after a JPEG round trip can be tight."""
+    y, x = np.mgrid[0:height, 0:width]
+    slopes, offsets = rng.uniform(-4, 4, size=(2, 3)), rng.uniform(60, 190, size=3)
+    return np.clip(offsets + x[..., None] * slopes[0] + y[..., None] * slopes[1], 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def make_gradient() -> Callable[[np.random.Generator, int, int], np.ndarray]:
+    return gradient_image
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    """An ImageFolder tree (classes 'cat' and 'dog', 3 images each, JPEG and PNG) of 20 x 14 gradients, and
+    the pixels of each file by its path relative to the root."""
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    pixels: dict[str, np.ndarray] = {}
+    for class_name in ("cat", "dog"):
+        (root / class_name).mkdir(parents=True)
+        for i in range(3):
+            array = gradient_image(rng, 14, 20)
+            name = f"{class_name}/img{i}.{'png' if i % 2 else 'jpg'}"
+            Image.fromarray(array).save(root / name)
+            pixels[name] = array
+    return root, pixels
