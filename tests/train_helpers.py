@@ -28,7 +28,8 @@ def free_port() -> int:
 
 def run_env() -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    env.pop("MLFLOW_TRACKING_URI", None)
+    for inherited in ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(inherited, None)  # each launch makes its own process group and store
     return env
 
 

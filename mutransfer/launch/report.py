@@ -1,0 +1,520 @@
+"""`mutransfer report`: plots and tables that show whether a study's optimum stays put across proxy shapes.
+
+Everything is computed by `analysis` from the trials `store` reads back; this module only lays it out:
+
+    lr_curves.png        metric vs log2 lr, one curve per width, a panel per depth, a row per parametrization
+    momentum_curves.png  metric vs momentum at each shape's best lr (and weight decay)
+    heatmap_<p>_w<W>_d<D>.png  lr x momentum grid of one shape
+    optima.csv / optima.md     best point per shape, its shift in grid steps, a verdict per parametrization
+    trials.csv           every trial the analysis used
+
+The files are also logged to the study's parent run under `report/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import analysis
+from .analysis import Optimum, Point, Shape
+from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, latest_per_key, load_trials
+
+ARTIFACT_PATH = "report"
+# Above the clip line (below it for maximised metrics) each panel keeps a band for off-scale and diverged
+# markers; diverged points sit in it as an x, values beyond the clip as a hollow triangle on the line.
+MARKER_BAND = 0.16  # of the clipped value span
+
+
+# --------------------------------------------------------------------------------------------------------
+# numbers
+
+
+def _finite(values: list[float]) -> list[float]:
+    return [v for v in values if math.isfinite(v)]
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile of an already sorted, non-empty list."""
+    pos = (len(sorted_values) - 1) * q
+    low = math.floor(pos)
+    high = min(low + 1, len(sorted_values) - 1)
+    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
+
+
+@dataclass(frozen=True)
+class ValueRange:
+    """Shared y axis of a figure: values beyond `clip` are drawn at it; the axis leaves a marker band."""
+
+    low: float  # axis limits
+    high: float
+    best: float  # best finite value
+    clip: float  # worst value drawn as is
+    minimised: bool
+    band: float  # where diverged points are marked, between the clip line and the axis end
+    clip_reason: str = ""
+
+    def clipped(self, value: float) -> float:
+        return min(value, self.clip) if self.minimised else max(value, self.clip)
+
+    def band_row(self, row: int) -> float:
+        """The band, staggered per curve so that coinciding diverged markers stay apart."""
+        step = 0.02 * (self.high - self.low)
+        return self.band - step * row if self.minimised else self.band + step * row
+
+
+def value_range(values: list[float], metric: str, chance_loss: float | None) -> ValueRange:
+    """The y range shared by every panel of a figure (and the colour range of the heat maps).
+
+    Only the worse end is clipped: near the optimum is where shapes differ and must stay readable. For a
+    loss the cut is the chance level ln(num_classes), the loss of a uniform prediction: a run above it learnt
+    nothing, and its exact value (often 10-100x the optimum just before diverging) would squash every curve
+    into a flat line. Where the number of classes is unknown, or for other metrics, the cut is the 90th
+    percentile (10th for metrics that are maximised), which leaves the worst tenth of the points off scale,
+    where they are still marked.
+    """
+    minimised = metric not in MAXIMISED
+    finite = sorted(_finite(values))
+    if not finite:
+        return ValueRange(0.0, 1.0, 0.0 if minimised else 1.0, 0.9 if minimised else 0.1, minimised,
+                          0.95 if minimised else 0.05)
+    best, worst = (finite[0], finite[-1]) if minimised else (finite[-1], finite[0])
+    if minimised and chance_loss is not None and chance_loss > best:
+        cut, reason = chance_loss, f"chance level ln({round(math.exp(chance_loss))})"
+    else:
+        cut = _percentile(finite, 0.90 if minimised else 0.10)
+        reason = "90th percentile" if minimised else "10th percentile"
+    if minimised:
+        clip = min(worst, cut) if cut > best else worst
+    else:
+        clip = max(worst, cut) if cut < best else worst
+    span = abs(clip - best) or max(abs(best) * 0.05, 0.05)
+    direction = 1.0 if minimised else -1.0
+    ends = (best - direction * 0.05 * span, clip + direction * MARKER_BAND * span)
+    band = clip + direction * 0.8 * MARKER_BAND * span
+    return ValueRange(min(ends), max(ends), best, clip, minimised, band, reason if clip != worst else "")
+
+
+def _diverged(value: float) -> bool:
+    return not math.isfinite(value)
+
+
+def lr_profile(points: dict[Point, float], metric: str) -> dict[float, float]:
+    """The best value at each lr over every momentum and weight decay the shape tried (diverged: +-inf)."""
+    best: dict[float, float] = {}
+    pick = analysis.better(metric)
+    for (lr, _momentum, _wd), value in points.items():
+        best[lr] = pick(best[lr], value) if lr in best else value
+    return dict(sorted(best.items()))
+
+
+def momentum_slice(points: dict[Point, float], optimum: Optimum) -> dict[float, float]:
+    """The value at each momentum with lr and weight decay held at the shape's optimum."""
+    return dict(sorted((m, v) for (lr, m, wd), v in points.items()
+                       if lr == optimum.lr and wd == optimum.weight_decay))
+
+
+def lr_momentum_grid(points: dict[Point, float], metric: str) -> dict[tuple[float, float], float]:
+    """The best value at each (lr, momentum) over weight decays."""
+    best: dict[tuple[float, float], float] = {}
+    pick = analysis.better(metric)
+    for (lr, momentum, _wd), value in points.items():
+        key = (lr, momentum)
+        best[key] = pick(best[key], value) if key in best else value
+    return best
+
+
+# --------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _width_colours(widths: list[int]) -> dict[int, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    n = max(len(widths) - 1, 1)
+    # darker = narrower; stop before viridis' pale yellow end, which is hard to see on white
+    return {w: cmap(0.85 * i / n) for i, w in enumerate(sorted(widths))}
+
+
+def _curve_figure(
+    curves: dict[Shape, dict[float, float]],
+    optimum_x: dict[Shape, float],
+    y: ValueRange,
+    metric: str,
+    x_label: str,
+    x_of: Any,
+    title: str,
+    path: Path,
+) -> None:
+    """One panel per (parametrization, depth), one curve per width; shared axes, clipped y."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    parametrizations = sorted({s[0] for s in curves})
+    depths = sorted({s[2] for s in curves})
+    widths = sorted({s[1] for s in curves})
+    colours = _width_colours(widths)
+    off_scale = "^" if y.minimised else "v"
+
+    fig = Figure(figsize=(4.2 * len(depths) + 0.6, 3.3 * len(parametrizations) + 1.3), layout="constrained")
+    axes = fig.subplots(len(parametrizations), len(depths), sharex=True, sharey=True, squeeze=False)
+    any_diverged = any_clipped = False
+    for row, param in enumerate(parametrizations):
+        for col, depth in enumerate(depths):
+            ax = axes[row][col]
+            ax.set_title(f"{param}, depth {depth}", fontsize=10)
+            ax.grid(alpha=0.3)
+            ax.set_ylim(y.low, y.high)
+            if y.clip_reason:  # only where something is actually clipped
+                ax.axhline(y.clip, color="0.6", linestyle=":", linewidth=1)
+            if row == len(parametrizations) - 1:
+                ax.set_xlabel(x_label)
+            if col == 0:
+                ax.set_ylabel(metric)
+            panel = sorted((s for s in curves if s[0] == param and s[2] == depth), key=lambda s: s[1])
+            if not panel:
+                ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="grey")
+            for band_row, shape in enumerate(panel):
+                colour = colours[shape[1]]
+                points = [(x_of(x), value) for x, value in curves[shape].items()]
+                finite = [(x, value) for x, value in points if not _diverged(value)]
+                if finite:
+                    ax.plot([x for x, _ in finite], [y.clipped(v) for _, v in finite], "-o", color=colour,
+                            markersize=3.5, linewidth=1.4)
+                clipped = [(x, y.clip) for x, value in finite if y.clipped(value) != value]
+                if clipped:
+                    any_clipped = True
+                    ax.plot(*zip(*clipped), linestyle="none", marker=off_scale, markersize=7,
+                            markerfacecolor="white", color=colour)
+                diverged_x = [x for x, value in points if _diverged(value)]
+                if diverged_x:
+                    any_diverged = True
+                    ax.plot(diverged_x, [y.band_row(band_row)] * len(diverged_x), linestyle="none", marker="x",
+                            markersize=7, markeredgewidth=1.6, color=colour)
+                best_value = curves[shape].get(optimum_x.get(shape, math.nan))
+                if best_value is not None and not _diverged(best_value):
+                    ax.plot([x_of(optimum_x[shape])], [y.clipped(best_value)], marker="*", markersize=14,
+                            color=colour, markeredgecolor="black", linestyle="none", zorder=5)
+
+    handles = [Line2D([], [], color=colours[w], marker="o", markersize=4, label=f"width {w}") for w in widths]
+    handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="none", label="optimum"))
+    if any_diverged:
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="diverged"))
+    if any_clipped:
+        handles.append(Line2D([], [], color="black", marker=off_scale, linestyle="none", markerfacecolor="white",
+                              label=f"beyond {y.clip:.3g}, the {y.clip_reason} (clipped)"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+    fig.suptitle(title, fontsize=11)
+    fig.savefig(path, dpi=110)
+
+
+def _heatmap(
+    shape: Shape,
+    grid: dict[tuple[float, float], float],
+    optimum: Optimum | None,
+    lr_grid: list[float],
+    momentum_grid: list[float],
+    metric: str,
+    y: ValueRange,
+    study: str,
+    path: Path,
+) -> None:
+    """lr (log2, columns) x momentum (rows) of one shape; diverged cells grey with an x, missing ones blank."""
+    import numpy as np
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    values = np.full((len(momentum_grid), len(lr_grid)), np.nan)
+    diverged = []
+    for (lr, momentum), value in grid.items():
+        i, j = momentum_grid.index(momentum), lr_grid.index(lr)
+        if _diverged(value):
+            diverged.append((i, j))
+        else:
+            values[i, j] = value
+    minimised = metric not in MAXIMISED
+    # the best end is always yellow; missing cells stay white
+    cmap = colormaps["viridis_r" if minimised else "viridis"].with_extremes(bad="white")
+
+    fig = Figure(figsize=(max(4.5, 0.75 * len(lr_grid) + 2.5), max(3.0, 0.5 * len(momentum_grid) + 2.0)),
+                 layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=min(y.best, y.clip), vmax=max(y.best, y.clip),
+                      origin="lower", aspect="auto")
+    for i, j in diverged:
+        ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.8", edgecolor="none"))
+        ax.text(j, i, "x", ha="center", va="center", color="0.3", fontsize=11)
+    if len(lr_grid) * len(momentum_grid) <= 200:  # numbers stay legible up to about this many cells
+        for i in range(len(momentum_grid)):
+            for j in range(len(lr_grid)):
+                if not np.isnan(values[i, j]):
+                    red, green, blue, _ = cmap(image.norm(values[i, j]))
+                    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                    ax.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    if optimum is not None:
+        ax.add_patch(Rectangle((lr_grid.index(optimum.lr) - 0.5, momentum_grid.index(optimum.momentum) - 0.5),
+                               1, 1, fill=False, edgecolor="red", linewidth=2.2))
+    ax.set_xticks(range(len(lr_grid)), [f"{math.log2(lr):.3g}" for lr in lr_grid])
+    ax.set_yticks(range(len(momentum_grid)), [f"{m:g}" for m in momentum_grid])
+    ax.set_xlabel("log2 learning rate")
+    ax.set_ylabel("momentum")
+    param, width, depth = shape
+    ax.set_title(f"{study}: {param}, width {width}, depth {depth}\n{metric} (grey x = diverged, "
+                 f"red = optimum, best over weight decay)", fontsize=9)
+    fig.colorbar(image, ax=ax, label=metric, extend="max" if minimised else "min")
+    fig.savefig(path, dpi=110)
+
+
+# --------------------------------------------------------------------------------------------------------
+# tables
+
+
+def _grid_step_log2(lr_grid: list[float]) -> float | None:
+    steps = sorted(math.log2(b) - math.log2(a) for a, b in zip(lr_grid, lr_grid[1:]))
+    return steps[len(steps) // 2] if steps else None
+
+
+def verdicts(optima: dict[Shape, Optimum], shift: dict[Shape, tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    """Per parametrization: the largest |lr shift| and |momentum shift| in grid steps, and whether transfer
+    holds (every lr shift within one grid step). `holds` is None with a single shape: nothing to compare."""
+    out: dict[str, dict[str, Any]] = {}
+    for param in sorted({s[0] for s in optima}):
+        own = [s for s in optima if s[0] == param]
+        worst = max(own, key=lambda s: (abs(shift[s][0]), s))
+        out[param] = {
+            "shapes": len(own),
+            "reference": analysis.reference_shape(own, param),
+            "max_lr_shift": abs(shift[worst][0]),
+            "max_lr_shift_shape": worst,
+            "max_momentum_shift": max(abs(shift[s][1]) for s in own),
+            "holds": None if len(own) < 2 else abs(shift[worst][0]) <= 1,
+        }
+    return out
+
+
+def _verdict_line(param: str, verdict: dict[str, Any], step_log2: float | None) -> str:
+    if verdict["holds"] is None:
+        return f"- **{param}**: only one shape with a finite optimum, so no shift to measure."
+    _, width, depth = verdict["max_lr_shift_shape"]
+    step = f" (one step = x{2 ** step_log2:.3g} in lr)" if step_log2 else ""
+    outcome = ("within one grid step: **transfer holds**" if verdict["holds"]
+               else "more than one grid step: **transfer does not hold**")
+    return (f"- **{param}**: largest |lr shift| = {verdict['max_lr_shift']} grid step(s){step}, at width "
+            f"{width} depth {depth}; {outcome}. Largest |momentum shift| = {verdict['max_momentum_shift']}.")
+
+
+OPTIMA_COLUMNS = ["parametrization", "width", "depth", "lr", "log2_lr", "momentum", "weight_decay", "metric",
+                  "value", "finite_points", "lr_shift_steps", "momentum_shift_steps", "reference_width",
+                  "reference_depth"]
+TRIAL_COLUMNS = ["key", "parametrization", "width", "depth", "lr", "log2_lr", "momentum", "weight_decay",
+                 "seed", "status", "metric", "value", "run_id"]
+
+
+def _optima_rows(optima: dict[Shape, Optimum], shift: dict[Shape, tuple[int, int]],
+                 metric: str) -> list[dict[str, Any]]:
+    rows = []
+    for shape, opt in optima.items():
+        reference = analysis.reference_shape(list(optima), shape[0])
+        rows.append({
+            "parametrization": shape[0], "width": shape[1], "depth": shape[2], "lr": repr(opt.lr),
+            "log2_lr": f"{math.log2(opt.lr):.4g}", "momentum": repr(opt.momentum),
+            "weight_decay": repr(opt.weight_decay), "metric": metric, "value": repr(opt.value),
+            "finite_points": opt.trials, "lr_shift_steps": shift[shape][0],
+            "momentum_shift_steps": shift[shape][1], "reference_width": reference[1],
+            "reference_depth": reference[2],
+        })
+    return rows
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _markdown_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _write_markdown(path: Path, study: str, metric: str, optima: dict[Shape, Optimum],
+                    shift: dict[Shape, tuple[int, int]], verdict: dict[str, dict[str, Any]],
+                    all_diverged: list[Shape], step_log2: float | None, targets: list[Trial]) -> None:
+    lines = [f"# Study `{study}`: optimum per proxy shape", "",
+             f"Metric `{metric}` ({'higher' if metric in MAXIMISED else 'lower'} is better), averaged over "
+             "seeds; a point where any seed diverged counts as diverged. Shifts are in grid steps from the "
+             "parametrization's smallest shape.", "", "## Verdict", ""]
+    lines += [_verdict_line(p, v, step_log2) for p, v in verdict.items()] or ["- no shape has a finite optimum"]
+    lines += ["", "## Optima", ""]
+    lines += _markdown_table(
+        ["parametrization", "width", "depth", "lr", "log2 lr", "momentum", "weight decay", metric,
+         "lr shift", "momentum shift"],
+        [[s[0], s[1], s[2], f"{o.lr:.4g}", f"{math.log2(o.lr):.3g}", f"{o.momentum:g}", f"{o.weight_decay:g}",
+          f"{o.value:.4g}", f"{shift[s][0]:+d}", f"{shift[s][1]:+d}"] for s, o in optima.items()])
+    if all_diverged:
+        lines += ["", "Shapes where every trial diverged or failed: "
+                  + ", ".join(f"{p} width {w} depth {d}" for p, w, d in all_diverged) + "."]
+    if targets:
+        lines += ["", "## Target runs", ""]
+        lines += _markdown_table(
+            ["key", "parametrization", "width", "depth", "lr", "momentum", "status", metric],
+            [[t.key, t.parametrization, t.width, t.depth, f"{t.lr:.4g}", f"{t.momentum:g}", t.status,
+              f"{t.metrics[metric]:.4g}" if metric in t.metrics else ""] for t in targets])
+    path.write_text("\n".join(lines) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------
+# the report
+
+
+def _chance_loss(client, trials: list[Trial], metric: str) -> float | None:
+    """ln(num_classes) when the metric is a loss and the runs' logged config gives the number of classes."""
+    if "loss" not in metric or metric in MAXIMISED:
+        return None
+    for trial in trials:
+        if trial.status == "finished":
+            classes = client.get_run(trial.run_id).data.params.get("data.num_classes")
+            try:
+                return math.log(int(classes)) if classes and int(classes) > 1 else None
+            except ValueError:
+                return None
+    return None
+
+
+def _file_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                 experiment: str | None = None, log_to_parent: bool = True) -> dict[str, Any]:
+    """Write the study's plots and tables to `out_dir` (and to its parent run's artifacts under `report/`).
+
+    Returns {"files": [paths], "optima", "shifts", "verdicts", "parent_run_id", "artifact_uri"}. Raises
+    UsageError for an unknown study, a study without proxy trials, or a metric no trial logged.
+    """
+    from mutransfer.cli import UsageError
+
+    parent = find_study_run(client, study, experiment)
+    where = f"the MLflow store at {client.tracking_uri}" + (f", experiment {experiment!r}" if experiment else "")
+    if parent is None:
+        raise UsageError(f"no study named {study!r} in {where}")
+    trials = [t for t in latest_per_key(load_trials(client, study, experiment))
+              if math.isfinite(t.lr) and t.lr > 0 and math.isfinite(t.momentum)]
+    if not trials:
+        raise UsageError(f"study {study!r} in {where} has no proxy trials with a valid lr and momentum yet")
+    logged = {name for t in trials for name in t.metrics}
+    if any(t.status == "finished" for t in trials) and metric not in logged:
+        raise UsageError(f"no trial of study {study!r} logged {metric!r}; metrics logged: "
+                         + ", ".join(sorted(n for n in logged if n.startswith("final/")) or sorted(logged)))
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    per_shape = analysis.mean_over_seeds(trials, metric)
+    optima = analysis.optimum_per_shape(trials, metric)
+    shift = analysis.shifts(optima)
+    lr_grid, momentum_grid, wd_grid = analysis.grids(trials)
+    verdict = verdicts(optima, shift)
+    all_values = [v for points in per_shape.values() for v in points.values()]
+    chance = _chance_loss(client, trials, metric)
+    # one y range for the lr curves and every heat map, so that shapes compare at a glance
+    y_range = value_range(all_values, metric, chance)
+    files: list[Path] = []
+
+    several = len(momentum_grid) > 1 or len(wd_grid) > 1
+    path = out / "lr_curves.png"
+    _curve_figure(
+        {shape: lr_profile(points, metric) for shape, points in per_shape.items()},
+        {shape: opt.lr for shape, opt in optima.items()}, y_range, metric, "log2 learning rate", math.log2,
+        f"{study}: {metric} vs learning rate"
+        + (" (best momentum and weight decay at each lr)" if several else ""),
+        path)
+    files.append(path)
+
+    path = out / "momentum_curves.png"
+    momentum_curves = {shape: momentum_slice(per_shape[shape], opt) for shape, opt in optima.items()}
+    _curve_figure(
+        momentum_curves, {shape: opt.momentum for shape, opt in optima.items()},
+        value_range([v for curve in momentum_curves.values() for v in curve.values()], metric, chance),
+        metric, "momentum", float,
+        f"{study}: {metric} vs momentum, at each shape's best lr"
+        + ("" if len(momentum_grid) > 1 else " (the study used a single momentum)"),
+        path)
+    files.append(path)
+
+    for shape, points in sorted(per_shape.items()):
+        param, width, depth = shape
+        path = out / f"heatmap_{_file_name(param)}_w{width}_d{depth}.png"
+        _heatmap(shape, lr_momentum_grid(points, metric), optima.get(shape), lr_grid, momentum_grid, metric,
+                 y_range, study, path)
+        files.append(path)
+
+    path = out / "optima.csv"
+    _write_csv(path, OPTIMA_COLUMNS, _optima_rows(optima, shift, metric))
+    files.append(path)
+
+    path = out / "optima.md"
+    all_diverged = sorted(s for s in per_shape if s not in optima)
+    targets = latest_per_key(load_trials(client, study, experiment, role="target"))
+    _write_markdown(path, study, metric, optima, shift, verdict, all_diverged, _grid_step_log2(lr_grid),
+                    targets)
+    files.append(path)
+
+    path = out / "trials.csv"
+    _write_csv(path, TRIAL_COLUMNS, [{
+        "key": t.key, "parametrization": t.parametrization, "width": t.width, "depth": t.depth,
+        "lr": repr(t.lr), "log2_lr": f"{math.log2(t.lr):.4g}", "momentum": repr(t.momentum),
+        "weight_decay": repr(t.weight_decay), "seed": t.seed, "status": t.status, "metric": metric,
+        "value": repr(t.metrics[metric]) if metric in t.metrics else "", "run_id": t.run_id,
+    } for t in sorted(trials, key=lambda t: (t.shape, t.lr, t.momentum, t.weight_decay, t.seed, t.key))])
+    files.append(path)
+
+    artifact_uri = None
+    if log_to_parent:
+        for file in files:
+            client.log_artifact(parent.info.run_id, str(file), ARTIFACT_PATH)
+        artifact_uri = f"{parent.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+    return {"files": files, "optima": optima, "shifts": shift, "verdicts": verdict,
+            "parent_run_id": parent.info.run_id, "artifact_uri": artifact_uri}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .store import client_for
+
+    client = client_for(args.tracking_uri)
+    result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
+                          log_to_parent=not args.no_log)
+    print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
+    for file in result["files"]:
+        print(f"  {file}")
+    for param, verdict in result["verdicts"].items():
+        state = {None: "single shape", True: "transfer holds", False: "transfer does not hold"}[verdict["holds"]]
+        print(f"  {param}: largest |lr shift| {verdict['max_lr_shift']} grid step(s): {state}")
+    if result["artifact_uri"]:
+        print(f"logged to run {result['parent_run_id']} under {ARTIFACT_PATH}/ ({result['artifact_uri']})")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report", help="plot a study's curves and optima, and judge whether the optimum transfers",
+        description="Write lr/momentum curves, per-shape heat maps, optima.csv/.md and trials.csv for a "
+                    "study, and log them to the study's parent run under report/.")
+    parser.add_argument("--study", required=True, help="study name (tag mutransfer.study)")
+    parser.add_argument("--out", required=True, help="directory for the plots and tables")
+    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric to compare (default {DEFAULT_METRIC})")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="only look in this MLflow experiment")
+    parser.add_argument("--no-log", action="store_true", help="do not log the files to the study's parent run")
+    parser.set_defaults(func=_run)
+

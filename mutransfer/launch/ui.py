@@ -1,0 +1,348 @@
+"""`mutransfer ui`: the MLflow web UI over our local store, on loopback, for as long as the command runs.
+
+The server is `mlflow server` in its own process group (so a Ctrl-C in the terminal reaches us, not it, and
+stopping it means signalling the whole group, uvicorn worker included), with one worker and MLflow's job
+executor off: the defaults start about 15 processes and 3 GB for a UI that one person browses.
+
+Artifacts: MLflow's local client (sqlite store, no server) writes them under `./mlruns/<experiment>/...` and
+records that absolute path as the experiment's artifact location, which the server reads directly when the UI
+lists or fetches a run's artifacts. For experiments created through the UI, the server is given the same
+root, so everything stays in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .store import ROLE_TAG, STUDY_TAG, find_study_run
+
+HOST = "127.0.0.1"
+STARTUP_TIMEOUT_S = 180.0  # a cold start on a busy 2-core machine takes tens of seconds
+STOP_TIMEOUT_S = 15.0
+
+
+class ServerError(RuntimeError):
+    """The MLflow server did not come up."""
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (the kernel's pick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: TIME_WAIT is free
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def local_store_path(tracking_uri: str) -> tuple[str, Path]:
+    """("sqlite" | "file", path) of a local store; ValueError for anything else (a server, a remote DB)."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        raise ValueError(f"{tracking_uri} is an MLflow server already: open it in a browser instead")
+    if parsed.scheme == "sqlite":
+        # sqlite:////abs/path.db and sqlite:///rel/path.db (relative to the working directory)
+        raw = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+        if not raw or raw == ":memory:":
+            raise ValueError(f"{tracking_uri} is not a sqlite file")
+        return "sqlite", Path(urllib.parse.unquote(raw)).resolve()
+    if parsed.scheme == "file":
+        return "file", Path(urllib.parse.unquote(parsed.path)).resolve()
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
+        return "file", Path(tracking_uri).resolve()
+    raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
+
+
+def artifact_root(tracking_uri: str) -> Path:
+    """Where MLflow's local client puts artifacts for this store.
+
+    A file store keeps them inside itself. For sqlite, the client that created the database put them in its
+    working directory's ./mlruns and recorded it as the Default experiment's location; use that, or this
+    directory's ./mlruns as the local client here would.
+    """
+    kind, path = local_store_path(tracking_uri)
+    if kind == "file":
+        return path
+    from mlflow.tracking import MlflowClient
+
+    try:
+        location = MlflowClient(tracking_uri=tracking_uri).get_experiment("0").artifact_location
+    except Exception:  # no Default experiment (deleted, or an empty database): fall back
+        location = ""
+    parsed = urllib.parse.urlparse(location or "")
+    if location and parsed.scheme in ("", "file"):
+        return Path(urllib.parse.unquote(parsed.path)).parent
+    return Path.cwd() / "mlruns"
+
+
+def _tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class ServerHandle:
+    """A running `mlflow server`. Stop it with `.stop()` (or use it as a context manager)."""
+
+    process: subprocess.Popen
+    port: int
+    tracking_uri: str
+    log_path: Path
+    url: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.url = f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM the server's process group, wait, then SIGKILL whatever is left. Idempotent."""
+        pgid = self.process.pid  # it leads its own group (start_new_session)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            if self._wait_group_gone(pgid, timeout):
+                break
+        self.process.wait()  # reap the leader in every case
+        self.log_path.unlink(missing_ok=True)
+
+    def _wait_group_gone(self, pgid: int, timeout: float) -> bool:
+        """Whether the leader and every other member of its group (the uvicorn worker) exit in time."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # poll() reaps the leader: an unreaped zombie would still count as a member of the group
+            if self.process.poll() is not None and not _group_alive(pgid):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def server_command(tracking_uri: str, port: int, artifacts: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", tracking_uri,
+        "--host", HOST, "--port", str(port),
+        "--workers", "1",
+        "--default-artifact-root", str(artifacts),
+        # runs logged through an artifact-proxying server (mlflow-artifacts:/ URIs) resolve under the same root
+        "--serve-artifacts", "--artifacts-destination", str(artifacts),
+    ]
+
+
+def start_server(tracking_uri: str, port: int | None = None,
+                 startup_timeout: float = STARTUP_TIMEOUT_S) -> ServerHandle:
+    """Start `mlflow server` over a local store and wait until /health answers.
+
+    ValueError for a store that is not local (or a sqlite file that does not exist); ServerError, with the
+    server's log tail, when it exits or does not answer within `startup_timeout` seconds.
+    """
+    kind, path = local_store_path(tracking_uri)
+    if not path.exists():
+        raise ValueError(f"no MLflow store at {path} ({tracking_uri})")
+    # checked up front: /health answered by someone else's server must not pass for ours
+    if port and port_in_use(port):
+        raise ValueError(f"port {port} on {HOST} is already in use")
+    port = port or free_port()
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the server's own store is the one on its command line
+    handle_fd, log_name = tempfile.mkstemp(prefix=f"mutransfer-ui-{port}-", suffix=".log")
+    log_path = Path(log_name)
+    with os.fdopen(handle_fd, "wb") as log:  # a file, not a pipe: nobody drains a pipe while we block
+        process = subprocess.Popen(server_command(tracking_uri, port, artifact_root(tracking_uri)),
+                                   stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   start_new_session=True)
+    handle = ServerHandle(process, port, tracking_uri, log_path)
+    deadline = time.monotonic() + startup_timeout
+    try:
+        while not (handle.running() and _healthy(handle.url)):
+            if not handle.running() or time.monotonic() > deadline:
+                why = (f"exited with code {process.returncode}" if not handle.running()
+                       else f"did not answer {handle.url}/health within {startup_timeout:.0f} s")
+                raise ServerError(f"mlflow server on port {port} {why}; its output ended with:\n"
+                                  f"{_tail(log_path)}")
+            time.sleep(0.5)
+    except BaseException:  # a Ctrl-C while waiting too: never leave the server behind
+        handle.stop()
+        raise
+    return handle
+
+
+def study_filter(study: str) -> str:
+    return f"tags.`{STUDY_TAG}` = '{study}'"
+
+
+def study_url(handle: ServerHandle, client, study: str, experiment: str | None = None) -> str | None:
+    """The UI's runs table of the study's experiment, filtered to the study (parent and trials), or None.
+
+    MLflow 3.17's UI uses hash routing; its own "runs by user" links are /#/experiments/<id>?searchFilter=<f>,
+    and the runs table reads `searchFilter` from the route's query string.
+    """
+    parent = find_study_run(client, study, experiment)
+    if parent is None:
+        return None
+    query = urllib.parse.quote(study_filter(study), safe="")
+    return f"{handle.url}/#/experiments/{parent.info.experiment_id}?searchFilter={query}"
+
+
+def compare_url(handle: ServerHandle, client, study: str, experiment: str | None = None) -> str | None:
+    """The compare-runs page of the study's trials (child runs), or None when it has none."""
+    import json
+
+    parent = find_study_run(client, study, experiment)
+    if parent is None:
+        return None
+    runs = client.search_runs([parent.info.experiment_id], max_results=200,
+                              filter_string=f"{study_filter(study)} and tags.`{ROLE_TAG}` != 'study'")
+    if not runs:
+        return None
+    ids = urllib.parse.quote(json.dumps([r.info.run_id for r in runs]), safe="")
+    experiments = urllib.parse.quote(json.dumps([parent.info.experiment_id]), safe="")
+    return f"{handle.url}/#/compare-runs?runs={ids}&experiments={experiments}"
+
+
+def wait_for_stop_signal(handle: ServerHandle) -> int:
+    """Block until SIGINT or SIGTERM (0) or until the server dies on its own (1)."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(1.0):
+            if not handle.running():
+                return 1
+        return 0
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mutransfer.cli import UsageError
+    from mutransfer.train.tracking import resolve_tracking_uri
+
+    from .store import client_for
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        _, path = local_store_path(uri)
+    except ValueError as err:
+        raise UsageError(f"cannot serve {uri}: {err}") from None
+    if not path.exists():  # checked first: opening a missing sqlite file would create an empty store
+        raise UsageError(f"no MLflow store at {path} ({uri})")
+    client = client_for(uri)
+    if args.study and find_study_run(client, args.study, args.experiment) is None:
+        raise UsageError(f"no study named {args.study!r} in the MLflow store at {uri}"
+                         + (f", experiment {args.experiment!r}" if args.experiment else ""))
+    # Until the stop-signal wait takes over, SIGTERM interrupts like Ctrl-C, so the server is still stopped.
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.default_int_handler)}
+    handle: ServerHandle | None = None
+    try:
+        try:
+            handle = start_server(uri, args.port)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        except ServerError as err:
+            print(f"mutransfer ui: {err}", file=sys.stderr)
+            return 1
+        print(f"MLflow UI for {uri} at {handle.url} (server pid {handle.pid})", flush=True)
+        if args.study:
+            print(f"study {args.study}: {study_url(handle, client, args.study, args.experiment)}", flush=True)
+        print("press Ctrl-C to stop", flush=True)
+        code = wait_for_stop_signal(handle)
+        if code:
+            print(f"mutransfer ui: the server exited on its own; its output ended with:\n{_tail(handle.log_path)}",
+                  file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        return 130 if handle is None else 0
+    finally:
+        # a second Ctrl-C must not cut the shutdown short and leave the server running
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        if handle is not None:
+            handle.stop()
+            print("MLflow UI stopped", flush=True)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "ui", help="serve the MLflow UI over the local store, on 127.0.0.1, until Ctrl-C",
+        description="Start `mlflow server` on 127.0.0.1 over the local sqlite/file store, print the URL of the "
+                    "study's runs, and stop the server on Ctrl-C or SIGTERM.")
+    parser.add_argument("--study", default=None, help="print the URL of this study's runs")
+    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="local store URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="the study's MLflow experiment")
+    parser.set_defaults(func=_run)

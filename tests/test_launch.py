@@ -1,0 +1,117 @@
+"""The proxy-to-target workflow against a real MLflow store: sweep, resume, divergence, transfer."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mutransfer.data import write_synthetic_shards
+from mutransfer.launch.store import latest_per_key, load_trials
+from mutransfer.train.config import load_config
+
+from train_helpers import BIN, run, write_config
+
+STUDY = "tiny"
+LRS = [1e-3, 1e-2, 30.0]  # the last one diverges (Adam at lr 30 on a ViT)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("study")
+    shards = root / "shards"
+    write_synthetic_shards(str(shards), "train", classes=10, samples=512, image_size=32, seed=0, samples_per_shard=128)
+    write_synthetic_shards(str(shards), "validation", classes=10, samples=100, image_size=32, seed=0,
+                           samples_per_shard=50)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    base = write_config(root / "proxy.yaml", shards, root / "unused", uri,
+                        model=dict(parametrization="mup", base_width=16, base_depth=1, first_layer_lr_exponent=None),
+                        optim=dict(lr=1e-3, warmup_steps=0, grad_clip=0.0),
+                        run=dict(steps=6, log_interval=2, save_checkpoints=False, divergence_loss=20.0),
+                        deepspeed=dict(zero_stage=0))
+    return {"root": root, "shards": shards, "uri": uri, "base": base}
+
+
+def study_file(workspace: dict, lrs: list[float]) -> Path:
+    path = workspace["root"] / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "study": {"name": STUDY, "experiment": "tests", "base_config": str(workspace["base"]),
+                  "output_dir": str(workspace["root"] / "trials"), "steps": 6},
+        "shapes": {"parametrizations": ["mup"], "widths": [16, 32], "depths": [1]},
+        "grid": {"lr": lrs, "momentum": [0.9]},
+        "seeds": [0],
+    }))
+    return path
+
+
+def mutransfer(*args: str, cwd: Path) -> object:
+    return run([str(BIN / "mutransfer"), *args], cwd, timeout=600)
+
+
+def test_sweep_resume_divergence_and_transfer(workspace) -> None:
+    root, uri = workspace["root"], workspace["uri"]
+    # first a partial grid, then the full one: the second command runs only what is new
+    first = mutransfer("sweep", "--config", str(study_file(workspace, LRS[:2])), "--tracking-uri", uri, cwd=root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "ran 4, skipped 0" in first.stdout
+    second = mutransfer("sweep", "--config", str(study_file(workspace, LRS)), "--tracking-uri", uri, cwd=root)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "ran 2, skipped 4" in second.stdout and "2 diverged" in second.stdout
+
+    client = MlflowClient(uri)
+    trials = latest_per_key(load_trials(client, STUDY))
+    assert len(trials) == 6 and len({t.key for t in trials}) == 6
+    parent = client.search_runs([client.get_experiment_by_name("tests").experiment_id],
+                                filter_string="tags.`mutransfer.role` = 'study'")
+    assert len(parent) == 1
+    for trial in trials:
+        tags = client.get_run(trial.run_id).data.tags
+        assert tags["mlflow.parentRunId"] == parent[0].info.run_id
+        assert tags["mutransfer.study"] == STUDY and tags["mutransfer.role"] == "proxy"
+        assert int(tags["mutransfer.width"]) in (16, 32) and tags["mutransfer.depth"] == "1"
+        assert tags["mutransfer.parametrization"] == "mup" and float(tags["mutransfer.momentum"]) == 0.9
+        assert float(tags["mutransfer.lr"]) in LRS
+        expected = "diverged" if trial.lr == LRS[-1] else "finished"
+        assert tags["mutransfer.status"] == expected, trial.key
+    diverged = [t for t in trials if t.status == "diverged"]
+    assert all(len(client.get_metric_history(t.run_id, "train/loss")) < 6 for t in diverged)  # stopped early
+
+    # transfer: the argmin of final/eval_loss over the largest proxy's finished trials, computed here
+    largest = [t for t in trials if t.width == 32 and t.status == "finished"]
+    best = min(largest, key=lambda t: t.metrics["final/eval_loss"])
+    target = write_config(root / "target.yaml", workspace["shards"], root / "target_run", uri,
+                          model=dict(width=64, depth=2, parametrization="mup", base_width=16, base_depth=1,
+                                     first_layer_lr_exponent=None),
+                          optim=dict(lr=0.5, beta1=0.5, warmup_steps=0),
+                          run=dict(steps=4, log_interval=2), deepspeed=dict(zero_stage=1))
+    out = root / "transferred.yaml"
+    transfer = mutransfer("transfer", "--study", STUDY, "--target", str(target), "--out", str(out),
+                          "--tracking-uri", uri, "--launch", "--launcher", "inprocess", cwd=root)
+    assert transfer.returncode == 0, transfer.stderr[-3000:]
+    assert "<- transferred" in transfer.stdout and "deepspeed --num_gpus" in transfer.stdout
+    cfg = load_config(out, check=False)
+    assert cfg.optim.lr == best.lr and cfg.optim.beta1 == 0.9
+    target_runs = load_trials(client, STUDY, role="target")
+    assert len(target_runs) == 1 and target_runs[0].status == "finished"
+    target_tags = client.get_run(target_runs[0].run_id).data.tags
+    assert target_tags["mlflow.parentRunId"] == parent[0].info.run_id
+    assert float(target_tags["mutransfer.lr"]) == best.lr and target_tags["mutransfer.width"] == "64"
+    assert math.isfinite(target_runs[0].metrics["final/eval_loss"])
+
+
+def test_transfer_unknown_study_is_a_clear_error(workspace) -> None:
+    proc = mutransfer("transfer", "--study", "nope", "--target", str(workspace["base"]), "--tracking-uri",
+                      workspace["uri"], cwd=workspace["root"])
+    assert proc.returncode == 2
+    assert "no study named 'nope'" in proc.stderr
+
+
+def test_bad_study_config_names_the_key(workspace, tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"study": {"name": "x", "base_config": str(workspace["base"])},
+                                   "shapes": {"widths": [16], "depths": [1]}, "grid": {"lr": "fast"}}))
+    proc = mutransfer("sweep", "--config", str(bad), "--tracking-uri", workspace["uri"], cwd=tmp_path)
+    assert proc.returncode == 2 and "grid.lr" in proc.stderr

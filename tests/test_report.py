@@ -1,0 +1,155 @@
+"""`mutransfer report` over a small study logged straight into a real sqlite MLflow store."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+from mutransfer.cli import main
+
+STUDY = "report-study"
+LOG2_LRS = list(range(-11, -3))  # lr = 2**-11 .. 2**-4, one grid step = x2
+# (parametrization, width, depth) -> (log2 lr of the optimum, momentum of the optimum, momenta tried)
+SHAPES: dict[tuple[str, int, int], tuple[int, float, tuple[float, ...]]] = {
+    ("mup", 64, 2): (-7, 0.8, (0.8, 0.9)),
+    ("mup", 128, 2): (-6, 0.9, (0.9,)),
+    ("mup", 64, 4): (-7, 0.9, (0.9,)),
+    ("depth_mup", 64, 2): (-8, 0.9, (0.8, 0.9)),
+    ("depth_mup", 128, 2): (-10, 0.9, (0.9,)),
+}
+# This trial reports the lowest loss of the study but diverged: it must never be an optimum.
+DIVERGED = (("mup", 64, 4), -4, 0.9)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def loss(shape: tuple[str, int, int], log2_lr: int, momentum: float) -> float:
+    best_log2_lr, best_momentum, _ = SHAPES[shape]
+    return 1.2 + 0.01 * shape[2] + 0.15 * (log2_lr - best_log2_lr) ** 2 + 3.0 * (momentum - best_momentum) ** 2
+
+
+def build_study(tracking_uri: str) -> tuple[MlflowClient, str]:
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.create_experiment("report-test")
+    parent = client.create_run(experiment, run_name=STUDY,
+                               tags={"mutransfer.study": STUDY, "mutransfer.role": "study"})
+    for shape, (_, _, momenta) in SHAPES.items():
+        param, width, depth = shape
+        for log2_lr in LOG2_LRS:
+            for momentum in momenta:
+                diverged = (shape, log2_lr, momentum) == DIVERGED
+                key = f"{param}-w{width}-d{depth}-lr{log2_lr}-m{momentum}"
+                run = client.create_run(experiment, run_name=key, tags={
+                    "mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY,
+                    "mutransfer.trial_key": key, "mutransfer.role": "proxy", "mutransfer.width": str(width),
+                    "mutransfer.depth": str(depth), "mutransfer.parametrization": param,
+                    "mutransfer.lr": repr(2.0 ** log2_lr), "mutransfer.momentum": repr(momentum),
+                    "mutransfer.weight_decay": "0.0", "mutransfer.seed": "0",
+                    "mutransfer.status": "diverged" if diverged else "finished",
+                })
+                value = 0.01 if diverged else loss(shape, log2_lr, momentum)
+                client.log_batch(run.info.run_id, metrics=[Metric("final/eval_loss", value, 0, 100)],
+                                 params=[Param("data.num_classes", "10")])
+                client.set_terminated(run.info.run_id, "FAILED" if diverged else "FINISHED")
+    client.set_terminated(parent.info.run_id)
+    return client, parent.info.run_id
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("report")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)  # the local client writes artifacts under ./mlruns
+        client, parent_id = build_study(uri)
+        out = root / "out"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            code = main(["report", "--study", STUDY, "--out", str(out), "--tracking-uri", uri])
+    assert code == 0
+    return {"client": client, "parent": parent_id, "out": out, "printed": printed.getvalue(), "uri": uri}
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def expected_shift(shape: tuple[str, int, int]) -> tuple[int, int]:
+    """Grid steps from the parametrization's smallest shape; lr steps are one log2 unit apart here."""
+    momentum_grid = sorted({m for _, _, momenta in SHAPES.values() for m in momenta})
+    own = [s for s in SHAPES if s[0] == shape[0]]
+    reference = min(own, key=lambda s: (s[1] * s[2], s[1], s[2]))
+    return (SHAPES[shape][0] - SHAPES[reference][0],
+            momentum_grid.index(SHAPES[shape][1]) - momentum_grid.index(SHAPES[reference][1]))
+
+
+def test_optima_csv_has_the_argmin_and_shift_of_every_shape(report) -> None:
+    rows = {(r["parametrization"], int(r["width"]), int(r["depth"])): r
+            for r in read_csv(report["out"] / "optima.csv")}
+    assert set(rows) == set(SHAPES)
+    for shape, (best_log2_lr, best_momentum, _) in SHAPES.items():
+        row = rows[shape]
+        assert float(row["lr"]) == 2.0 ** best_log2_lr, shape
+        assert float(row["log2_lr"]) == best_log2_lr
+        assert float(row["momentum"]) == best_momentum, shape
+        assert float(row["value"]) == pytest.approx(loss(shape, best_log2_lr, best_momentum))
+        assert (int(row["lr_shift_steps"]), int(row["momentum_shift_steps"])) == expected_shift(shape), shape
+    diverged_shape = DIVERGED[0]
+    assert float(rows[diverged_shape]["lr"]) != 2.0 ** DIVERGED[1]
+
+
+def test_markdown_verdict_per_parametrization(report) -> None:
+    text = (report["out"] / "optima.md").read_text()
+    verdict = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("- **")}
+    largest = {p: max(abs(expected_shift(s)[0]) for s in SHAPES if s[0] == p) for p in ("mup", "depth_mup")}
+    assert largest == {"mup": 1, "depth_mup": 2}  # the study above is built to have one of each
+    assert f"|lr shift| = {largest['mup']} grid step" in verdict["mup"]
+    assert "transfer holds" in verdict["mup"]
+    assert f"|lr shift| = {largest['depth_mup']} grid step" in verdict["depth_mup"]
+    assert "does not hold" in verdict["depth_mup"]
+
+
+def test_trials_csv_lists_every_trial_with_its_status(report) -> None:
+    rows = read_csv(report["out"] / "trials.csv")
+    assert len(rows) == sum(len(LOG2_LRS) * len(momenta) for _, _, momenta in SHAPES.values())
+    diverged = [r for r in rows if r["status"] != "finished"]
+    assert len(diverged) == 1
+    row = diverged[0]
+    assert (row["parametrization"], int(row["width"]), int(row["depth"])) == DIVERGED[0]
+    assert row["status"] == "diverged" and math.log2(float(row["lr"])) == DIVERGED[1]
+
+
+def test_plots_are_png_files_and_all_files_are_on_the_parent_run(report) -> None:
+    out = report["out"]
+    heatmaps = {f"heatmap_{p}_w{w}_d{d}.png" for p, w, d in SHAPES}
+    pngs = {"lr_curves.png", "momentum_curves.png"} | heatmaps
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        assert len(data) > 5000, name  # more than an empty canvas
+    logged = {Path(a.path).name for a in report["client"].list_artifacts(report["parent"], "report")}
+    assert pngs | {"optima.csv", "optima.md", "trials.csv"} <= logged
+    assert str(out) in report["printed"]
+
+
+def test_unknown_study_is_a_usage_error_naming_it(report, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["report", "--study", "no-such-study", "--out", str(report["out"] / "x"),
+                 "--tracking-uri", report["uri"]])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no-such-study" in err and report["uri"] in err
+    assert not (report["out"] / "x").exists()
+
+
+def test_unknown_metric_is_a_usage_error_listing_the_logged_ones(report, capsys) -> None:
+    code = main(["report", "--study", STUDY, "--out", str(report["out"] / "y"), "--tracking-uri", report["uri"],
+                 "--metric", "final/nope"])
+    assert code == 2
+    assert "final/eval_loss" in capsys.readouterr().err
