@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from train_helpers import BIN, run, write_config
 
 from mutransfer.data import write_synthetic_shards
 from mutransfer.launch.store import latest_per_key, load_trials
 from mutransfer.train.config import load_config
-
-from train_helpers import BIN, run, write_config
 
 STUDY = "tiny"
 LRS = [1e-3, 1e-2, 30.0]  # the last one diverges (Adam at lr 30 on a ViT)
