@@ -1,7 +1,8 @@
 """The one `mutransfer` command. Each part of the package registers its own subcommands.
 
 A part contributes a module with `register(subparsers)` that adds its parsers and sets `func` (called with
-the parsed args; its return value is the exit code). Modules are imported lazily so `--help` stays fast.
+the parsed args; its return value is the exit code). Only the module of the command being run is imported,
+so `mutransfer --help` is instant and `mutransfer ui` does not hold torch in memory while it waits.
 """
 
 from __future__ import annotations
@@ -10,44 +11,63 @@ import argparse
 import importlib
 import sys
 
-# (module, description) of every part that adds subcommands; later parts append here.
-SUBCOMMAND_MODULES: tuple[str, ...] = (
-    "mutransfer.models.cli",
-    "mutransfer.data.cli",
-    "mutransfer.train.cli",
-    "mutransfer.launch.cli",
-    "mutransfer.launch.report",
-    "mutransfer.launch.ui",
-)
+# command -> (module that registers it, one-line help shown by `mutransfer --help`)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "models": ("mutransfer.models.cli", "list the model zoo"),
+    "coord-check": ("mutransfer.models.cli", "coordinate check: activation size per layer across widths or depths"),
+    "shards": ("mutransfer.data.cli", "write and inspect webdataset shard sets"),
+    "train": ("mutransfer.train.cli", "train one run (one process; `deepspeed --module mutransfer.train` for many)"),
+    "export": ("mutransfer.train.cli", "write a run's consolidated fp32 weights as safetensors"),
+    "sweep": ("mutransfer.launch.cli", "run (or resume) every trial of a proxy study, recorded in MLflow"),
+    "transfer": ("mutransfer.launch.cli", "carry a study's best lr and momentum to the target run"),
+    "report": ("mutransfer.launch.report", "plots and the optimum table of a study"),
+    "ui": ("mutransfer.launch.ui", "the MLflow UI on 127.0.0.1 over our store, opened at a study"),
+    "launch": ("mutransfer.launch.cli", "multi-node deepspeed command or SLURM script for a run"),
+    "demo": ("mutransfer.launch.cli", "the whole proxy-to-target workflow on CPU"),
+}
 
 
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, that command's module adds its real arguments."""
     parser = argparse.ArgumentParser(
         prog="mutransfer",
         description="Train ViTs whose hyperparameters transfer from small proxies to large targets.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in SUBCOMMAND_MODULES:
+    if command in COMMANDS:
+        module_name = COMMANDS[command][0]
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:  # a part not built yet must not break the others
             if err.name != module_name:
                 raise
-            continue
-        module.register(subparsers)
+        else:
+            module.register(subparsers)
+    for name, (_, help_text) in COMMANDS.items():
+        if name not in subparsers.choices:
+            subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_of(argv))
+    args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
+        if args.command:
+            parser.error(f"the command {args.command!r} is not available in this installation")
         parser.print_help()
         return 0
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except UsageError as err:

@@ -146,6 +146,11 @@ def test_unknown_study_is_a_usage_error_naming_it(report, capsys: pytest.Capture
     err = capsys.readouterr().err
     assert "no-such-study" in err and report["uri"] in err
     assert not (report["out"] / "x").exists()
+    missing = report["out"] / "missing.db"
+    assert main(["report", "--study", STUDY, "--out", str(report["out"] / "x"),
+                 "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert not missing.exists()
 
 
 def test_unknown_metric_is_a_usage_error_listing_the_logged_ones(report, capsys) -> None:

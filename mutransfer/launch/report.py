@@ -17,6 +17,7 @@ import argparse
 import csv
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,7 +163,8 @@ def _curve_figure(
     colours = _width_colours(widths)
     off_scale = "^" if y.minimised else "v"
 
-    fig = Figure(figsize=(4.2 * len(depths) + 0.6, 3.3 * len(parametrizations) + 1.3), layout="constrained")
+    fig_width = max(6.5, 4.2 * len(depths) + 0.6)
+    fig = Figure(figsize=(fig_width, 3.3 * len(parametrizations) + 1.3), layout="constrained")
     axes = fig.subplots(len(parametrizations), len(depths), sharex=True, sharey=True, squeeze=False)
     any_diverged = any_clipped = False
     for row, param in enumerate(parametrizations):
@@ -182,7 +184,7 @@ def _curve_figure(
                 ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="grey")
             for band_row, shape in enumerate(panel):
                 colour = colours[shape[1]]
-                points = [(x_of(x), value) for x, value in curves[shape].items()]
+                points = [(x_of(x), value) for x, value in sorted(curves[shape].items())]
                 finite = [(x, value) for x, value in points if not _diverged(value)]
                 if finite:
                     ax.plot([x for x, _ in finite], [y.clipped(v) for _, v in finite], "-o", color=colour,
@@ -205,11 +207,12 @@ def _curve_figure(
     handles = [Line2D([], [], color=colours[w], marker="o", markersize=4, label=f"width {w}") for w in widths]
     handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="none", label="optimum"))
     if any_diverged:
-        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="diverged"))
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="diverged (or failed)"))
     if any_clipped:
         handles.append(Line2D([], [], color="black", marker=off_scale, linestyle="none", markerfacecolor="white",
-                              label=f"beyond {y.clip:.3g}, the {y.clip_reason} (clipped)"))
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9)
+                              label=f"clipped at {y.clip:.3g} ({y.clip_reason})"))
+    columns = max(1, min(len(handles), int(fig_width // 2.2)))  # about 2.2 inches per legend entry
+    fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
 
@@ -267,7 +270,7 @@ def _heatmap(
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("momentum")
     param, width, depth = shape
-    ax.set_title(f"{study}: {param}, width {width}, depth {depth}\n{metric} (grey x = diverged, "
+    ax.set_title(f"{study}: {param}, width {width}, depth {depth}\n{metric} (grey x = diverged or failed, "
                  f"red = optimum, best over weight decay)", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric, extend="max" if minimised else "min")
     fig.savefig(path, dpi=110)
@@ -349,12 +352,16 @@ def _markdown_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _write_markdown(path: Path, study: str, metric: str, optima: dict[Shape, Optimum],
                     shift: dict[Shape, tuple[int, int]], verdict: dict[str, dict[str, Any]],
-                    all_diverged: list[Shape], step_log2: float | None, targets: list[Trial]) -> None:
+                    all_diverged: list[Shape], step_log2: float | None, trials: list[Trial],
+                    targets: list[Trial]) -> None:
     lines = [f"# Study `{study}`: optimum per proxy shape", "",
              f"Metric `{metric}` ({'higher' if metric in MAXIMISED else 'lower'} is better), averaged over "
              "seeds; a point where any seed diverged counts as diverged. Shifts are in grid steps from the "
              "parametrization's smallest shape.", "", "## Verdict", ""]
     lines += [_verdict_line(p, v, step_log2) for p, v in verdict.items()] or ["- no shape has a finite optimum"]
+    counts = Counter(t.status for t in trials)
+    lines += ["", "Trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+              + ". Only finished trials have a value; the others count as diverged."]
     lines += ["", "## Optima", ""]
     lines += _markdown_table(
         ["parametrization", "width", "depth", "lr", "log2 lr", "momentum", "weight decay", metric,
@@ -466,7 +473,7 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
     all_diverged = sorted(s for s in per_shape if s not in optima)
     targets = latest_per_key(load_trials(client, study, experiment, role="target"))
     _write_markdown(path, study, metric, optima, shift, verdict, all_diverged, _grid_step_log2(lr_grid),
-                    targets)
+                    trials, targets)
     files.append(path)
 
     path = out / "trials.csv"
@@ -488,9 +495,20 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .store import client_for
+    from mutransfer.cli import UsageError
+    from mutransfer.train.tracking import resolve_tracking_uri
 
-    client = client_for(args.tracking_uri)
+    from .store import client_for
+    from .ui import local_store_path
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    try:
+        _, store = local_store_path(uri)
+    except ValueError:  # a server or a database elsewhere: MLflow reports what is wrong with it
+        store = None
+    if store is not None and not store.exists():  # opening a missing sqlite file would create an empty store
+        raise UsageError(f"no MLflow store at {store} ({uri})")
+    client = client_for(uri)
     result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
                           log_to_parent=not args.no_log)
     print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")

@@ -200,7 +200,7 @@ def start_server(tracking_uri: str, port: int | None = None,
     ValueError for a store that is not local (or a sqlite file that does not exist); ServerError, with the
     server's log tail, when it exits or does not answer within `startup_timeout` seconds.
     """
-    kind, path = local_store_path(tracking_uri)
+    _, path = local_store_path(tracking_uri)
     if not path.exists():
         raise ValueError(f"no MLflow store at {path} ({tracking_uri})")
     # checked up front: /health answered by someone else's server must not pass for ours
