@@ -79,3 +79,18 @@ def test_cli_bad_input_exits_2(tmp_path, capsys) -> None:
     code = main(["coord-check", "--parametrization", "nope", "--values", "32,64", "--out", str(tmp_path)])
     assert code == 2
     assert "unknown parametrization 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer,lr", [("sgd", 0.05), ("adamw", 1e-3)])
+def test_first_layer_learning_collapses_with_depth_unless_corrected(optimizer: str, lr: float) -> None:
+    """Seed 003: under alpha = 1/2 the own update (W1_t - W1_0) x of fc1 shrinks like 1/sqrt(L), so x1/4
+    over depth x16 (measured x0.12-0.13 over x64); an LR factor sqrt(m_L) on fc1 restores it to ~x1."""
+    def fc1_growth(exponent: float) -> float:
+        records = run_coord_check("resmlp", "depth_mup", "depth", [2, 32], steps=4, optimizer=optimizer, lr=lr,
+                                  width=64, base_width=64, base_depth=2, img_size=8, num_classes=10,
+                                  batch_size=16, first_layer_lr_exponent=exponent, first_layers=True,
+                                  progress=False)
+        return last_block_growth(records, step=3, field="mean_abs_change", prefix="first_layer.")
+
+    assert fc1_growth(0.0) < 0.5
+    assert 1 / FLAT < fc1_growth(0.5) < FLAT

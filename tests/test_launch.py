@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from train_helpers import BIN, run, write_config
+from train_helpers import BIN, losses, run, write_config
 
 from mutransfer.data import write_synthetic_shards
 from mutransfer.launch.store import latest_per_key, load_trials
@@ -75,6 +75,14 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
         assert float(tags["mutransfer.lr"]) in LRS
         expected = "diverged" if trial.lr == LRS[-1] else "finished"
         assert tags["mutransfer.status"] == expected, trial.key
+    # a trial run in a sweep process (after other trials) equals the same trial run on its own
+    last = next(t for t in trials if t.width == 32 and t.lr == LRS[1])
+    trial_dir = root / "trials" / last.key
+    alone = run([str(BIN / "python"), "-m", "mutransfer.train", "--config", str(trial_dir / "config.yaml"),
+                 f"run.output_dir={root / 'alone'}", "tracking.enabled=false"], root)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert losses(root / "alone") == pytest.approx(losses(trial_dir), abs=1e-6)
+
     diverged = [t for t in trials if t.status == "diverged"]
     assert all(len(client.get_metric_history(t.run_id, "train/loss")) < 6 for t in diverged)  # stopped early
 

@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--head-dim", type=int, default=None, help="ViT models only (default 64; width / heads)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--first-layers", action="store_true",
+                   help="also record fc1 inside each block (seed 003: does the first layer still learn?)")
     p.add_argument("--out", type=Path, required=True, help="folder for coord_check_*.csv and .png")
     p.set_defaults(func=coord_check_command)
 
@@ -64,7 +66,7 @@ def coord_check_command(args: argparse.Namespace) -> int:
         records = run_coord_check(
             model=args.model, parametrization=args.parametrization, vary=args.vary, values=args.values,
             steps=args.steps, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
-            seed=args.seed, **kwargs,
+            seed=args.seed, first_layers=args.first_layers, **kwargs,
         )
     except ValueError as err:
         raise UsageError(str(err)) from err

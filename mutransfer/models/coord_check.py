@@ -37,11 +37,24 @@ class CoordRecord:
     mean_abs_change: float  # mean |a_t - a_0|: how far training has moved this layer's output
 
 
-def coordinate_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The modules whose outputs are the network's coordinates, in forward order."""
+def first_layer_of(block: nn.Module) -> nn.Module | None:
+    """The first layer inside a two-layer branch (fc1 of the MLP), where seed 003 sees learning collapse."""
+    mlp = getattr(block, "mlp", None)
+    return getattr(mlp, "fc1", None)
+
+
+def coordinate_modules(model: nn.Module, first_layers: bool = False) -> dict[str, nn.Module]:
+    """The modules whose outputs are the network's coordinates, in forward order.
+
+    With `first_layers`, also each block's fc1 as `first_layer.<i>`, whose "change" is its own update
+    (W_t - W_0) x: seed 003 predicts it shrinks like 1/sqrt(L) under alpha = 1/2 unless corrected.
+    """
     embed = getattr(model, "patch_embed", None) or model.stem
     modules = {"embed": embed}
-    modules.update({f"block.{i}": block for i, block in enumerate(model.blocks)})
+    for i, block in enumerate(model.blocks):
+        if first_layers and first_layer_of(block) is not None:
+            modules[f"first_layer.{i}"] = first_layer_of(block)
+        modules[f"block.{i}"] = block
     modules["final_norm"] = model.norm
     modules["logits"] = model.head
     return modules
@@ -50,6 +63,18 @@ def coordinate_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _recorder(outputs: dict[str, torch.Tensor], name: str):
     def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
         outputs[name] = output.detach()
+
+    return hook
+
+
+def _own_update_recorder(own_updates: dict[str, torch.Tensor], name: str, layer: nn.Linear):
+    """(W_t - W_0) x + (b_t - b_0): what the layer's own training did to its output. Its plain output
+    change also moves with its input (the residual stream), which hides whether the layer itself learns."""
+    weight0, bias0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+
+    def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...], _output: torch.Tensor) -> None:
+        own_updates[name] = F.linear(inputs[0].detach(), layer.weight.detach() - weight0,
+                                     layer.bias.detach() - bias0)
 
     return hook
 
@@ -73,6 +98,7 @@ def run_coord_check(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    first_layers: bool = False,
     **model_kwargs: Any,
 ) -> list[CoordRecord]:
     """Train one model per size for `steps` steps on one batch; record each layer's coordinates per step."""
@@ -95,10 +121,11 @@ def run_coord_check(
         opt = build_optimizer(net, optimizer, lr=lr, momentum=momentum)
         images, labels = _fixed_batch(net, batch_size, seed)
         outputs: dict[str, torch.Tensor] = {}
-        hooks = [
-            module.register_forward_hook(_recorder(outputs, name))
-            for name, module in coordinate_modules(net).items()
-        ]
+        own_updates: dict[str, torch.Tensor] = {}
+        modules = coordinate_modules(net, first_layers)
+        hooks = [module.register_forward_hook(_recorder(outputs, name)) for name, module in modules.items()]
+        hooks += [module.register_forward_hook(_own_update_recorder(own_updates, name, module))
+                  for name, module in modules.items() if name.startswith("first_layer.")]
         first: dict[str, torch.Tensor] = {}
         try:
             for step in range(steps):
@@ -111,7 +138,8 @@ def run_coord_check(
                             step=step,
                             size=size,
                             mean_abs=out.abs().mean().item(),
-                            mean_abs_change=(out - first[name]).abs().mean().item(),
+                            mean_abs_change=(own_updates[name] if name in own_updates
+                                             else out - first[name]).abs().mean().item(),
                         )
                     )
                 opt.zero_grad(set_to_none=True)
@@ -132,12 +160,14 @@ def growth(records: Iterable[CoordRecord], layer: str, step: int, field: str = "
     return high / low if low > 0 else math.inf
 
 
-def last_block_growth(records: Sequence[CoordRecord], step: int, field: str = "mean_abs") -> float:
-    """Growth of the LAST block's output across sizes (for depth sweeps the last block's index differs)."""
+def last_block_growth(records: Sequence[CoordRecord], step: int, field: str = "mean_abs",
+                      prefix: str = "block.") -> float:
+    """Growth of the LAST block's output across sizes (for depth sweeps the last block's index differs);
+    `prefix="first_layer."` reads the first layer inside the last block instead."""
     sizes = sorted({r.size for r in records})
 
     def last_block_value(size: int) -> float:
-        rows = [r for r in records if r.size == size and r.step == step and r.layer.startswith("block.")]
+        rows = [r for r in records if r.size == size and r.step == step and r.layer.startswith(prefix)]
         return getattr(max(rows, key=lambda r: int(r.layer.split(".")[1])), field)
 
     low = last_block_value(sizes[0])
@@ -165,6 +195,8 @@ def _plotted_layers(records: Sequence[CoordRecord], vary: str) -> dict[str, dict
     lines["first block"] = {s: f"block.{blocks[s][0]}" for s in sizes}
     lines["middle block"] = {s: f"block.{blocks[s][len(blocks[s]) // 2]}" for s in sizes}
     lines["last block"] = {s: f"block.{blocks[s][-1]}" for s in sizes}
+    if any(r.layer.startswith("first_layer.") for r in records):
+        lines["fc1 of last block"] = {s: f"first_layer.{blocks[s][-1]}" for s in sizes}
     lines["final_norm"] = {s: "final_norm" for s in sizes}
     lines["logits"] = {s: "logits" for s in sizes}
     return lines
