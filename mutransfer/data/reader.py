@@ -11,12 +11,16 @@ the `device` given to the builder, e.g. the rank's GPU) then converts to float, 
 random erasing, as timm's prefetcher does.
 
 Training: every global worker draws shards with replacement (or, with `resampled=False`, takes its part of
-an epoch-seeded permutation of the shards). Every rank yields exactly `batches_per_epoch` batches of
-`(images, targets)`: images float [B, 3, S, S], normalised; targets class indices (int64, [B]) without
-mixup, mixed and smoothed probabilities (float, [B, num_classes]) with it. `train_loss(cfg)` is the
-matching loss. Shard choice, shuffling and the workers' augmentation (crop, flip, auto-augment, mixup) are
-seeded by (seed, epoch, rank, worker), so they repeat exactly when num_workers >= 1; random erasing runs
-in the training process and draws from its global RNGs (which the trainer seeds), as in timm's train.py.
+an epoch-seeded permutation of the shards and shuffles within each pass over it, so that an epoch that fits
+in one pass, as when the shards divide evenly over ranks x workers, trains on every sample at most once;
+resampled training can repeat samples within an epoch). Every rank yields exactly `batches_per_epoch`
+batches of `(images, targets)`: images float [B, 3, S, S], normalised; targets class indices (int64, [B])
+without mixup, mixed and smoothed probabilities (float, [B, num_classes]) with it. `train_loss(cfg)` is the
+matching loss. With `with_keys=True` the batches are `(images, targets, keys)`, keys the samples' `__key__`s
+(the trainer's `run.record_samples` logs them). Shard choice, shuffling and the workers' augmentation (crop,
+flip, auto-augment, mixup) are seeded by (seed, epoch, rank, worker), so they repeat exactly when
+num_workers >= 1; random erasing runs in the training process and draws from its global RNGs (which the
+trainer seeds), as in timm's train.py.
 
 Evaluation: every sample is read exactly once across ranks x workers: shards are dealt out to global
 workers (shard s to worker s mod G) when there are at least G of them, otherwise every worker reads all
@@ -232,8 +236,9 @@ def uint8_batch(images: list[Image.Image], rows: int) -> torch.Tensor:
     return batch.permute(0, 3, 1, 2)
 
 
-def _collate(items: list[tuple[Image.Image, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return uint8_batch([image for image, _, _ in items], len(items)), torch.tensor([label for _, label, _ in items])
+def _collate(items: list[tuple[Image.Image, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    images = uint8_batch([image for image, _, _ in items], len(items))
+    return images, torch.tensor([label for _, label, _ in items]), [key for _, _, key in items]
 
 
 class _MixCollate:
@@ -242,8 +247,9 @@ class _MixCollate:
     def __init__(self, mixup: FastCollateMixup) -> None:
         self.mixup = mixup
 
-    def __call__(self, items: list[tuple[Image.Image, int, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mixup([(np.asarray(image).transpose(2, 0, 1), label) for image, label, _ in items])
+    def __call__(self, items: list[tuple[Image.Image, int, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        images, targets = self.mixup([(np.asarray(image).transpose(2, 0, 1), label) for image, label, _ in items])
+        return images, targets, [key for _, _, key in items]
 
 
 class _PadEval:
@@ -289,25 +295,27 @@ class _TrainStream(IterableDataset):
         self.loader = loader
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         owner, cfg = self.loader, self.loader.cfg
         worker, workers = _worker()
         global_worker = owner.rank * workers + worker
         global_workers = owner.world_size * workers
         urls = list(owner.shards.urls)
+        shuffle = None
+        if cfg.shuffle_buffer > 1:
+            shuffle_rng = random.Random(derive_seed(cfg.seed, self.epoch, global_worker, 3))
+            shuffle = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)
         if cfg.resampled:
             rng = random.Random(derive_seed(cfg.seed, self.epoch, global_worker, 1))
             samples = read_samples(
                 iter(lambda: rng.choice(urls), None),  # endless draws with replacement
                 owner.counter, worker, max_empty_shards=max(2 * len(urls), 16),
             )
+            samples = shuffle(samples) if shuffle else samples
         else:
             random.Random(derive_seed(cfg.seed, self.epoch, 2)).shuffle(urls)  # same permutation everywhere
             part = assign_shards(urls, global_worker, global_workers)
-            samples = _cycle_passes(part, owner.counter, worker)
-        if cfg.shuffle_buffer > 1:
-            shuffle_rng = random.Random(derive_seed(cfg.seed, self.epoch, global_worker, 3))
-            samples = wds.shuffle(cfg.shuffle_buffer, cfg.shuffle_buffer, rng=shuffle_rng)(samples)
+            samples = _cycle_passes(part, owner.counter, worker, shuffle)
         items = decode_samples(
             samples, owner.transform, owner.counter, worker, owner.num_classes, MAX_CONSECUTIVE_SKIPS
         )
@@ -317,12 +325,17 @@ class _TrainStream(IterableDataset):
         yield from itertools.islice(batches, batches_per_worker)
 
 
-def _cycle_passes(part: _Assignment, counter: SkipCounter, slot: int) -> Iterator[dict[str, Any]]:
+def _cycle_passes(part: _Assignment, counter: SkipCounter, slot: int, shuffle: Any = None) -> Iterator[dict[str, Any]]:
     """A worker's part of the shards, read again and again until its batch quota is met (with unequal
-    shard sizes, the worker with less data re-reads its own shards rather than leave its rank short)."""
+    shard sizes, the worker with less data re-reads its own shards rather than leave its rank short).
+
+    The shuffle buffer is drained at the end of every pass: shuffling across the pass boundary would let
+    samples of the next pass out before the last ones of this pass, and an epoch that fits in one pass
+    would see some samples twice and miss others."""
     while True:
         produced = False
-        for sample in read_samples(part.urls, counter, slot, part.stride, part.offset):
+        one_pass = read_samples(part.urls, counter, slot, part.stride, part.offset)
+        for sample in shuffle(one_pass) if shuffle else one_pass:
             produced = True
             yield sample
         if not produced:
@@ -420,15 +433,18 @@ class _LoaderBase:
 
 
 class TrainLoader(_LoaderBase):
-    """Iterate for one epoch of exactly `batches_per_epoch` batches `(images, targets)`.
+    """Iterate for one epoch of exactly `batches_per_epoch` batches `(images, targets)`, or
+    `(images, targets, keys)` with `with_keys`.
 
     Each iteration uses `epoch` and then advances it; `set_epoch(e)` chooses the next one (to resume).
     `mixup` is timm's FastCollateMixup (applied in the workers) or None.
     """
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device | str | None = None,
+                 with_keys: bool = False) -> None:
         shards = _resolve(cfg, cfg.train_shards, cfg.train_split, "train_shards")
         super().__init__(cfg, rank, world_size, shards, device)
+        self.with_keys = with_keys
         self.batches_per_epoch = cfg.batches_per_epoch or self._derive_batches_per_epoch()
         self.transform = pil_side(create_transform(  # PIL images out; batched as uint8, normalised later
             cfg.img_size,
@@ -477,7 +493,7 @@ class TrainLoader(_LoaderBase):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, list[str]]]:
         epoch = self.epoch
         self.epoch += 1
         before = self.skip_counts
@@ -486,7 +502,7 @@ class TrainLoader(_LoaderBase):
         try:
             for count in range(self.batches_per_epoch):
                 try:
-                    images, targets = next(batches)
+                    images, targets, keys = next(batches)  # the workers always send keys: a few bytes
                 except StopIteration:
                     raise RuntimeError(
                         f"train rank {self.rank} got {count} of {self.batches_per_epoch} batches from its workers"
@@ -494,7 +510,7 @@ class TrainLoader(_LoaderBase):
                 images = self.normalize(images)
                 if self.random_erasing is not None:
                     images = self.random_erasing(images)
-                yield images, self._to_device(targets)
+                yield (images, self._to_device(targets), keys) if self.with_keys else (images, self._to_device(targets))
         finally:
             del batches  # shuts the workers down, also when the caller stops early
         self._log_skips(f"train epoch {epoch}", before)
@@ -560,11 +576,13 @@ class EvalLoader(_LoaderBase):
 
 
 def build_train_loader(
-    cfg: DataConfig, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None
+    cfg: DataConfig, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None,
+    with_keys: bool = False,
 ) -> TrainLoader:
     """The training loader of one rank (see the module docstring for what it yields). With `device`, batches
-    arrive there, normalised there (pinned, non-blocking copies of uint8 when it is a GPU)."""
-    return TrainLoader(cfg, rank, world_size, device)
+    arrive there, normalised there (pinned, non-blocking copies of uint8 when it is a GPU). With `with_keys`,
+    each batch also carries its samples' keys."""
+    return TrainLoader(cfg, rank, world_size, device, with_keys)
 
 
 def build_eval_loader(

@@ -3,7 +3,8 @@
 The study is one MLflow parent run; each trial is a child run tagged with its key, shape and grid point.
 Running the same command again resumes: trials whose child run finished or diverged are skipped. Trials run
 in this process one after another (CPU, small proxies), or as separate `deepspeed` / `torchrun` launches,
-`--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs.
+`--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs only
+trial I (in the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
 """
 
 from __future__ import annotations
@@ -110,23 +111,65 @@ def launch_command(launcher: str, config_path: Path, gpus: list[int], port: int)
     return cmd, env
 
 
+def select_trials(cfg: StudyConfig, trial_index: int | None = None) -> list[TrialSpec]:
+    """Every trial of the study, or just the one at `trial_index`."""
+    trials = cfg.trials()
+    if trial_index is None:
+        return trials
+    if not 0 <= trial_index < len(trials):
+        raise ValueError(f"--trial-index {trial_index}: study {cfg.study.name} has {len(trials)} trials, "
+                         f"indices 0-{len(trials) - 1}")
+    return [trials[trial_index]]
+
+
+def check_shared_tracking(uri: str) -> None:
+    """Array tasks write to MLflow at the same time from many nodes: a sqlite or file store cannot take
+    that (locks on network filesystems), a tracking server (or a database server behind one) can."""
+    from mutransfer.train.tracking import server_reachable
+
+    if not uri.startswith(("http://", "https://", "databricks")):
+        raise ValueError(f"--slurm needs an MLflow tracking server, got {uri!r}: start one (`mlflow server "
+                         "--backend-store-uri ... --host 0.0.0.0`) and pass --tracking-uri http://HOST:PORT or "
+                         "set MLFLOW_TRACKING_URI")
+    if not server_reachable(uri):
+        raise ValueError(f"the MLflow server {uri} does not answer (GET /health)")
+
+
+def pending_trials(cfg: StudyConfig, tracking_uri: str | None = None) -> tuple[str, list[int], str]:
+    """(parent run id, indices of the trials not yet finished or diverged, tracking URI) for a job array.
+
+    The study's parent run is created here, once: array tasks that start together would each create one.
+    """
+    uri = resolve_tracking_uri(tracking_uri)
+    check_shared_tracking(uri)
+    client = client_for(uri)
+    parent = ensure_study_run(client, cfg)
+    done = {t.key for t in latest_per_key(load_trials(client, cfg.study.name, cfg.study.experiment))
+            if t.status in DONE}
+    return parent, [i for i, trial in enumerate(cfg.trials()) if trial.key not in done], uri
+
+
 def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, gpus_per_trial: int = 1,
-              tracking_uri: str | None = None, progress: bool = True) -> SweepSummary:
+              tracking_uri: str | None = None, progress: bool = True, trial_index: int | None = None) -> SweepSummary:
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     if parallel < 1 or gpus_per_trial < 1:
         raise ValueError("--parallel and --gpus-per-trial must be at least 1")
     if launcher == "inprocess" and parallel > 1:
         raise ValueError("--parallel needs --launcher deepspeed or torchrun (in-process trials run one by one)")
+    selected = select_trials(cfg, trial_index)
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     parent = ensure_study_run(client, cfg)
     existing = latest_per_key(load_trials(client, cfg.study.name, cfg.study.experiment))
     done = {t.key: t.status for t in existing if t.status in DONE}
-    _mark_abandoned(client, [t for t in existing if t.key not in done])
+    abandoned = [t for t in existing if t.key not in done]
+    if trial_index is not None:  # other array tasks may be running the other trials right now
+        abandoned = [t for t in abandoned if t.key == selected[0].key]
+    _mark_abandoned(client, abandoned)
     summary = SweepSummary(cfg.study.name, parent, uri)
     todo = []
-    for trial in cfg.trials():
+    for trial in selected:
         if trial.key in done:
             summary.skipped.append(trial.key)
             summary.statuses[trial.key] = done[trial.key]

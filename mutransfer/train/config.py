@@ -118,6 +118,9 @@ class RunSection:
     """False: no checkpoints at all (short sweep trials)."""
     progress: bool = True
     """A tqdm bar on rank 0 (sweeps turn it off and show one bar over trials)."""
+    record_samples: bool = False
+    """Debugging aid: every rank appends the keys of each batch it trains on (with step, epoch and batch
+    index) and of each eval batch to output_dir/samples_rank<R>.jsonl. Costs a line per batch."""
 
 
 @dataclass

@@ -145,6 +145,18 @@ def build_model(cfg: RunConfig, ds_config: dict[str, Any], num_classes: int) -> 
     return model
 
 
+def seed_rngs(seed: int, rank: int) -> None:
+    """Seed Python's, NumPy's and torch's global RNGs from (seed, rank)."""
+    import random
+
+    import numpy as np
+
+    state = np.random.SeedSequence([seed, rank]).generate_state(2)
+    random.seed(int(state[0]))
+    np.random.seed(int(state[1]))
+    torch.manual_seed(int(state[0]) ^ int(state[1]))
+
+
 # --- the run -------------------------------------------------------------------------------------------------
 class _StopRequest:
     """SIGTERM / SIGINT set a flag; the loop saves and leaves at the next step boundary."""
@@ -175,6 +187,7 @@ class _Batches:
     def __init__(self, loader: Any, state: ckpt.TrainState, on_epoch_start) -> None:
         self.loader, self.state, self.on_epoch_start = loader, state, on_epoch_start
         self.iterator = None
+        self.last_position = (0, 0)  # (epoch, index in epoch) of the batch `next` returned last
 
     def _start_epoch(self, skip: int) -> None:
         if hasattr(self.loader, "set_epoch"):
@@ -194,8 +207,33 @@ class _Batches:
             self.state.batch_in_epoch = 0
             self._start_epoch(skip=0)
             batch = next(self.iterator)
+        self.last_position = (self.state.epoch, self.state.batch_in_epoch)
         self.state.batch_in_epoch += 1
         return batch
+
+
+class _SampleLog:
+    """`run.record_samples`: the keys of every batch this rank trained on or evaluated, as JSON lines in
+    output_dir/samples_rank<R>.jsonl. Lines are appended (a resumed run continues the file) and flushed at
+    once, so that a preempted run leaves every trained step on record."""
+
+    def __init__(self, output_dir: Path, rank: int) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
+        self.file = open(output_dir / f"samples_rank{rank}.jsonl", "a")
+
+    def train(self, step: int, positions: list[tuple[int, int]], keys: list[list[str]]) -> None:
+        for (epoch, batch), batch_keys in zip(positions, keys):
+            self._write({"split": "train", "step": step, "epoch": epoch, "batch": batch, "keys": batch_keys})
+
+    def eval(self, step: int, keys: list[str]) -> None:
+        self._write({"split": "eval", "step": step, "keys": keys})
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _run_params(cfg: RunConfig, model: torch.nn.Module, world_size: int) -> dict[str, Any]:
@@ -228,7 +266,8 @@ def _run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
     return tags
 
 
-def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: torch.device) -> dict[str, float]:
+def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: torch.device,
+             sample_log: _SampleLog | None = None, step: int = 0) -> dict[str, float]:
     """top-1, top-5 and loss over the eval shards, each sample counted once across all ranks.
 
     Ranks can hold different numbers of eval batches; a rank that has run out runs a dummy forward while
@@ -260,6 +299,8 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
             sums[1] += hits[:, 0].sum().item()
             sums[2] += hits.any(dim=-1).sum().item()
             sums[3] += valid.sum().item()  # padding rows (target -100) count for nothing
+            if sample_log is not None:
+                sample_log.eval(step, [key for key in batch.keys if key])
     engine.train()
     loss, top1, top5, count = _all_reduce(sums.tolist(), device)
     if count == 0:
@@ -276,7 +317,7 @@ def train(cfg: RunConfig) -> RunResult:
     output_dir = Path(cfg.run.output_dir)
     resume_from = _resume_point(cfg)
     ds_config = deepspeed_config(cfg, world_size)
-    loader = build_train_loader(cfg.data, rank, world_size)
+    loader = build_train_loader(cfg.data, rank, world_size, with_keys=cfg.run.record_samples)
     num_classes = cfg.data.num_classes or loader.num_classes
     if not num_classes:
         raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
@@ -285,8 +326,10 @@ def train(cfg: RunConfig) -> RunResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
         (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
-    torch.manual_seed(cfg.run.seed)
-    model = build_model(cfg, ds_config, num_classes)
+    model = build_model(cfg, ds_config, num_classes)  # seeds torch with run.seed: the same init on every rank
+    # Augmentation done in this process (num_workers=0, random erasing) draws from the global RNGs: seed them
+    # per (seed, rank) so that a run does not depend on what ran before it in the process (sweeps).
+    seed_rngs(cfg.run.seed, rank)
     optimizer = build_optimizer(
         model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
         betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
@@ -336,14 +379,18 @@ def train(cfg: RunConfig) -> RunResult:
     last_loss = math.nan
     eval_metrics: dict[str, float] = {}
     stop_signal = None
+    sample_log = _SampleLog(output_dir, rank) if cfg.run.record_samples else None
 
     with _StopRequest() as stop:
         try:
             while state.step < total_steps:
                 t0 = time.perf_counter()
                 position = (state.epoch, state.batch_in_epoch)
+                micro, positions = [], []
                 try:
-                    micro = [batches.next() for _ in range(cfg.optim.accumulation)]
+                    for _ in range(cfg.optim.accumulation):
+                        micro.append(batches.next())
+                        positions.append(batches.last_position)
                 except Exception:
                     if not stop.signal:
                         raise
@@ -357,7 +404,7 @@ def train(cfg: RunConfig) -> RunResult:
                     state.epoch, state.batch_in_epoch = position  # these batches were not trained on
                     break
                 loss_sum = 0.0
-                for images, targets in micro:
+                for images, targets, *_keys in micro:  # keys come along under run.record_samples
                     images = images.to(device, non_blocking=True)
                     targets = targets.to(device, non_blocking=True)
                     if cfg.deepspeed.bf16:
@@ -368,6 +415,8 @@ def train(cfg: RunConfig) -> RunResult:
                     loss_sum += loss.item()
                 state.step += 1
                 state.samples_seen += global_batch
+                if sample_log is not None:
+                    sample_log.train(state.step, positions, [batch[2] for batch in micro])
                 mean_loss = _all_reduce([loss_sum / len(micro)], device)[0] / world_size
                 last_loss = mean_loss
                 step_time = time.perf_counter() - t0
@@ -386,7 +435,7 @@ def train(cfg: RunConfig) -> RunResult:
                     _append_metrics(output_dir, rank, state.step, metrics)
                     window = {"loss": 0.0, "steps": 0, "time": 0.0, "data": 0.0}
                 if cfg.run.eval_interval and state.step % cfg.run.eval_interval == 0 and state.step < total_steps:
-                    eval_metrics = evaluate(engine, cfg, rank, world_size, device)
+                    eval_metrics = evaluate(engine, cfg, rank, world_size, device, sample_log, state.step)
                     tracker.log_metrics(eval_metrics, state.step)
                     _append_metrics(output_dir, rank, state.step, eval_metrics)
                 if (cfg.run.save_checkpoints and cfg.run.checkpoint_interval
@@ -403,10 +452,12 @@ def train(cfg: RunConfig) -> RunResult:
             tracker.end("diverged")
             result.step, result.final_train_loss = state.step, last_loss
             _write_result(result, output_dir, rank)
+            _close(sample_log)
             engine.destroy()
             return result
         except BaseException:
             tracker.end("failed")  # the MLflow run must not stay RUNNING
+            _close(sample_log)
             engine.destroy()
             raise
     pbar.close()
@@ -422,7 +473,7 @@ def train(cfg: RunConfig) -> RunResult:
             print(f"mutransfer: {result.message}", file=sys.stderr, flush=True)
         tracker.end("preempted")
     else:
-        eval_metrics = evaluate(engine, cfg, rank, world_size, device)
+        eval_metrics = evaluate(engine, cfg, rank, world_size, device, sample_log, state.step)
         tracker.log_metrics(eval_metrics, state.step)
         _append_metrics(output_dir, rank, state.step, eval_metrics)
         state.status = "finished"
@@ -434,8 +485,14 @@ def train(cfg: RunConfig) -> RunResult:
         tracker.end("finished")
     result.step, result.final_train_loss, result.eval = state.step, last_loss, eval_metrics
     _write_result(result, output_dir, rank)
+    _close(sample_log)
     engine.destroy()
     return result
+
+
+def _close(sample_log: _SampleLog | None) -> None:
+    if sample_log is not None:
+        sample_log.close()
 
 
 def _window_metrics(window: dict[str, float], groups: list[dict[str, Any]], engine: Any, global_batch: int,
