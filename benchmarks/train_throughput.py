@@ -57,10 +57,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
 
+    from mutransfer.data import DataConfig
     from mutransfer.models import create_model
+    from mutransfer.train.config import DeepSpeedSection, OptimSection, RunConfig
     from mutransfer.train.hardware import peak_flops
     from mutransfer.train.optim import build_optimizer
-    from mutransfer.train.trainer import init_distributed
+    from mutransfer.train.trainer import deepspeed_config, init_distributed
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -111,12 +113,10 @@ def main() -> None:
             for stage in [int(s) for s in args.stages.split(",")]:
                 model = make_model()
                 optimizer = build_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
-                config = {
-                    "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
-                    "train_batch_size": batch, "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
-                    "bf16": {"enabled": precision == "bf16"}, "zero_allow_untested_optimizer": True,
-                    "steps_per_print": 1 << 30,
-                }
+                # the trainer's own DeepSpeed config, so that the benchmark measures what training runs
+                config = deepspeed_config(RunConfig(
+                    data=DataConfig(batch_size=batch), optim=OptimSection(grad_clip=0.0, accumulation=1),
+                    deepspeed=DeepSpeedSection(zero_stage=stage, bf16=precision == "bf16")), world_size=1)
                 engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
                 if compiled:
                     engine.compile()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,18 +11,14 @@ from typing import Any
 
 import yaml
 
+from mutransfer.netutil import free_port
+
 BIN = Path(sys.executable).parent
 DEEPSPEED = str(BIN / "deepspeed")
 
 # A ViT small enough for CPU, at 2x base width and 2x base depth so that every role has its own LR scale.
 TINY_MODEL = dict(name="vit", width=32, depth=2, head_dim=16, patch_size=8, parametrization="depth_mup",
                   base_width=16, base_depth=1, first_layer_lr_exponent=0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_env() -> dict[str, str]:

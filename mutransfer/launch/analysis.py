@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from .store import MAXIMISED, Trial
 
@@ -62,10 +63,15 @@ def optimum_per_shape(trials: list[Trial], metric: str) -> dict[Shape, Optimum]:
     return dict(sorted(out.items()))
 
 
+def proxy_size(shape: Shape) -> tuple[int, int, int]:
+    """Order of proxy shapes: width x depth, then width, then depth."""
+    return (shape[1] * shape[2], shape[1], shape[2])
+
+
 def reference_shape(shapes: list[Shape], parametrization: str) -> Shape | None:
-    """The smallest proxy (width x depth, then width) of a parametrization: where shifts are measured from."""
+    """The smallest proxy of a parametrization: where shifts are measured from."""
     own = [s for s in shapes if s[0] == parametrization]
-    return min(own, key=lambda s: (s[1] * s[2], s[1], s[2])) if own else None
+    return min(own, key=proxy_size) if own else None
 
 
 def shifts(optima: dict[Shape, Optimum]) -> dict[Shape, tuple[int, int]]:
@@ -74,4 +80,22 @@ def shifts(optima: dict[Shape, Optimum]) -> dict[Shape, tuple[int, int]]:
     for shape, opt in optima.items():
         ref = optima[reference_shape(list(optima), shape[0])]
         out[shape] = (opt.lr_step - ref.lr_step, opt.momentum_step - ref.momentum_step)
+    return out
+
+
+def verdicts(optima: dict[Shape, Optimum], shift: dict[Shape, tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    """Per parametrization: the largest |lr shift| and |momentum shift| in grid steps, and whether transfer
+    holds (every lr shift within one grid step). `holds` is None with a single shape: nothing to compare."""
+    out: dict[str, dict[str, Any]] = {}
+    for param in sorted({s[0] for s in optima}):
+        own = [s for s in optima if s[0] == param]
+        worst = max(own, key=lambda s: (abs(shift[s][0]), s))
+        out[param] = {
+            "shapes": len(own),
+            "reference": reference_shape(own, param),
+            "max_lr_shift": abs(shift[worst][0]),
+            "max_lr_shift_shape": worst,
+            "max_momentum_shift": max(abs(shift[s][1]) for s in own),
+            "holds": None if len(own) < 2 else abs(shift[worst][0]) <= 1,
+        }
     return out

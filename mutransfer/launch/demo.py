@@ -9,6 +9,8 @@ Everything is recorded in the local MLflow store (sqlite:///mlflow.db unless tol
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -73,14 +75,9 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
     print(describe(plan, cfg.study.metric), flush=True)
     target_dir = out_dir / "target"
     for old in (target_dir / "checkpoints").glob("step_*"):  # a rerun of the demo trains the target afresh
-        import shutil
-
         shutil.rmtree(old)
     print("[demo] training the target with the transferred settings", flush=True)
     code = launch_target(plan, "inprocess")
-
-    import json
-
     result = json.loads((target_dir / "result.json").read_text())
     minutes = (time.perf_counter() - start) / 60
     ui = "mutransfer ui --study " + cfg.study.name + ("" if tracking_uri is None else f" --tracking-uri {uri}")

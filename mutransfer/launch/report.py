@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import analysis
-from .analysis import Optimum, Point, Shape
+from .analysis import Optimum, Point, Shape, verdicts
 from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, latest_per_key, load_trials
 
 ARTIFACT_PATH = "report"
@@ -283,24 +283,6 @@ def _heatmap(
 def _grid_step_log2(lr_grid: list[float]) -> float | None:
     steps = sorted(math.log2(b) - math.log2(a) for a, b in zip(lr_grid, lr_grid[1:]))
     return steps[len(steps) // 2] if steps else None
-
-
-def verdicts(optima: dict[Shape, Optimum], shift: dict[Shape, tuple[int, int]]) -> dict[str, dict[str, Any]]:
-    """Per parametrization: the largest |lr shift| and |momentum shift| in grid steps, and whether transfer
-    holds (every lr shift within one grid step). `holds` is None with a single shape: nothing to compare."""
-    out: dict[str, dict[str, Any]] = {}
-    for param in sorted({s[0] for s in optima}):
-        own = [s for s in optima if s[0] == param]
-        worst = max(own, key=lambda s: (abs(shift[s][0]), s))
-        out[param] = {
-            "shapes": len(own),
-            "reference": analysis.reference_shape(own, param),
-            "max_lr_shift": abs(shift[worst][0]),
-            "max_lr_shift_shape": worst,
-            "max_momentum_shift": max(abs(shift[s][1]) for s in own),
-            "holds": None if len(own) < 2 else abs(shift[worst][0]) <= 1,
-        }
-    return out
 
 
 def _verdict_line(param: str, verdict: dict[str, Any], step_log2: float | None) -> str:

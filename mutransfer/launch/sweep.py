@@ -202,7 +202,8 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
 def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, launcher: str, parallel: int,
                   gpus_per_trial: int, summary: SweepSummary, bar) -> None:
     """Up to `parallel` launches at once, each on its own block of GPUs."""
-    from mutransfer.train.trainer import EXIT_DIVERGED, _free_port
+    from mutransfer.netutil import free_port
+    from mutransfer.train.trainer import EXIT_DIVERGED
 
     free_slots = [list(range(i * gpus_per_trial, (i + 1) * gpus_per_trial)) for i in range(parallel)]
     running: dict[subprocess.Popen, tuple[TrialSpec, list[int]]] = {}
@@ -214,7 +215,7 @@ def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str
             folder.mkdir(parents=True, exist_ok=True)
             config_path = folder / "trial.yaml"
             config_path.write_text(yaml.safe_dump(trial_config(cfg, trial, parent, uri).to_dict(), sort_keys=False))
-            cmd, env = launch_command(launcher, config_path, gpus, _free_port())
+            cmd, env = launch_command(launcher, config_path, gpus, free_port())
             log = open(folder / "launch.log", "w")
             running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)] = (trial, gpus)
         time.sleep(0.5)

@@ -16,7 +16,7 @@ import yaml
 from mutransfer.train.config import ConfigError, apply_overrides, config_from_dict, load_config
 from mutransfer.train.tracking import resolve_tracking_uri
 
-from .analysis import Optimum, grids, optimum_per_shape, shifts
+from .analysis import Optimum, grids, optimum_per_shape, proxy_size, shifts, verdicts
 from .store import (
     DEFAULT_METRIC,
     KEY_TAG,
@@ -59,19 +59,18 @@ def plan_transfer(study: str, target: str, out: str | None = None, metric: str =
     if not own:
         known = sorted({shape[0] for shape in optima})
         raise ValueError(f"the target uses {parametrization!r} but study {study!r} tuned only {', '.join(known)}")
-    source_shape = max(own, key=lambda s: (s[1] * s[2], s[1], s[2]))
+    source_shape = max(own, key=proxy_size)
     source = optima[source_shape]
     moved = shifts(optima)
     lr_grid, momentum_grid, _ = grids(trials)
     warnings = []
-    for p in sorted({s[0] for s in optima}):
-        worst = max((abs(moved[s][0]) for s in optima if s[0] == p), default=0)
-        if worst > 1:
-            warnings.append(f"{p}: the optimal lr moves by {worst} grid steps across proxy shapes (more than one): "
-                            "transfer is in doubt for this parametrization")
-        worst_m = max((abs(moved[s][1]) for s in optima if s[0] == p), default=0)
-        if worst_m > 1:
-            warnings.append(f"{p}: the optimal momentum moves by {worst_m} grid steps across proxy shapes")
+    for p, verdict in verdicts(optima, moved).items():
+        if verdict["max_lr_shift"] > 1:
+            warnings.append(f"{p}: the optimal lr moves by {verdict['max_lr_shift']} grid steps across proxy shapes "
+                            "(more than one): transfer is in doubt for this parametrization")
+        if verdict["max_momentum_shift"] > 1:
+            warnings.append(f"{p}: the optimal momentum moves by {verdict['max_momentum_shift']} grid steps across "
+                            "proxy shapes")
 
     optimizer = target_cfg.optim.name
     momentum_key = "optim.momentum" if optimizer == "sgd" else "optim.beta1"

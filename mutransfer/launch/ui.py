@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mutransfer.netutil import free_port
+
 from .store import ROLE_TAG, STUDY_TAG, find_study_run
 
 HOST = "127.0.0.1"
@@ -37,13 +39,6 @@ STOP_TIMEOUT_S = 15.0
 
 class ServerError(RuntimeError):
     """The MLflow server did not come up."""
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now (the kernel's pick)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_in_use(port: int) -> bool:
@@ -103,24 +98,23 @@ def _tail(path: Path, chars: int = 3000) -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
+def _signal_reaches(kill, target: int) -> bool:
+    """Whether signal 0 reaches a process (os.kill) or a process group (os.killpg)."""
     try:
-        os.kill(pid, 0)
+        kill(target, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # it exists, it is just not ours
         return True
     return True
+
+
+def _alive(pid: int) -> bool:
+    return _signal_reaches(os.kill, pid)
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _signal_reaches(os.killpg, pgid)
 
 
 @dataclass
@@ -206,7 +200,7 @@ def start_server(tracking_uri: str, port: int | None = None,
     # checked up front: /health answered by someone else's server must not pass for ours
     if port and port_in_use(port):
         raise ValueError(f"port {port} on {HOST} is already in use")
-    port = port or free_port()
+    port = port or free_port(HOST)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)  # the server's own store is the one on its command line
     handle_fd, log_name = tempfile.mkstemp(prefix=f"mutransfer-ui-{port}-", suffix=".log")

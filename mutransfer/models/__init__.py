@@ -13,7 +13,7 @@ from .parametrization import (
 )
 from .resmlp import ResidualMLP
 from .vit import VisionTransformer
-from .zoo import TIMM_PREFIX, create_model, list_models, load_model, load_weights, model_config, zoo_entry
+from .zoo import TIMM_PREFIX, create_model, list_models, load_model, load_weights, zoo_entry
 
 __all__ = [
     "NAMES",
@@ -31,7 +31,6 @@ __all__ = [
     "list_models",
     "load_model",
     "load_weights",
-    "model_config",
     "resolve_parametrization",
     "zoo_entry",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,15 +149,6 @@ def run_coord_check(
             for hook in hooks:
                 hook.remove()
     return records
-
-
-def growth(records: Iterable[CoordRecord], layer: str, step: int, field: str = "mean_abs") -> float:
-    """value at the largest size / value at the smallest size, for one layer and step."""
-    rows = sorted((r for r in records if r.layer == layer and r.step == step), key=lambda r: r.size)
-    if len(rows) < 2:
-        raise ValueError(f"no records for layer {layer!r} at step {step}")
-    low, high = getattr(rows[0], field), getattr(rows[-1], field)
-    return high / low if low > 0 else math.inf
 
 
 def last_block_growth(records: Sequence[CoordRecord], step: int, field: str = "mean_abs",

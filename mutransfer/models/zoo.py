@@ -117,12 +117,6 @@ def load_model(path: str) -> nn.Module:
     return create_model(spec["name"], checkpoint_path=path, **spec["kwargs"])
 
 
-def model_config(model: nn.Module) -> dict[str, Any]:
-    """The shape of a built model, enough to rebuild it with create_model (used by checkpoints, MLflow)."""
-    keys = ("width", "depth", "num_classes", "img_size", "head_dim", "patch_size", "mlp_ratio")
-    return {k: getattr(model, k) for k in keys if hasattr(model, k)}
-
-
 _VIT = VisionTransformer
 register("vit", _VIT, "generic ViT: width, depth, head_dim, mlp_ratio, patch_size, img_size, ...",
          width=384, depth=12, head_dim=64, patch_size=16, img_size=224)

@@ -5,8 +5,8 @@ Layout under `<output_dir>/checkpoints/`: one folder per tag `step_00000123/` wi
 last, after every rank has saved. A checkpoint without that file is incomplete and never resumed from.
 
 Nothing here unpickles: our state is JSON and safetensors, and DeepSpeed's own files are read through
-`SafeTorchCheckpointEngine`, which loads with `weights_only=True` and allows only the few DeepSpeed types
-those files hold.
+`safe_torch_load`, which loads with `weights_only=True` and allows only the few DeepSpeed types those
+files hold.
 """
 
 from __future__ import annotations
@@ -139,14 +139,15 @@ def _deepspeed_safe_globals() -> list[Any]:
     return allowed
 
 
+def safe_torch_load(path: Any, map_location: Any = None, *, load: Any = None, **kwargs: Any) -> Any:
+    """torch.load (or `load`, the original when torch.load is patched) with weights_only=True and only
+    DeepSpeed's checkpoint types allowed; a `weights_only` the caller passes is overruled."""
+    kwargs.pop("weights_only", None)
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return (load or torch.load)(path, map_location=map_location, weights_only=True, **kwargs)
+
+
 def make_safe_checkpoint_engine(base_engine: Any) -> Any:
-    """Wrap DeepSpeed's checkpoint engine so that its `load` refuses arbitrary pickled objects."""
-    original_load = base_engine.load
-
-    def safe_load(path: str, map_location: Any = None) -> Any:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-    base_engine.load = safe_load
-    base_engine._unsafe_load = original_load
+    """Make DeepSpeed's checkpoint engine load through `safe_torch_load`."""
+    base_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location)
     return base_engine

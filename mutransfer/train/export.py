@@ -27,13 +27,8 @@ from .config import config_from_dict
 def weights_only_torch_load() -> Iterator[None]:
     """Make every torch.load inside (DeepSpeed's consolidation included) a weights-only load."""
     original = torch.load
-
-    def safe_load(*args, **kwargs):
-        kwargs["weights_only"] = True
-        with torch.serialization.safe_globals(ckpt._deepspeed_safe_globals()):
-            return original(*args, **kwargs)
-
-    torch.load = safe_load
+    torch.load = lambda f, map_location=None, **kwargs: ckpt.safe_torch_load(f, map_location, load=original,
+                                                                            **kwargs)
     try:
         yield
     finally:

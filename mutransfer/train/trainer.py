@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from tqdm import tqdm
 
 from mutransfer.data import build_eval_loader, build_train_loader, train_loss
 from mutransfer.models import create_model
+from mutransfer.netutil import free_port
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, save_config
@@ -55,19 +55,13 @@ class RunResult:
 
 
 # --- process group -----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> tuple[int, int, int]:
     """(rank, local_rank, world_size); a plain `python` process becomes a world of one."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
     from deepspeed.utils import logger as deepspeed_logger
 
@@ -184,15 +178,14 @@ class _StopRequest:
 class _Batches:
     """Micro-batches across epoch ends, tracking (epoch, batch_in_epoch) for exact resumption."""
 
-    def __init__(self, loader: Any, state: ckpt.TrainState, on_epoch_start) -> None:
-        self.loader, self.state, self.on_epoch_start = loader, state, on_epoch_start
+    def __init__(self, loader: Any, state: ckpt.TrainState) -> None:
+        self.loader, self.state = loader, state
         self.iterator = None
         self.last_position = (0, 0)  # (epoch, index in epoch) of the batch `next` returned last
 
     def _start_epoch(self, skip: int) -> None:
         if hasattr(self.loader, "set_epoch"):
             self.loader.set_epoch(self.state.epoch)
-        self.on_epoch_start(self.state.epoch)
         self.iterator = iter(self.loader)
         for _ in range(skip):  # resuming mid-epoch: replay the data order, drop what was trained on
             next(self.iterator)
@@ -370,7 +363,7 @@ def train(cfg: RunConfig) -> RunResult:
     flops = model.flops_per_image() if hasattr(model, "flops_per_image") else None
     peak = peak_flops()
     global_batch = ds_config["train_batch_size"]
-    batches = _Batches(loader, state, on_epoch_start=lambda epoch: None)
+    batches = _Batches(loader, state)
     rng_restore = resume_from
     result = RunResult(status="running", step=state.step, output_dir=str(output_dir), mlflow_run_id=run_id)
     pbar = tqdm(total=total_steps, initial=state.step, disable=rank != 0 or not cfg.run.progress,
