@@ -263,13 +263,15 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
              sample_log: _SampleLog | None = None, step: int = 0) -> dict[str, float]:
     """top-1, top-5 and loss over the eval shards, each sample counted once across all ranks.
 
-    Ranks can hold different numbers of eval batches; a rank that has run out runs a dummy forward while
-    others still work, because ZeRO-3 gathers parameters collectively inside every forward.
+    Ranks can hold different numbers of eval batches (no `_info.json`, or a stale one): they agree before
+    each batch whether any rank still has one, and a rank that has run out runs a dummy forward, because
+    ZeRO-3 gathers parameters collectively inside every forward.
     """
     loader = build_eval_loader(cfg.data, rank, world_size)
     iterator = iter(loader)
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
-    dummy = None
+    dummy = torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size, device=device,
+                        dtype=torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32)
     engine.eval()
     with torch.no_grad():
         while True:
@@ -284,7 +286,6 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
             targets = targets.to(device, non_blocking=True)
             if cfg.deepspeed.bf16:
                 images = images.to(torch.bfloat16)
-            dummy = images[:1]
             logits = engine(images).float()
             sums[0] += F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100).item()
             top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
