@@ -62,7 +62,7 @@ def main() -> None:
     from mutransfer.train.config import DeepSpeedSection, OptimSection, RunConfig
     from mutransfer.train.hardware import peak_flops
     from mutransfer.train.optim import build_optimizer
-    from mutransfer.train.trainer import deepspeed_config, init_distributed
+    from mutransfer.train.trainer import deepspeed_config, init_distributed, shutdown_distributed
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -141,6 +141,7 @@ def main() -> None:
             baseline[suffix] = ips
         mfu = f"{flops * ips / peak:.1%}" if peak else "-"
         print(f"{name:<48} {ips:>10.1f} {ips / baseline[suffix]:>14.3f} {mfu:>7}")
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -7,10 +7,9 @@ import json
 import sys
 
 import deepspeed
-import torch
 
 from mutransfer.train.config import load_config
-from mutransfer.train.trainer import build_model, deepspeed_config, init_distributed
+from mutransfer.train.trainer import build_model, deepspeed_config, init_distributed, shutdown_distributed
 
 
 def main() -> None:
@@ -27,7 +26,7 @@ def main() -> None:
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump(stats, fh)
-    torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

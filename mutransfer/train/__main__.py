@@ -29,13 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
-    from .trainer import EXIT_DIVERGED, train
+    from .trainer import EXIT_DIVERGED, shutdown_distributed, train
 
     try:
         result = train(cfg)
     except ConfigError as err:
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
+    shutdown_distributed()
     return EXIT_DIVERGED if result.status == "diverged" else 0
 
 

@@ -77,6 +77,16 @@ def init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group at the end of a process: with gloo's threads still up at interpreter exit,
+    a rank can abort ("terminate called without an active exception") after all its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     import torch.distributed as dist
 
