@@ -1,7 +1,8 @@
 """A proxy study: which shapes, which grid, which budget. YAML in, typed sections out.
 
     study:   name, experiment, base_config (a run config), overrides, output_dir, steps, metric
-    shapes:  parametrizations x widths x depths (or an explicit `list` of {parametrization, width, depth})
+    shapes:  parametrizations x widths x depths (or an explicit `list` of {parametrization, width, depth});
+             a parametrization is a label: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75
     grid:    lr (list, or {min_log2, max_log2, step}), momentum (SGD momentum or Adam beta1), weight_decay
     seeds:   [0, ...]
 """
@@ -100,8 +101,12 @@ class TrialSpec:
                 f"_wd{self.weight_decay:g}_s{self.seed}")
 
     def overrides(self, optimizer: str) -> list[str]:
+        from mutransfer.models.parametrization import parse_label
+
         momentum_key = "optim.momentum" if optimizer == "sgd" else "optim.beta1"
-        return [f"model.parametrization={self.parametrization}", f"model.width={self.width}",
+        model = [f"model.{key}={value!r}" if isinstance(value, float) else f"model.{key}={value}"
+                 for key, value in parse_label(self.parametrization).items()]
+        return [*model, f"model.width={self.width}",
                 f"model.depth={self.depth}", f"optim.lr={self.lr!r}", f"{momentum_key}={self.momentum!r}",
                 f"optim.weight_decay={self.weight_decay!r}", f"run.seed={self.seed}"]
 
@@ -155,11 +160,13 @@ def validate_study(cfg: StudyConfig) -> None:
     cfg.lrs()
     if not cfg.shape_list():
         raise ConfigError("shapes", "no proxy shapes: give widths and depths, or a list")
-    from mutransfer.models.parametrization import NAMES
+    from mutransfer.models.parametrization import parse_label
 
     for p, w, d in cfg.shape_list():
-        if p not in NAMES:
-            raise ConfigError("shapes.parametrizations", f"unknown parametrization {p!r}")
+        try:
+            parse_label(p)
+        except ValueError as err:
+            raise ConfigError("shapes.parametrizations", str(err)) from None
         if w < 1 or d < 1:
             raise ConfigError("shapes", f"width and depth must be positive, got {w}x{d}")
     for m in cfg.grid.momentum:

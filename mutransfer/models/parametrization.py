@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 
 
 class Role(str, Enum):
@@ -262,6 +263,39 @@ class Parametrization:
 
     def with_overrides(self, **overrides) -> Parametrization:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def label(self) -> str:
+        """The name plus each knob that changes the scaling rules, e.g. 'depth_mup+fle0.5': what a study
+        groups its proxies by, and what `transfer` matches a target against (see `parse_label`)."""
+        label = self.name
+        if self.scales_depth and self.alpha != _NAMED_ALPHA[self.name]:
+            label += f"+alpha{self.alpha:g}"
+        if self.first_layer_lr_exponent:
+            label += f"+fle{self.first_layer_lr_exponent:g}"
+        return label
+
+
+LABEL_KNOBS = {"alpha": "alpha", "fle": "first_layer_lr_exponent"}
+
+
+def parse_label(label: str) -> dict[str, Any]:
+    """'depth_mup+fle0.5' -> {'parametrization': 'depth_mup', 'first_layer_lr_exponent': 0.5}; checked by
+    building the Parametrization, so a label that names an impossible variant is an error here."""
+    name, *knobs = label.split("+")
+    fields: dict[str, Any] = {"parametrization": name}
+    for knob in knobs:
+        key = next((k for k in LABEL_KNOBS if knob.startswith(k)), None)
+        try:
+            value = float(knob[len(key):]) if key else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise ValueError(f"bad parametrization label {label!r}: {knob!r} is not one of "
+                             + ", ".join(f"+{k}<number>" for k in LABEL_KNOBS))
+        fields[LABEL_KNOBS[key]] = value
+    Parametrization(name=name, **{k: v for k, v in fields.items() if k != "parametrization"})
+    return fields
 
 
 def resolve_parametrization(

@@ -258,6 +258,7 @@ def _run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
         "mutransfer.role": "run",
         "mutransfer.model": cfg.model.name,
         "mutransfer.parametrization": model.parametrization.name,
+        "mutransfer.variant": model.parametrization.label,
         "mutransfer.width": str(model.width),
         "mutransfer.depth": str(model.depth),
         "mutransfer.optimizer": cfg.optim.name,
