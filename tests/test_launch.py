@@ -96,9 +96,9 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
                           run=dict(steps=4, log_interval=2), deepspeed=dict(zero_stage=1))
     out = root / "transferred.yaml"
     transfer = mutransfer("transfer", "--study", STUDY, "--target", str(target), "--out", str(out),
-                          "--tracking-uri", uri, "--launch", "--launcher", "inprocess", cwd=root)
+                          "--tracking-uri", uri, "--from", "largest", "--launch", "--launcher", "inprocess", cwd=root)
     assert transfer.returncode == 0, transfer.stderr[-3000:]
-    assert "<- transferred" in transfer.stdout and "deepspeed --num_gpus" in transfer.stdout
+    assert "by rule 'largest'" in transfer.stdout and "deepspeed --num_gpus" in transfer.stdout
     cfg = load_config(out, check=False)
     assert cfg.optim.lr == best.lr and cfg.optim.beta1 == 0.9
     target_runs = load_trials(client, STUDY, role="target")
@@ -106,6 +106,9 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     target_tags = client.get_run(target_runs[0].run_id).data.tags
     assert target_tags["mlflow.parentRunId"] == parent[0].info.run_id
     assert float(target_tags["mutransfer.lr"]) == best.lr and target_tags["mutransfer.width"] == "64"
+    target_params = client.get_run(target_runs[0].run_id).data.params
+    assert target_params["tracking.params.transfer.rule"] == "largest"
+    assert float(target_params["tracking.params.transfer.lr"]) == best.lr
     assert math.isfinite(target_runs[0].metrics["final/eval_loss"])
 
 

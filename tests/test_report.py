@@ -16,22 +16,29 @@ from mutransfer.cli import main
 
 STUDY = "report-study"
 LOG2_LRS = list(range(-11, -3))  # lr = 2**-11 .. 2**-4, one grid step = x2
+SEEDS = (0, 1)
+# Planted: mup's optimum falls 0.5 log2 per depth doubling (it drifts); depth_mup's stays at -6.3 (it transfers).
 # (parametrization, width, depth) -> (log2 lr of the optimum, momentum of the optimum, momenta tried)
-SHAPES: dict[tuple[str, int, int], tuple[int, float, tuple[float, ...]]] = {
-    ("mup", 64, 2): (-7, 0.8, (0.8, 0.9)),
-    ("mup", 128, 2): (-6, 0.9, (0.9,)),
-    ("mup", 64, 4): (-7, 0.9, (0.9,)),
-    ("depth_mup", 64, 2): (-8, 0.9, (0.8, 0.9)),
-    ("depth_mup", 128, 2): (-10, 0.9, (0.9,)),
+SHAPES: dict[tuple[str, int, int], tuple[float, float, tuple[float, ...]]] = {
+    ("mup", 64, 2): (-6.3, 0.8, (0.8, 0.9)),
+    ("mup", 64, 4): (-6.8, 0.9, (0.9,)),
+    ("mup", 64, 8): (-7.3, 0.9, (0.9,)),
+    ("mup", 64, 16): (-7.8, 0.9, (0.9,)),
+    ("depth_mup", 64, 2): (-6.3, 0.9, (0.8, 0.9)),
+    ("depth_mup", 64, 4): (-6.3, 0.9, (0.9,)),
+    ("depth_mup", 64, 8): (-6.3, 0.9, (0.9,)),
+    ("depth_mup", 64, 16): (-6.3, 0.9, (0.9,)),
 }
 # This trial reports the lowest loss of the study but diverged: it must never be an optimum.
 DIVERGED = (("mup", 64, 4), -4, 0.9)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def loss(shape: tuple[str, int, int], log2_lr: int, momentum: float) -> float:
+def loss(shape: tuple[str, int, int], log2_lr: int, momentum: float, seed: int = 0) -> float:
+    """A parabola in log2 lr around the planted optimum, lower for deeper proxies; seeds differ a little."""
     best_log2_lr, best_momentum, _ = SHAPES[shape]
-    return 1.2 + 0.01 * shape[2] + 0.15 * (log2_lr - best_log2_lr) ** 2 + 3.0 * (momentum - best_momentum) ** 2
+    return (1.2 - 0.05 * math.log2(shape[2]) + 0.15 * (log2_lr - best_log2_lr) ** 2
+            + 3.0 * (momentum - best_momentum) ** 2 + 0.002 * seed * (log2_lr + 7))
 
 
 def build_study(tracking_uri: str) -> tuple[MlflowClient, str]:
@@ -40,25 +47,31 @@ def build_study(tracking_uri: str) -> tuple[MlflowClient, str]:
     parent = client.create_run(experiment, run_name=STUDY,
                                tags={"mutransfer.study": STUDY, "mutransfer.role": "study"})
     for shape, (_, _, momenta) in SHAPES.items():
-        param, width, depth = shape
         for log2_lr in LOG2_LRS:
             for momentum in momenta:
-                diverged = (shape, log2_lr, momentum) == DIVERGED
-                key = f"{param}-w{width}-d{depth}-lr{log2_lr}-m{momentum}"
-                run = client.create_run(experiment, run_name=key, tags={
-                    "mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY,
-                    "mutransfer.trial_key": key, "mutransfer.role": "proxy", "mutransfer.width": str(width),
-                    "mutransfer.depth": str(depth), "mutransfer.parametrization": param,
-                    "mutransfer.lr": repr(2.0 ** log2_lr), "mutransfer.momentum": repr(momentum),
-                    "mutransfer.weight_decay": "0.0", "mutransfer.seed": "0",
-                    "mutransfer.status": "diverged" if diverged else "finished",
-                })
-                value = 0.01 if diverged else loss(shape, log2_lr, momentum)
-                client.log_batch(run.info.run_id, metrics=[Metric("final/eval_loss", value, 0, 100)],
-                                 params=[Param("data.num_classes", "10")])
-                client.set_terminated(run.info.run_id, "FAILED" if diverged else "FINISHED")
+                for seed in SEEDS:
+                    log_trial(client, experiment, parent.info.run_id, shape, log2_lr, momentum, seed)
     client.set_terminated(parent.info.run_id)
     return client, parent.info.run_id
+
+
+def log_trial(client: MlflowClient, experiment: str, parent_id: str, shape: tuple[str, int, int], log2_lr: int,
+              momentum: float, seed: int) -> None:
+    param, width, depth = shape
+    diverged = (shape, log2_lr, momentum) == DIVERGED
+    key = f"{param}-w{width}-d{depth}-lr{log2_lr}-m{momentum}-s{seed}"
+    run = client.create_run(experiment, run_name=key, tags={
+        "mlflow.parentRunId": parent_id, "mutransfer.study": STUDY,
+        "mutransfer.trial_key": key, "mutransfer.role": "proxy", "mutransfer.width": str(width),
+        "mutransfer.depth": str(depth), "mutransfer.parametrization": param,
+        "mutransfer.lr": repr(2.0 ** log2_lr), "mutransfer.momentum": repr(momentum),
+        "mutransfer.weight_decay": "0.0", "mutransfer.seed": str(seed),
+        "mutransfer.status": "diverged" if diverged else "finished",
+    })
+    value = 0.01 if diverged else loss(shape, log2_lr, momentum, seed)
+    client.log_batch(run.info.run_id, metrics=[Metric("final/eval_loss", value, 0, 100)],
+                     params=[Param("data.num_classes", "10")])
+    client.set_terminated(run.info.run_id, "FAILED" if diverged else "FINISHED")
 
 
 @pytest.fixture(scope="module")
@@ -81,46 +94,45 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def expected_shift(shape: tuple[str, int, int]) -> tuple[int, int]:
-    """Grid steps from the parametrization's smallest shape; lr steps are one log2 unit apart here."""
-    momentum_grid = sorted({m for _, _, momenta in SHAPES.values() for m in momenta})
-    own = [s for s in SHAPES if s[0] == shape[0]]
-    reference = min(own, key=lambda s: (s[1] * s[2], s[1], s[2]))
-    return (SHAPES[shape][0] - SHAPES[reference][0],
-            momentum_grid.index(SHAPES[shape][1]) - momentum_grid.index(SHAPES[reference][1]))
-
-
-def test_optima_csv_has_the_argmin_and_shift_of_every_shape(report) -> None:
+def test_optima_csv_has_the_fitted_optimum_and_the_grid_argmin_of_every_shape(report) -> None:
     rows = {(r["parametrization"], int(r["width"]), int(r["depth"])): r
             for r in read_csv(report["out"] / "optima.csv")}
     assert set(rows) == set(SHAPES)
     for shape, (best_log2_lr, best_momentum, _) in SHAPES.items():
         row = rows[shape]
-        assert float(row["lr"]) == 2.0 ** best_log2_lr, shape
-        assert float(row["log2_lr"]) == best_log2_lr
+        assert float(row["log2_lr"]) == round(best_log2_lr), shape  # the grid argmin
+        assert float(row["fitted_log2_lr"]) == pytest.approx(best_log2_lr, abs=0.02), shape
+        assert float(row["log2_lr_spread"]) < 0.05 and row["seeds"] == "2" and row["edge"] == ""
         assert float(row["momentum"]) == best_momentum, shape
-        assert float(row["value"]) == pytest.approx(loss(shape, best_log2_lr, best_momentum))
-        assert (int(row["lr_shift_steps"]), int(row["momentum_shift_steps"])) == expected_shift(shape), shape
     diverged_shape = DIVERGED[0]
     assert float(rows[diverged_shape]["lr"]) != 2.0 ** DIVERGED[1]
 
 
-def test_markdown_verdict_per_parametrization(report) -> None:
+def test_report_flags_the_planted_drift_and_passes_the_flat_parametrization(report) -> None:
     text = (report["out"] / "optima.md").read_text()
-    verdict = {line.split("**")[1]: line for line in text.splitlines() if line.startswith("- **")}
-    largest = {p: max(abs(expected_shift(s)[0]) for s in SHAPES if s[0] == p) for p in ("mup", "depth_mup")}
-    assert largest == {"mup": 1, "depth_mup": 2}  # the study above is built to have one of each
-    assert f"|lr shift| = {largest['mup']} grid step" in verdict["mup"]
-    assert "transfer holds" in verdict["mup"]
-    assert f"|lr shift| = {largest['depth_mup']} grid step" in verdict["depth_mup"]
-    assert "does not hold" in verdict["depth_mup"]
+    verdict = {line.split("**")[1].split(":")[0]: line for line in text.splitlines() if line.startswith("- **")}
+    assert "drifts (depth -0.50 log2 per doubling)" in verdict["mup"]
+    assert "depth_mup: transfers" in verdict["depth_mup"]
+    trends = {(r["parametrization"], r["axis"]): r for r in read_csv(report["out"] / "trends.csv")}
+    assert float(trends[("mup", "depth")]["slope_per_doubling"]) == pytest.approx(-0.5, abs=0.02)
+    assert trends[("mup", "depth")]["outcome"] == "drifts" and trends[("depth_mup", "depth")]["outcome"] == "holds"
+    assert trends[("mup", "depth")]["bigger_is_better"] == "True"
+    assert "mup: drifts" in report["printed"] and "depth_mup: transfers" in report["printed"]
+
+
+def test_parent_run_carries_the_fitted_numbers(report) -> None:
+    metrics = report["client"].get_run(report["parent"]).data.metrics
+    assert metrics["trend/mup/depth_slope"] == pytest.approx(-0.5, abs=0.02)
+    assert metrics["trend/depth_mup/depth_holds"] == 1.0 and metrics["trend/mup/depth_holds"] == 0.0
+    assert metrics["optimum/mup/w64_d16/log2_lr"] == pytest.approx(-7.8, abs=0.02)
+    assert metrics["optimum/mup/w64_d16/on_edge"] == 0.0
 
 
 def test_trials_csv_lists_every_trial_with_its_status(report) -> None:
     rows = read_csv(report["out"] / "trials.csv")
-    assert len(rows) == sum(len(LOG2_LRS) * len(momenta) for _, _, momenta in SHAPES.values())
+    assert len(rows) == sum(len(LOG2_LRS) * len(momenta) * len(SEEDS) for _, _, momenta in SHAPES.values())
     diverged = [r for r in rows if r["status"] != "finished"]
-    assert len(diverged) == 1
+    assert len(diverged) == len(SEEDS)
     row = diverged[0]
     assert (row["parametrization"], int(row["width"]), int(row["depth"])) == DIVERGED[0]
     assert row["status"] == "diverged" and math.log2(float(row["lr"])) == DIVERGED[1]
@@ -129,13 +141,13 @@ def test_trials_csv_lists_every_trial_with_its_status(report) -> None:
 def test_plots_are_png_files_and_all_files_are_on_the_parent_run(report) -> None:
     out = report["out"]
     heatmaps = {f"heatmap_{p}_w{w}_d{d}.png" for p, w, d in SHAPES}
-    pngs = {"lr_curves.png", "momentum_curves.png"} | heatmaps
+    pngs = {"lr_curves.png", "trend.png", "momentum_curves.png"} | heatmaps
     for name in pngs:
         data = (out / name).read_bytes()
         assert data.startswith(PNG_SIGNATURE), name
         assert len(data) > 5000, name  # more than an empty canvas
     logged = {Path(a.path).name for a in report["client"].list_artifacts(report["parent"], "report")}
-    assert pngs | {"optima.csv", "optima.md", "trials.csv"} <= logged
+    assert pngs | {"optima.csv", "trends.csv", "optima.md", "trials.csv"} <= logged
     assert str(out) in report["printed"]
 
 

@@ -1,12 +1,18 @@
-"""Where the optimum sits for each proxy shape, and how far it moves: the evidence that transfer holds."""
+"""Where the optimum sits for each proxy shape, and how it moves with size: the evidence that transfer holds.
+
+Grid view (`optimum_per_shape`, `shifts`): the best grid point of the seed-averaged curves, for plots and
+`transfer --from largest`. Fitted view (`fit_shapes`, `trends`): each seed's optimum fitted between grid
+points (`fit.fit_optimum`), averaged over seeds, and per parametrization the least-squares trend of the
+optimum against log2(width) and log2(depth), judged by `AxisVerdict` against a tolerance per doubling.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
 
+from . import fit
 from .store import MAXIMISED, Trial
 
 Shape = tuple[str, int, int]  # (parametrization, width, depth)
@@ -83,19 +89,214 @@ def shifts(optima: dict[Shape, Optimum]) -> dict[Shape, tuple[int, int]]:
     return out
 
 
-def verdicts(optima: dict[Shape, Optimum], shift: dict[Shape, tuple[int, int]]) -> dict[str, dict[str, Any]]:
-    """Per parametrization: the largest |lr shift| and |momentum shift| in grid steps, and whether transfer
-    holds (every lr shift within one grid step). `holds` is None with a single shape: nothing to compare."""
-    out: dict[str, dict[str, Any]] = {}
-    for param in sorted({s[0] for s in optima}):
-        own = [s for s in optima if s[0] == param]
-        worst = max(own, key=lambda s: (abs(shift[s][0]), s))
-        out[param] = {
-            "shapes": len(own),
-            "reference": reference_shape(own, param),
-            "max_lr_shift": abs(shift[worst][0]),
-            "max_lr_shift_shape": worst,
-            "max_momentum_shift": max(abs(shift[s][1]) for s in own),
-            "holds": None if len(own) < 2 else abs(shift[worst][0]) <= 1,
-        }
+# --- fitted optima --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeFit:
+    """A shape's fitted optimum: lr in log2(lr), momentum in log2(1 - momentum), each over seeds."""
+
+    shape: Shape
+    lr: fit.SeedSummary
+    momentum: fit.SeedSummary | None  # None when the study used one momentum
+    momentum_grid_value: float  # the momentum the lr curves were read at when not fitted
+    weight_decay: float
+
+    @property
+    def lr_value(self) -> float:
+        return 2.0**self.lr.x
+
+    @property
+    def momentum_value(self) -> float:
+        return 1.0 - 2.0**self.momentum.x if self.momentum else self.momentum_grid_value
+
+    @property
+    def seeds(self) -> int:
+        return len(self.lr.per_seed)
+
+
+def _curve(points: dict[Point, float], axis: int, fixed: Point, grid: list[float]) -> list[float]:
+    """Values along one grid axis with the other coordinates held at `fixed`; missing points never win."""
+    def at(v: float) -> Point:
+        return tuple(v if i == axis else fixed[i] for i in range(3))  # type: ignore[return-value]
+
+    return [points.get(at(v), math.inf) for v in grid]
+
+
+def _fit_seed(points: dict[Point, float], lr_grid: list[float], momentum_grid: list[float]
+              ) -> tuple[fit.CurveOptimum, fit.CurveOptimum | None, Point] | None:
+    """One seed's curves (values already sign-flipped so that lower is better): fitted lr and momentum."""
+    finite = {p: v for p, v in points.items() if math.isfinite(v)}
+    if not finite:
+        return None
+    best = min(finite, key=lambda p: finite[p])
+    lr_opt = fit.fit_optimum([math.log2(v) for v in lr_grid], _curve(points, 0, best, lr_grid))
+    momentum_opt = None
+    if len(momentum_grid) > 1:  # x = log2(1 - m) increases as m falls: read the grid backwards
+        grid = sorted(momentum_grid, reverse=True)
+        momentum_opt = fit.fit_optimum([math.log2(1 - m) for m in grid], _curve(points, 1, best, grid))
+    return lr_opt, momentum_opt, best
+
+
+def fit_shapes(trials: list[Trial], metric: str) -> dict[Shape, ShapeFit]:
+    """Each shape's optimum fitted per seed, then averaged; shapes where every seed diverged are left out."""
+    lr_grid, momentum_grid, _ = grids(trials)
+    sign = -1.0 if metric in MAXIMISED else 1.0
+    by_seed: dict[Shape, dict[int, dict[Point, float]]] = defaultdict(lambda: defaultdict(dict))
+    for t in trials:
+        by_seed[t.shape][t.seed][(t.lr, t.momentum, t.weight_decay)] = sign * t.value(metric)
+    out = {}
+    for shape, seeds in sorted(by_seed.items()):
+        fits = [f for f in (_fit_seed(points, lr_grid, momentum_grid) for points in seeds.values()) if f]
+        if not fits:
+            continue
+        lr = fit.SeedSummary(tuple(_signed(f[0], sign) for f in fits))
+        momentum = fit.SeedSummary(tuple(_signed(f[1], sign) for f in fits)) if fits[0][1] else None
+        out[shape] = ShapeFit(shape, lr, momentum, fits[0][2][1], fits[0][2][2])
     return out
+
+
+def _signed(optimum: fit.CurveOptimum, sign: float) -> fit.CurveOptimum:
+    return fit.CurveOptimum(optimum.x, sign * optimum.value, optimum.how, optimum.edge)
+
+
+# --- trends and verdicts ----------------------------------------------------------------------------------
+TOLERANCE_PER_DOUBLING = 0.5 / 3  # 0.5 log2 over x8 (three doublings): the bar a parametrization must meet
+AXES = ("width", "depth")
+
+
+@dataclass(frozen=True)
+class AxisVerdict:
+    """How the optimum moves along one axis across a parametrization's proxies."""
+
+    axis: str
+    slope: float  # log2 units per doubling
+    error: float  # its standard error
+    doublings: float  # the proxies' range along the axis, in doublings
+    outcome: str  # holds | drifts | unclear
+
+    @property
+    def drift(self) -> float:
+        """How far the optimum moves across the proxies' range (log2 units)."""
+        return self.slope * self.doublings
+
+
+def judge(axis: str, slope: float, error: float, doublings: float,
+          tolerance: float = TOLERANCE_PER_DOUBLING) -> AxisVerdict:
+    """drifts: beyond the tolerance and over two standard errors from zero; holds: within the tolerance and
+    measured to within it; unclear: neither (more seeds, or a finer grid, would tell)."""
+    if abs(slope) > tolerance and abs(slope) > 2 * error:
+        outcome = "drifts"
+    elif abs(slope) <= tolerance and error <= tolerance:
+        outcome = "holds"
+    else:
+        outcome = "unclear"
+    return AxisVerdict(axis, slope, error, doublings, outcome)
+
+
+@dataclass(frozen=True)
+class ParamTrend:
+    """One parametrization's proxies: how the fitted lr (and momentum) optimum and its loss move with size."""
+
+    parametrization: str
+    lr: fit.Trend
+    momentum: fit.Trend | None
+    loss: fit.Trend
+    verdicts: dict[str, AxisVerdict]  # per varying axis, for the lr
+    momentum_verdicts: dict[str, AxisVerdict]
+    edge_optima: int  # seed optima at a grid edge (bounds, not fits)
+    observations: int
+    sizes: dict[str, tuple[float, float]]  # axis -> (smallest, largest) proxy
+
+    @property
+    def bigger_is_better(self) -> dict[str, bool]:
+        """Per varying axis: whether the loss at the optimum falls as the proxies grow."""
+        return {axis: slope < 0 for axis, slope in self.loss.slopes.items()}
+
+    @property
+    def transfers(self) -> bool | None:
+        """True when every varying axis holds, False when any drifts, None otherwise (or nothing varies)."""
+        outcomes = {v.outcome for v in self.verdicts.values()}
+        if "drifts" in outcomes:
+            return False
+        return True if outcomes == {"holds"} else None
+
+
+def observations(fits: list[ShapeFit], pick) -> tuple[list[dict[str, float]], list[float]]:
+    """(sizes, values): one observation per seed optimum, `pick(fit)` giving a shape's per-seed values."""
+    sizes, ys = [], []
+    for f in fits:
+        for seed_optimum in pick(f):
+            sizes.append({"width": f.shape[1], "depth": f.shape[2]})
+            ys.append(seed_optimum)
+    return sizes, ys
+
+
+def _verdicts(trend: fit.Trend, fits: list[ShapeFit]) -> dict[str, AxisVerdict]:
+    index = {"width": 1, "depth": 2}
+    return {axis: judge(axis, trend.slopes[axis], trend.errors[axis],
+                        math.log2(max(f.shape[index[axis]] for f in fits) / min(f.shape[index[axis]] for f in fits)))
+            for axis in trend.axes}
+
+
+def trend_of(parametrization: str, fits: list[ShapeFit]) -> ParamTrend:
+    """Fit the trends of one parametrization's shapes (every seed's optimum is one observation)."""
+    sizes, lr_ys = observations(fits, lambda f: [o.x for o in f.lr.per_seed])
+    lr = fit.fit_trend(sizes, lr_ys)
+    momentum = None
+    if all(f.momentum for f in fits):
+        momentum = fit.fit_trend(*observations(fits, lambda f: [o.x for o in f.momentum.per_seed]))
+    loss = fit.fit_trend(*observations(fits, lambda f: [o.value for o in f.lr.per_seed]))
+    index = {"width": 1, "depth": 2}
+    return ParamTrend(
+        parametrization, lr, momentum, loss, _verdicts(lr, fits), _verdicts(momentum, fits) if momentum else {},
+        edge_optima=sum(1 for f in fits for o in f.lr.per_seed if o.edge), observations=len(lr_ys),
+        sizes={a: (min(f.shape[index[a]] for f in fits), max(f.shape[index[a]] for f in fits)) for a in AXES},
+    )
+
+
+def trends(fits: dict[Shape, ShapeFit]) -> dict[str, ParamTrend]:
+    """A trend per parametrization label."""
+    labels = sorted({shape[0] for shape in fits})
+    return {p: trend_of(p, [f for s, f in fits.items() if s[0] == p]) for p in labels}
+
+
+# --- in words -------------------------------------------------------------------------------------------
+def _moves(slope: float) -> str:
+    return f"{'rises' if slope > 0 else 'falls'} {abs(slope):.2f}"
+
+
+def axis_sentence(verdict: AxisVerdict, sizes: tuple[float, float], what: str = "optimal lr") -> str:
+    """'depth: the optimal lr falls 0.40 +- 0.08 log2 per doubling; across the proxies (2 -> 16) it moves
+    -1.20 log2: drifts'."""
+    small, large = sizes
+    return (f"{verdict.axis}: the {what} {_moves(verdict.slope)} +- {verdict.error:.2f} log2 per doubling; "
+            f"across the proxies ({small:g} -> {large:g}) it moves {verdict.drift:+.2f} log2: {verdict.outcome}")
+
+
+def target_sentence(trend: ParamTrend, target: dict[str, float], what: str = "optimal lr") -> list[str]:
+    """Per varying axis: how far the target lies beyond the largest proxy and where the trend puts its optimum."""
+    lines = []
+    for axis, verdict in trend.verdicts.items():
+        beyond = math.log2(target[axis] / trend.sizes[axis][1])
+        lines.append(f"at the target's {axis} ({target[axis]:g}, {beyond:+.1f} doublings from your largest proxy) "
+                     f"the trend puts the {what} {verdict.slope * beyond:+.2f} log2 from the largest proxy's")
+    return lines
+
+
+def summary_sentence(trend: ParamTrend) -> str:
+    """One line a user can act on: transfers, drifts (which axis, how much), or cannot tell yet."""
+    worse = [axis for axis, better in trend.bigger_is_better.items() if not better]
+    caveat = (f" Warning: the loss at the optimum does not fall with {' and '.join(worse)}, so this study cannot "
+              "judge transfer along it." if worse else "")
+    drifting = [v for v in trend.verdicts.values() if v.outcome == "drifts"]
+    if trend.transfers:
+        head = f"{trend.parametrization}: transfers (every slope within {TOLERANCE_PER_DOUBLING:.2f} log2 per doubling)."
+    elif drifting:
+        parts = [f"{v.axis} {v.slope:+.2f} log2 per doubling" for v in drifting]
+        head = f"{trend.parametrization}: drifts ({', '.join(parts)}): tune at the target's size or extrapolate."
+    elif not trend.verdicts:
+        head = f"{trend.parametrization}: one proxy size only, nothing to compare."
+    else:
+        head = f"{trend.parametrization}: cannot tell yet (the slopes' errors exceed the tolerance): add seeds."
+    edges = (f" {trend.edge_optima} of {trend.observations} seed optima sit on a grid edge (bounds, not fits): "
+             "widen the lr grid." if trend.edge_optima else "")
+    return head + edges + caveat

@@ -52,6 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--tracking-uri", default=None)
     t.add_argument("--experiment", default=None)
     t.add_argument("--num-gpus", type=int, default=8, help="GPUs in the printed deepspeed command")
+    t.add_argument("--from", dest="rule", choices=("trend", "largest"), default="trend",
+                   help="trend: extrapolate the fitted optimum's trend to the target's shape (default); "
+                        "largest: the best grid point of the largest proxy")
     mode = t.add_mutually_exclusive_group()
     mode.add_argument("--print", dest="launch", action="store_false", help="only print the command (default)")
     mode.add_argument("--launch", dest="launch", action="store_true", help="train the target now")
@@ -216,7 +219,7 @@ def transfer_command(args: argparse.Namespace) -> int:
     try:
         check_target_exists(args.target)
         plan = plan_transfer(args.study, args.target, args.out, args.metric, args.tracking_uri, args.experiment,
-                             args.num_gpus, args.overrides)
+                             args.num_gpus, args.overrides, args.rule)
     except (ConfigError, ValueError) as err:
         raise UsageError(str(err)) from err
     print(describe(plan, args.metric))

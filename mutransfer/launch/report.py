@@ -2,13 +2,17 @@
 
 Everything is computed by `analysis` from the trials `store` reads back; this module only lays it out:
 
-    lr_curves.png        metric vs log2 lr, one curve per width, a panel per depth, a row per parametrization
+    lr_curves.png        metric vs log2 lr, a panel per parametrization, a curve per proxy size, fitted optima
+    trend.png            fitted optimum (and the loss there) vs log2 width / depth, with each trend line
     momentum_curves.png  metric vs momentum at each shape's best lr (and weight decay)
-    heatmap_<p>_w<W>_d<D>.png  lr x momentum grid of one shape
-    optima.csv / optima.md     best point per shape, its shift in grid steps, a verdict per parametrization
+    heatmap_<p>_w<W>_d<D>.png  lr x momentum grid of one shape (studies with several momenta or decays)
+    optima.csv           per shape: fitted optimum, its seed spread, the loss there, grid edges; grid argmin
+    trends.csv           per parametrization and axis: slope per doubling, its error, the verdict
+    optima.md            all of it in words: the verdict per parametrization first
     trials.csv           every trial the analysis used
 
-The files are also logged to the study's parent run under `report/`.
+The files are logged to the study's parent run under `report/`, and the fitted numbers as its metrics
+(`optimum/<label>/w<W>_d<D>/...`, `trend/<label>/<axis>_slope...`).
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import analysis
-from .analysis import Optimum, Point, Shape, verdicts
+from . import analysis, figures
+from .analysis import Optimum, ParamTrend, Point, Shape, ShapeFit
 from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, latest_per_key, load_trials
 
 ARTIFACT_PATH = "report"
@@ -280,42 +284,45 @@ def _heatmap(
 # tables
 
 
-def _grid_step_log2(lr_grid: list[float]) -> float | None:
-    steps = sorted(math.log2(b) - math.log2(a) for a, b in zip(lr_grid, lr_grid[1:]))
-    return steps[len(steps) // 2] if steps else None
-
-
-def _verdict_line(param: str, verdict: dict[str, Any], step_log2: float | None) -> str:
-    if verdict["holds"] is None:
-        return f"- **{param}**: only one shape with a finite optimum, so no shift to measure."
-    _, width, depth = verdict["max_lr_shift_shape"]
-    step = f" (one step = x{2 ** step_log2:.3g} in lr)" if step_log2 else ""
-    outcome = ("within one grid step: **transfer holds**" if verdict["holds"]
-               else "more than one grid step: **transfer does not hold**")
-    return (f"- **{param}**: largest |lr shift| = {verdict['max_lr_shift']} grid step(s){step}, at width "
-            f"{width} depth {depth}; {outcome}. Largest |momentum shift| = {verdict['max_momentum_shift']}.")
-
-
 OPTIMA_COLUMNS = ["parametrization", "width", "depth", "lr", "log2_lr", "momentum", "weight_decay", "metric",
                   "value", "finite_points", "lr_shift_steps", "momentum_shift_steps", "reference_width",
-                  "reference_depth"]
+                  "reference_depth", "fitted_lr", "fitted_log2_lr", "log2_lr_spread", "fitted_momentum",
+                  "fitted_value", "seeds", "edge"]
+TREND_COLUMNS = ["parametrization", "axis", "slope_per_doubling", "slope_error", "doublings", "drift_log2",
+                 "outcome", "loss_slope_per_doubling", "bigger_is_better", "edge_optima", "observations"]
 TRIAL_COLUMNS = ["key", "parametrization", "width", "depth", "lr", "log2_lr", "momentum", "weight_decay",
                  "seed", "status", "metric", "value", "run_id"]
 
 
+def _fit_columns(f: ShapeFit | None) -> dict[str, Any]:
+    if f is None:
+        return {}
+    return {"fitted_lr": repr(f.lr_value), "fitted_log2_lr": f"{f.lr.x:.4f}", "log2_lr_spread": f"{f.lr.spread:.4f}",
+            "fitted_momentum": repr(f.momentum_value), "fitted_value": repr(f.lr.value), "seeds": f.seeds,
+            "edge": "+".join(f.lr.edges)}
+
+
+def _trend_rows(trends: dict[str, ParamTrend]) -> list[dict[str, Any]]:
+    return [{"parametrization": label, "axis": axis, "slope_per_doubling": f"{v.slope:.4f}",
+             "slope_error": f"{v.error:.4f}", "doublings": f"{v.doublings:g}", "drift_log2": f"{v.drift:.4f}",
+             "outcome": v.outcome, "loss_slope_per_doubling": f"{t.loss.slopes[axis]:.4f}",
+             "bigger_is_better": t.bigger_is_better[axis], "edge_optima": t.edge_optima,
+             "observations": t.observations}
+            for label, t in trends.items() for axis, v in t.verdicts.items()]
+
+
 def _optima_rows(optima: dict[Shape, Optimum], shift: dict[Shape, tuple[int, int]],
-                 metric: str) -> list[dict[str, Any]]:
+                 metric: str, fits: dict[Shape, ShapeFit]) -> list[dict[str, Any]]:
     rows = []
     for shape, opt in optima.items():
         reference = analysis.reference_shape(list(optima), shape[0])
-        rows.append({
+        rows.append({**_fit_columns(fits.get(shape)),
             "parametrization": shape[0], "width": shape[1], "depth": shape[2], "lr": repr(opt.lr),
             "log2_lr": f"{math.log2(opt.lr):.4g}", "momentum": repr(opt.momentum),
             "weight_decay": repr(opt.weight_decay), "metric": metric, "value": repr(opt.value),
             "finite_points": opt.trials, "lr_shift_steps": shift[shape][0],
             "momentum_shift_steps": shift[shape][1], "reference_width": reference[1],
-            "reference_depth": reference[2],
-        })
+            "reference_depth": reference[2]})
     return rows
 
 
@@ -332,24 +339,38 @@ def _markdown_table(columns: list[str], rows: list[list[Any]]) -> list[str]:
     return lines
 
 
-def _write_markdown(path: Path, study: str, metric: str, optima: dict[Shape, Optimum],
-                    shift: dict[Shape, tuple[int, int]], verdict: dict[str, dict[str, Any]],
-                    all_diverged: list[Shape], step_log2: float | None, trials: list[Trial],
-                    targets: list[Trial]) -> None:
-    lines = [f"# Study `{study}`: optimum per proxy shape", "",
-             f"Metric `{metric}` ({'higher' if metric in MAXIMISED else 'lower'} is better), averaged over "
-             "seeds; a point where any seed diverged counts as diverged. Shifts are in grid steps from the "
-             "parametrization's smallest shape.", "", "## Verdict", ""]
-    lines += [_verdict_line(p, v, step_log2) for p, v in verdict.items()] or ["- no shape has a finite optimum"]
+def _verdict_lines(trends: dict[str, ParamTrend]) -> list[str]:
+    lines = []
+    for trend in trends.values():
+        lines.append(f"- **{analysis.summary_sentence(trend)}**")
+        lines += [f"  - {analysis.axis_sentence(v, trend.sizes[a])}" for a, v in trend.verdicts.items()]
+        lines += [f"  - momentum, {analysis.axis_sentence(v, trend.sizes[a], 'optimal momentum (log2(1 - m))')}"
+                  for a, v in trend.momentum_verdicts.items()]
+    return lines or ["- no shape has a finite optimum"]
+
+
+def _write_markdown(path: Path, study: str, metric: str, fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend],
+                    all_diverged: list[Shape], trials: list[Trial], targets: list[Trial]) -> None:
+    lines = [f"# Study `{study}`: does the optimum transfer?", "",
+             f"Metric `{metric}` ({'higher' if metric in MAXIMISED else 'lower'} is better). Each seed's optimum is "
+             "the vertex of the parabola in log2(lr) through its best grid point and their neighbours; a best point "
+             "on the grid's edge is kept as a bound and flagged. Slopes are least squares over every seed's optimum, "
+             f"in log2 units per doubling of width or depth; the bar is {analysis.TOLERANCE_PER_DOUBLING:.3f} per "
+             "doubling (0.5 log2 over x8).", "", "## Verdict", ""]
+    lines += _verdict_lines(trends)
     counts = Counter(t.status for t in trials)
     lines += ["", "Trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-              + ". Only finished trials have a value; the others count as diverged."]
-    lines += ["", "## Optima", ""]
+              + ". Only finished trials have a value; the others count as diverged.", "", "## Fitted optima", ""]
     lines += _markdown_table(
-        ["parametrization", "width", "depth", "lr", "log2 lr", "momentum", "weight decay", metric,
-         "lr shift", "momentum shift"],
-        [[s[0], s[1], s[2], f"{o.lr:.4g}", f"{math.log2(o.lr):.3g}", f"{o.momentum:g}", f"{o.weight_decay:g}",
-          f"{o.value:.4g}", f"{shift[s][0]:+d}", f"{shift[s][1]:+d}"] for s, o in optima.items()])
+        ["parametrization", "width", "depth", "lr", "log2 lr", "seed spread", "momentum", metric, "seeds", "edge"],
+        [[s[0], s[1], s[2], f"{f.lr_value:.4g}", f"{f.lr.x:.2f}", f"{f.lr.spread:.2f}", f"{f.momentum_value:.4g}",
+          f"{f.lr.value:.4f}", f.seeds, "+".join(f.lr.edges) or "-"] for s, f in fits.items()])
+    lines += ["", "## Trends", ""]
+    lines += _markdown_table(["parametrization", "axis", "slope / doubling", "drift over proxies", "verdict",
+                              "loss slope / doubling"],
+                             [[r["parametrization"], r["axis"], f"{float(r['slope_per_doubling']):+.3f} +- "
+                               f"{float(r['slope_error']):.3f}", f"{float(r['drift_log2']):+.2f}", r["outcome"],
+                               f"{float(r['loss_slope_per_doubling']):+.3f}"] for r in _trend_rows(trends)])
     if all_diverged:
         lines += ["", "Shapes where every trial diverged or failed: "
                   + ", ".join(f"{p} width {w} depth {d}" for p, w, d in all_diverged) + "."]
@@ -360,6 +381,28 @@ def _write_markdown(path: Path, study: str, metric: str, optima: dict[Shape, Opt
             [[t.key, t.parametrization, t.width, t.depth, f"{t.lr:.4g}", f"{t.momentum:g}", t.status,
               f"{t.metrics[metric]:.4g}" if metric in t.metrics else ""] for t in targets])
     path.write_text("\n".join(lines) + "\n")
+
+
+def _log_numbers(client, run_id: str, fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend]) -> None:
+    """The fitted numbers as metrics of the study's parent run (MLflow names allow no '+': it becomes '_')."""
+    from mlflow.entities import Metric
+
+    def name(label: str) -> str:
+        return _file_name(label.replace("+", "_"))
+
+    values: dict[str, float] = {}
+    for (label, width, depth), f in fits.items():
+        key = f"optimum/{name(label)}/w{width}_d{depth}"
+        values.update({f"{key}/log2_lr": f.lr.x, f"{key}/log2_lr_spread": f.lr.spread, f"{key}/value": f.lr.value,
+                       f"{key}/on_edge": float(bool(f.lr.edges))})
+    for label, t in trends.items():
+        for axis, v in t.verdicts.items():
+            key = f"trend/{name(label)}/{axis}"
+            values.update({f"{key}_slope": v.slope, f"{key}_slope_error": v.error, f"{key}_drift": v.drift,
+                           f"{key}_holds": float(v.outcome == "holds"), f"{key}_loss_slope": t.loss.slopes[axis]})
+    metrics = [Metric(k, v if math.isfinite(v) else -1.0, 0, 0) for k, v in values.items()]
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -412,7 +455,8 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
     optima = analysis.optimum_per_shape(trials, metric)
     shift = analysis.shifts(optima)
     lr_grid, momentum_grid, wd_grid = analysis.grids(trials)
-    verdict = verdicts(optima, shift)
+    fits = analysis.fit_shapes(trials, metric)
+    trends = analysis.trends(fits)
     all_values = [v for points in per_shape.values() for v in points.values()]
     chance = _chance_loss(client, trials, metric)
     # one y range for the lr curves and every heat map, so that shapes compare at a glance
@@ -421,12 +465,12 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
 
     several = len(momentum_grid) > 1 or len(wd_grid) > 1
     path = out / "lr_curves.png"
-    _curve_figure(
-        {shape: lr_profile(points, metric) for shape, points in per_shape.items()},
-        {shape: opt.lr for shape, opt in optima.items()}, y_range, metric, "log2 learning rate", math.log2,
-        f"{study}: {metric} vs learning rate"
-        + (" (best momentum and weight decay at each lr)" if several else ""),
-        path)
+    figures.transfer_curves({shape: lr_profile(points, metric) for shape, points in per_shape.items()}, fits,
+                            (y_range.low, y_range.high), metric, f"{study}: {metric} vs learning rate"
+                            + (" (best momentum and decay at each lr)" if several else ""), path)
+    files.append(path)
+    path = out / "trend.png"
+    figures.trend_figure(fits, trends, metric, f"{study}: where the optimum goes as the proxies grow", path)
     files.append(path)
 
     path = out / "momentum_curves.png"
@@ -440,7 +484,7 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
         path)
     files.append(path)
 
-    for shape, points in sorted(per_shape.items()):
+    for shape, points in sorted(per_shape.items()) if several else ():
         param, width, depth = shape
         path = out / f"heatmap_{_file_name(param)}_w{width}_d{depth}.png"
         _heatmap(shape, lr_momentum_grid(points, metric), optima.get(shape), lr_grid, momentum_grid, metric,
@@ -448,14 +492,16 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
         files.append(path)
 
     path = out / "optima.csv"
-    _write_csv(path, OPTIMA_COLUMNS, _optima_rows(optima, shift, metric))
+    _write_csv(path, OPTIMA_COLUMNS, _optima_rows(optima, shift, metric, fits))
+    files.append(path)
+    path = out / "trends.csv"
+    _write_csv(path, TREND_COLUMNS, _trend_rows(trends))
     files.append(path)
 
     path = out / "optima.md"
     all_diverged = sorted(s for s in per_shape if s not in optima)
     targets = latest_per_key(load_trials(client, study, experiment, role="target"))
-    _write_markdown(path, study, metric, optima, shift, verdict, all_diverged, _grid_step_log2(lr_grid),
-                    trials, targets)
+    _write_markdown(path, study, metric, fits, trends, all_diverged, trials, targets)
     files.append(path)
 
     path = out / "trials.csv"
@@ -472,7 +518,8 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
         for file in files:
             client.log_artifact(parent.info.run_id, str(file), ARTIFACT_PATH)
         artifact_uri = f"{parent.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
-    return {"files": files, "optima": optima, "shifts": shift, "verdicts": verdict,
+        _log_numbers(client, parent.info.run_id, fits, trends)
+    return {"files": files, "optima": optima, "shifts": shift, "fits": fits, "trends": trends,
             "parent_run_id": parent.info.run_id, "artifact_uri": artifact_uri}
 
 
@@ -496,9 +543,10 @@ def _run(args: argparse.Namespace) -> int:
     print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
     for file in result["files"]:
         print(f"  {file}")
-    for param, verdict in result["verdicts"].items():
-        state = {None: "single shape", True: "transfer holds", False: "transfer does not hold"}[verdict["holds"]]
-        print(f"  {param}: largest |lr shift| {verdict['max_lr_shift']} grid step(s): {state}")
+    for trend in result["trends"].values():
+        print("  " + analysis.summary_sentence(trend))
+        for axis, verdict in trend.verdicts.items():
+            print("    " + analysis.axis_sentence(verdict, trend.sizes[axis]))
     if result["artifact_uri"]:
         print(f"logged to run {result['parent_run_id']} under {ARTIFACT_PATH}/ ({result['artifact_uri']})")
     return 0

@@ -132,6 +132,10 @@ class TrackingSection:
     run_name: str | None = None
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+    """Extra MLflow tags of the run."""
+    params: dict[str, str] = field(default_factory=dict)
+    """Extra MLflow params of the run (logged as tracking.params.<key>): `mutransfer transfer` records here
+    which rule chose the target's lr and what it predicted."""
 
 
 @dataclass
