@@ -49,11 +49,14 @@ class ModelSection:
     first_layer_lr_exponent: float | None = None
     zero_init: bool | None = None
     """Zero-initialise readout and query weights; None: on for every parametrization but sp."""
+    init_std: float | None = None
+    """Init std sigma of hidden matrices at the base width (None: 0.02, timm's ViT init); the residual-MLP
+    studies use 1/sqrt(base_width), the fan-in init their theory assumes."""
 
     def create_kwargs(self, img_size: int, num_classes: int) -> dict[str, Any]:
         kwargs = {k: getattr(self, k) for k in (
             "width", "depth", "head_dim", "patch_size", "mlp_ratio", "alpha", "base_width", "base_depth",
-            "readout_multiplier", "first_layer_lr_exponent")}
+            "readout_multiplier", "first_layer_lr_exponent", "init_std")}
         kwargs.update(parametrization=self.parametrization, img_size=img_size, num_classes=num_classes,
                       zero_readout=self.zero_init, zero_query=self.zero_init)
         return {k: v for k, v in kwargs.items() if v is not None}
