@@ -183,3 +183,20 @@ def test_parametrization_labels_round_trip() -> None:
         assert Parametrization(fields.pop("parametrization"), **fields) == p
     with pytest.raises(ValueError, match="bad parametrization label"):
         parse_label("depth_mup+fast")
+
+
+def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_drifts() -> None:
+    from mutransfer.launch.demo import verdict_lines
+
+    trials = planted_trials("mup", -0.5) + planted_trials("completep", 0.0)
+    lines = verdict_lines(analysis.trends(analysis.fit_shapes(trials, "final/eval_loss")))
+    assert lines[-1].startswith("[demo] verdict: completep transfers across depth and mup does not")
+    assert any("mup: optimal lr -0.50" in line and "drifts" in line for line in lines)
+
+
+def test_a_study_label_becomes_typed_model_overrides_of_the_trial() -> None:
+    from mutransfer.launch.study import TrialSpec
+
+    overrides = TrialSpec("depth_mup+fle0.5", 32, 4, 2.0**-7, 0.9, 0.0, 1).overrides("adamw")
+    assert overrides[:2] == ["model.parametrization=depth_mup", "model.first_layer_lr_exponent=0.5"]
+    assert "model.width=32" in overrides and "run.seed=1" in overrides

@@ -1,9 +1,11 @@
 """`mutransfer demo` (what `make demo` runs): the whole proxy-to-target workflow on CPU.
 
 1. synthetic, learnable shards (10 classes of shape x colour x texture);
-2. a proxy study comparing mup and depth_mup ViTs over 2 widths x 3 depths x 5 learning rates;
-3. the report: where the optimum sits per proxy shape, and how far it moves;
-4. transfer of the best settings to a wider and deeper target, trained for real.
+2. a proxy study over depth (2 -> 16 at width 32) comparing mup, whose optimal lr drifts with depth, against
+   the recommended parametrization (configs/demo_study.yaml);
+3. the report: fitted optima, the trend of each parametrization, plots;
+4. transfer by the fitted trend to a wider and deeper target, trained for real;
+5. the verdict, from the demo's own numbers: which parametrization transfers, and by how much the other drifts.
 Everything is recorded in the local MLflow store (sqlite:///mlflow.db unless told otherwise).
 """
 
@@ -37,54 +39,78 @@ def ensure_shards(folder: Path) -> None:
                            samples_per_shard=250, progress=True)
 
 
-def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: str | None = None) -> int:
-    from .study import load_study
+def verdict_lines(trends: dict) -> list[str]:
+    """The demo's last word, from its own fits: which parametrization transfers across depth, and why."""
+    from .analysis import summary_sentence
+
+    lines = [f"[demo] {summary_sentence(t)}" for t in trends.values()]
+    for label, trend in trends.items():
+        depth = trend.verdicts.get("depth")
+        if depth is None:
+            continue
+        small, large = trend.sizes["depth"]
+        lines.append(f"[demo]   {label}: optimal lr {depth.slope:+.2f} +- {depth.error:.2f} log2 per depth doubling, "
+                     f"{depth.drift:+.2f} log2 from depth {small:g} to {large:g}: {depth.outcome}")
+    holds = [label for label, t in trends.items() if t.transfers]
+    drifts = [label for label, t in trends.items() if t.transfers is False]
+    if holds and drifts:
+        lines.append(f"[demo] verdict: {', '.join(holds)} transfers across depth and {', '.join(drifts)} does not: "
+                     f"tune {holds[0]} proxies and reuse their lr on deeper targets.")
+    else:
+        lines.append("[demo] verdict: this run does not separate them (see the slopes above): more seeds would.")
+    return lines
+
+
+def _sweep(cfg, shards: Path, uri: str):
     from .sweep import run_sweep
+
+    cfg.study.overrides = [*cfg.study.overrides, f"data.shards_dir={shards}"]
+    print(f"[demo] study {cfg.study.name}: {len(cfg.trials())} proxy trials "
+          f"({', '.join(sorted(set(cfg.shapes.parametrizations)))}; widths {cfg.shapes.widths}, depths "
+          f"{cfg.shapes.depths}; {len(cfg.lrs())} learning rates; seeds {cfg.seeds}), {cfg.study.steps} steps each",
+          flush=True)
+    return run_sweep(cfg, tracking_uri=uri)
+
+
+def _train_target(cfg, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict]:
+    """Transfer by the fitted trend to the recommended target, and train it."""
     from .transfer import describe, launch_target, plan_transfer
+
+    target_dir = out_dir / "target"
+    plan = plan_transfer(cfg.study.name, str(CONFIGS / "demo_target.yaml"), out=str(target_dir / "target.yaml"),
+                         metric=cfg.study.metric, tracking_uri=uri, experiment=cfg.study.experiment, num_gpus=2,
+                         overrides=[f"data.shards_dir={shards}", f"run.output_dir={target_dir}", "run.resume=never"])
+    print(describe(plan, cfg.study.metric), flush=True)
+    for old in (target_dir / "checkpoints").glob("step_*"):  # a rerun of the demo trains the target afresh
+        shutil.rmtree(old)
+    print("[demo] training the target with the transferred settings", flush=True)
+    code = launch_target(plan, "inprocess")
+    return code, json.loads((target_dir / "result.json").read_text())
+
+
+def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: str | None = None) -> int:
+    from .report import write_report
+    from .store import client_for
+    from .study import load_study
 
     start = time.perf_counter()
     out_dir = Path(out)
     uri = resolve_tracking_uri(tracking_uri)
     shards = out_dir / "shards"
     ensure_shards(shards)
-
-    study_path = study_config or str(CONFIGS / "demo_study.yaml")
-    cfg = load_study(study_path, [f"study.output_dir={out_dir / 'trials'}"])
-    cfg.study.overrides = [*cfg.study.overrides, f"data.shards_dir={shards}"]
-    print(f"[demo] study {cfg.study.name}: {len(cfg.trials())} proxy trials "
-          f"({', '.join(sorted(set(cfg.shapes.parametrizations)))}; widths {cfg.shapes.widths}, depths "
-          f"{cfg.shapes.depths}; {len(cfg.lrs())} learning rates), {cfg.study.steps} steps each", flush=True)
-    summary = run_sweep(cfg, tracking_uri=uri)
+    cfg = load_study(study_config or str(CONFIGS / "demo_study.yaml"), [f"study.output_dir={out_dir / 'trials'}"])
+    summary = _sweep(cfg, shards, uri)
     print(f"[demo] sweep done after {time.perf_counter() - start:.0f} s", flush=True)
-
     report_dir = out_dir / "report"
-    try:
-        from .report import write_report
-        from .store import client_for
-
-        write_report(client_for(uri), cfg.study.name, report_dir, metric=cfg.study.metric,
-                     experiment=cfg.study.experiment)
-    except ImportError:
-        report_dir = None
-
-    target = str(CONFIGS / "demo_target.yaml")
-    plan = plan_transfer(cfg.study.name, target, out=str(out_dir / "target" / "target.yaml"), metric=cfg.study.metric,
-                         tracking_uri=uri, experiment=cfg.study.experiment, num_gpus=2,
-                         overrides=[f"data.shards_dir={shards}", f"run.output_dir={out_dir / 'target'}",
-                                    "run.resume=never"])
-    print(describe(plan, cfg.study.metric), flush=True)
-    target_dir = out_dir / "target"
-    for old in (target_dir / "checkpoints").glob("step_*"):  # a rerun of the demo trains the target afresh
-        shutil.rmtree(old)
-    print("[demo] training the target with the transferred settings", flush=True)
-    code = launch_target(plan, "inprocess")
-    result = json.loads((target_dir / "result.json").read_text())
+    report = write_report(client_for(uri), cfg.study.name, report_dir, metric=cfg.study.metric,
+                          experiment=cfg.study.experiment)
+    code, result = _train_target(cfg, out_dir, shards, uri)
     minutes = (time.perf_counter() - start) / 60
     ui = "mutransfer ui --study " + cfg.study.name + ("" if tracking_uri is None else f" --tracking-uri {uri}")
     print(f"\n[demo] done in {minutes:.1f} min: {len(summary.ran)} trials run, {len(summary.skipped)} reused; "
-          f"target {result['status']} with eval top-1 {result['eval'].get('eval/top1', float('nan')):.3f}")
-    if report_dir is not None:
-        print(f"[demo] plots and optimum table: {report_dir.resolve()}")
-    print(f"[demo] MLflow store: {uri}")
-    print(f"[demo] open the UI with:  {ui}")
+          f"target {result['status']} with eval loss {result['eval'].get('eval/loss', float('nan')):.3f}, "
+          f"top-1 {result['eval'].get('eval/top1', float('nan')):.3f}")
+    print(f"[demo] plots and tables: {report_dir.resolve()} (lr_curves.png, trend.png, optima.md)")
+    print(f"[demo] MLflow store: {uri}; open the UI with:  {ui}")
+    print("\n".join(verdict_lines(report["trends"])))
     return code
