@@ -49,12 +49,20 @@ def test_best_point_on_a_grid_edge_is_flagged_not_fitted(centre: float, edge: st
     assert optimum.x == (GRID[0] if edge == fit.LOW else GRID[-1])
 
 
-def test_diverged_neighbour_keeps_the_grid_point_and_diverged_points_never_win() -> None:
-    values = [parabola(x, -5.0) for x in GRID]
-    values[6:] = [math.inf, math.nan]  # lr 2^-4 diverged, 2^-3 gave NaN
+def test_the_fit_never_crosses_into_diverged_learning_rates() -> None:
+    values = [parabola(x, -4.6) for x in GRID]
+    values[6:] = [math.inf, math.nan]  # lr 2^-4 diverged, 2^-3 gave NaN: the optimum lies at or below 2^-5
     optimum = fit.fit_optimum(GRID, values)
-    assert optimum.x == -5.0 and optimum.how == fit.GRID and not optimum.edge
+    assert optimum.x == -5.0 and not optimum.edge
+    assert fit.fit_optimum(GRID, values, neighbours=0).how == fit.GRID  # a single point: no parabola
     assert fit.fit_optimum(GRID, [math.inf] * len(GRID)) is None
+
+
+def test_rough_curves_are_smoothed_by_the_wider_window() -> None:
+    rng = np.random.default_rng(3)
+    curves = [[parabola(x, -6.4, curvature=0.1) + rng.normal(0, 0.05) for x in GRID] for _ in range(60)]
+    spread = {n: np.std([fit.fit_optimum(GRID, c, neighbours=n).x for c in curves]) for n in (1, 2)}
+    assert spread[2] < 0.8 * spread[1]
 
 
 def test_flat_curve_gives_the_grid_point() -> None:
