@@ -16,6 +16,8 @@ ETA, LAMBDA, EPS = 1e-3, 0.1, 1e-8
 
 
 def tiny_vit(name: str, width: int, depth: int, **kw):
+    """The bare rules table: the first-layer correction only where a test asks for it."""
+    kw.setdefault("first_layer_lr_exponent", 0.0)
     return create_model(
         "vit", width=width, depth=depth, head_dim=16, img_size=16, patch_size=8, num_classes=7,
         parametrization=name, base_width=BASE_WIDTH, base_depth=BASE_DEPTH, **kw,
@@ -92,6 +94,13 @@ def test_no_decay_follows_timm_convention() -> None:
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
     assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.attn.qkv.bias"} <= no_decay
     assert "blocks.0.attn.qkv.weight" not in no_decay and "head.weight" not in no_decay
+
+
+def test_default_is_the_recommended_depth_mup_with_the_first_layer_correction() -> None:
+    model = create_model("vit", width=64, depth=8, head_dim=16, img_size=16, patch_size=8, num_classes=7)
+    assert model.parametrization.label == "depth_mup+fle0.5"
+    assert create_model("vit", width=64, depth=8, head_dim=16, img_size=16, patch_size=8, num_classes=7,
+                        parametrization="completep").parametrization.label == "completep"
 
 
 @pytest.mark.parametrize("exponent", [0.5, 1.0])

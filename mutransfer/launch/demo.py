@@ -20,7 +20,7 @@ from mutransfer.data import read_info, write_synthetic_shards
 from mutransfer.train.tracking import resolve_tracking_uri
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-TRAIN_SAMPLES, EVAL_SAMPLES, IMAGE_SIZE, CLASSES = 6000, 500, 32, 10
+TRAIN_SAMPLES, EVAL_SAMPLES, IMAGE_SIZE, CLASSES = 6000, 2000, 32, 10
 
 
 def ensure_shards(folder: Path) -> None:
@@ -36,7 +36,7 @@ def ensure_shards(folder: Path) -> None:
     write_synthetic_shards(str(folder), "train", CLASSES, TRAIN_SAMPLES, IMAGE_SIZE, seed=0, samples_per_shard=1000,
                            force=True, progress=True)
     write_synthetic_shards(str(folder), "validation", CLASSES, EVAL_SAMPLES, IMAGE_SIZE, seed=0,
-                           samples_per_shard=250, progress=True)
+                           samples_per_shard=500, progress=True)
 
 
 def verdict_lines(trends: dict) -> list[str]:

@@ -40,13 +40,15 @@ class ModelSection:
     head_dim: int | None = None
     patch_size: int | None = None
     mlp_ratio: float | None = None
-    parametrization: Literal["sp", "mup", "depth_mup", "completep"] = "sp"
+    parametrization: Literal["sp", "mup", "depth_mup", "completep"] = "depth_mup"
+    """The recommended default for ViTs is depth_mup with first_layer_lr_exponent 0.5 (docs/results.md)."""
     alpha: float | None = None
     """Residual exponent; None: 1/2 for depth_mup, 1 for completep."""
     base_width: int | None = None
     base_depth: int | None = None
     readout_multiplier: float | None = None
     first_layer_lr_exponent: float | None = None
+    """LR of qkv / fc1 times m_L ** this (docs/parametrizations.md); None: 0.5 for depth_mup, else 0."""
     zero_init: bool | None = None
     """Zero-initialise readout and query weights; None: on for every parametrization but sp."""
     init_std: float | None = None
