@@ -1,4 +1,4 @@
-"""The scaling rules against DESIGN.md's formulas, written out again here independently of RULES."""
+"""The scaling rules against docs/parametrizations.md's formulas, written out again here independently of RULES."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def tiny_vit(name: str, width: int, depth: int, **kw):
 
 
 def design_adamw(role: str, m_n: float, m_l: float, a: float) -> tuple[float, float, float]:
-    """(lr, wd, eps) multipliers from DESIGN.md for AdamW."""
+    """(lr, wd, eps) multipliers from docs/parametrizations.md for AdamW."""
     in_block_eps = 1 / m_n * m_l**-a
     return {
         "input": (1, 1, 1),

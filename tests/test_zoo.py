@@ -76,7 +76,7 @@ def test_registry_defaults_are_the_published_shapes() -> None:
     assert shapes["vit_base_patch16"] == (768, 12)
     assert shapes["vit_large_patch16"] == (1024, 24)
     assert shapes["vit_huge_patch14"] == (1280, 32)
-    # ViT-B/16 at 224 px: 17.6 GMACs forward -> ~105 GFLOP per training image (DESIGN.md)
+    # ViT-B/16 at 224 px: 17.6 GMACs forward -> ~105 GFLOP per training image (timm's published GMACs)
     flops = create_model("vit_base_patch16", depth=1).flops_per_image()
     per_block = create_model("vit_base_patch16", depth=2).flops_per_image() - flops
     total = flops + 11 * per_block

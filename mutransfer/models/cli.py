@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-layers", action="store_true",
-                   help="also record fc1 inside each block (seed 003: does the first layer still learn?)")
+                   help="also record fc1 inside each block (the NFD paper: does the first layer still learn? docs/parametrizations.md)")
     p.add_argument("--out", type=Path, required=True, help="folder for coord_check_*.csv and .png")
     p.set_defaults(func=coord_check_command)
 

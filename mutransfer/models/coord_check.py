@@ -38,7 +38,7 @@ class CoordRecord:
 
 
 def first_layer_of(block: nn.Module) -> nn.Module | None:
-    """The first layer inside a two-layer branch (fc1 of the MLP), where seed 003 sees learning collapse."""
+    """The first layer inside a two-layer branch (fc1 of the MLP), where the NFD paper sees learning collapse."""
     mlp = getattr(block, "mlp", None)
     return getattr(mlp, "fc1", None)
 
@@ -47,7 +47,7 @@ def coordinate_modules(model: nn.Module, first_layers: bool = False) -> dict[str
     """The modules whose outputs are the network's coordinates, in forward order.
 
     With `first_layers`, also each block's fc1 as `first_layer.<i>`, whose "change" is its own update
-    (W_t - W_0) x: seed 003 predicts it shrinks like 1/sqrt(L) under alpha = 1/2 unless corrected.
+    (W_t - W_0) x: the NFD paper predicts it shrinks like 1/sqrt(L) under alpha = 1/2 unless corrected.
     """
     embed = getattr(model, "patch_embed", None) or model.stem
     modules = {"embed": embed}

@@ -3,7 +3,7 @@
 Every scaling rule lives in ONE table, `RULES`, keyed by the role a parameter plays (see `Role`). A rule
 entry is a `Scale`: the product m_N ** width * m_L ** (depth + depth_per_alpha * alpha), where
 m_N = width / base_width, m_L = depth / base_depth and alpha is the residual-branch exponent (each branch is
-x <- x + m_L ** -alpha * F(x)). The table is DESIGN.md's table written as data:
+x <- x + m_L ** -alpha * F(x)). The table of docs/parametrizations.md written as data:
 
     role           init std      forward mult     AdamW LR               SGD LR
     input          sigma         1                eta                    eta * m_N
@@ -13,7 +13,7 @@ x <- x + m_L ** -alpha * F(x)). The table is DESIGN.md's table written as data:
     readout        zero|sigma    alpha_out / m_N  eta                    eta * m_N
     readout_bias   zero          1                eta                    eta
 
-How the named parameterizations read the table (DESIGN.md):
+How the named parametrizations read the table (docs/parametrizations.md):
 - sp: m_N = m_L = 1 (no multipliers, one LR for all, attention 1/sqrt(d_head)).
 - mup: alpha = 0 and m_L = 1 (Tensor Programs V); attention sqrt(d_base_head) / d_head; zero readout, query.
 - depth_mup: alpha = 1/2 (Tensor Programs VI, Bordelon et al. 2023).
@@ -70,10 +70,10 @@ class RoleRule:
     sgd_weight_decay: Scale
 
 
-# Weight decay (torch's coupled form, applied as lr * wd * w): DESIGN.md fixes AdamW's hidden weights at
+# Weight decay (torch's coupled form, applied as lr * wd * w): AdamW's hidden weights get
 # lambda * m_N so that lr * wd does not change with width. We apply the same principle to every other row,
-# so each role's wd scale is the inverse of the width part of its LR scale (for SGD too, where DESIGN.md is
-# silent). Depth is left out of wd on purpose, as in DESIGN.md.
+# so each role's wd scale is the inverse of the width part of its LR scale (for SGD too, where the papers are
+# silent). Depth is left out of wd on purpose.
 # AdamW eps inside blocks follows the gradient's size there: eps * m_N^-1 * m_L^-alpha (CompleteP Table 1).
 RULES: dict[Role, RoleRule] = {
     Role.INPUT: RoleRule(
@@ -141,7 +141,7 @@ class ParamInfo:
 
     role: Role
     decay: bool = True  # timm's convention: no weight decay on biases, norms, pos_embed and cls token
-    first_layer: bool = False  # first layer inside a two-layer residual branch (qkv, fc1): seed-003 option
+    first_layer: bool = False  # first layer inside a two-layer residual branch (qkv, fc1): the NFD correction, docs/parametrizations.md
 
 
 # alpha of each name; None means the name has no depth scaling at all (m_L is held at 1).
@@ -177,7 +177,7 @@ class Parametrization:
     init_std: float = DEFAULT_INIT_STD  # sigma: the base init std of matrices
     zero_readout: bool | None = None  # default: True for every name but sp
     zero_query: bool | None = None  # default: True for every name but sp
-    first_layer_lr_exponent: float = 0.0  # seed 003: LR of qkv / fc1 times m_L ** this (0 = off)
+    first_layer_lr_exponent: float = 0.0  # NFD correction: LR of qkv / fc1 times m_L ** this
 
     def __post_init__(self) -> None:
         if self.name not in _NAMED_ALPHA:

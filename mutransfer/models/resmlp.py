@@ -1,7 +1,7 @@
 """Residual MLP on flattened images: the seeds' theory setting, fast on CPU.
 
 Blocks are one-layer, x <- x + m * W phi(x), or two-layer, x <- x + m * W2 phi(W1 x), with the branch
-multiplier m = m_L ** -alpha. The two-layer form is where seed 003 finds the first layer's feature learning
+multiplier m = m_L ** -alpha. The two-layer form is where the NFD paper (arXiv 2512.21075) finds the first layer's feature learning
 collapsing with depth under alpha = 1/2, and what `first_layer_lr_exponent` corrects.
 """
 

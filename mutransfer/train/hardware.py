@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-# Dense bf16 tensor-core peak, FLOP/s (DESIGN.md). MFU is reported only on these.
+# Dense bf16 tensor-core peak, FLOP/s (vendor datasheets). MFU is reported only on these.
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}
 
 
