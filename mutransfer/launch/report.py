@@ -427,13 +427,8 @@ def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
 
-def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_METRIC,
-                 experiment: str | None = None, log_to_parent: bool = True) -> dict[str, Any]:
-    """Write the study's plots and tables to `out_dir` (and to its parent run's artifacts under `report/`).
-
-    Returns {"files": [paths], "optima", "shifts", "verdicts", "parent_run_id", "artifact_uri"}. Raises
-    UsageError for an unknown study, a study without proxy trials, or a metric no trial logged.
-    """
+def _study_trials(client, study: str, experiment: str | None, metric: str) -> tuple[Any, list[Trial]]:
+    """(parent run, proxy trials with a valid lr and momentum); UsageError naming what is missing."""
     from mutransfer.cli import UsageError
 
     parent = find_study_run(client, study, experiment)
@@ -448,79 +443,92 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
     if any(t.status == "finished" for t in trials) and metric not in logged:
         raise UsageError(f"no trial of study {study!r} logged {metric!r}; metrics logged: "
                          + ", ".join(sorted(n for n in logged if n.startswith("final/")) or sorted(logged)))
+    return parent, trials
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    per_shape = analysis.mean_over_seeds(trials, metric)
-    optima = analysis.optimum_per_shape(trials, metric)
-    shift = analysis.shifts(optima)
-    lr_grid, momentum_grid, wd_grid = analysis.grids(trials)
-    fits = analysis.fit_shapes(trials, metric)
-    trends = analysis.trends(fits)
-    all_values = [v for points in per_shape.values() for v in points.values()]
-    chance = _chance_loss(client, trials, metric)
+
+@dataclass
+class _Analysed:
+    """Everything the report draws and tabulates, computed once."""
+
+    study: str
+    metric: str
+    trials: list[Trial]
+    per_shape: dict[Shape, dict[Point, float]]
+    optima: dict[Shape, Optimum]
+    shifts: dict[Shape, tuple[int, int]]
+    fits: dict[Shape, ShapeFit]
+    trends: dict[str, ParamTrend]
+    chance: float | None
+
+    @classmethod
+    def of(cls, client, study: str, trials: list[Trial], metric: str) -> _Analysed:
+        optima = analysis.optimum_per_shape(trials, metric)
+        fits = analysis.fit_shapes(trials, metric)
+        return cls(study, metric, trials, analysis.mean_over_seeds(trials, metric), optima, analysis.shifts(optima),
+                   fits, analysis.trends(fits), _chance_loss(client, trials, metric))
+
+
+def _write_figures(a: _Analysed, out: Path) -> list[Path]:
+    lr_grid, momentum_grid, wd_grid = analysis.grids(a.trials)
     # one y range for the lr curves and every heat map, so that shapes compare at a glance
-    y_range = value_range(all_values, metric, chance)
-    files: list[Path] = []
-
+    y_range = value_range([v for points in a.per_shape.values() for v in points.values()], a.metric, a.chance)
     several = len(momentum_grid) > 1 or len(wd_grid) > 1
-    path = out / "lr_curves.png"
-    figures.transfer_curves({shape: lr_profile(points, metric) for shape, points in per_shape.items()}, fits,
-                            (y_range.low, y_range.high), metric, f"{study}: {metric} vs learning rate"
-                            + (" (best momentum and decay at each lr)" if several else ""), path)
-    files.append(path)
-    path = out / "trend.png"
-    figures.trend_figure(fits, trends, metric, f"{study}: where the optimum goes as the proxies grow", path)
-    files.append(path)
-
-    path = out / "momentum_curves.png"
-    momentum_curves = {shape: momentum_slice(per_shape[shape], opt) for shape, opt in optima.items()}
+    files = [out / "lr_curves.png", out / "trend.png", out / "momentum_curves.png"]
+    figures.transfer_curves({shape: lr_profile(points, a.metric) for shape, points in a.per_shape.items()}, a.fits,
+                            (y_range.low, y_range.high), a.metric, f"{a.study}: {a.metric} vs learning rate"
+                            + (" (best momentum and decay at each lr)" if several else ""), files[0])
+    figures.trend_figure(a.fits, a.trends, a.metric, f"{a.study}: where the optimum goes as the proxies grow", files[1])
+    momentum_curves = {shape: momentum_slice(a.per_shape[shape], opt) for shape, opt in a.optima.items()}
     _curve_figure(
-        momentum_curves, {shape: opt.momentum for shape, opt in optima.items()},
-        value_range([v for curve in momentum_curves.values() for v in curve.values()], metric, chance),
-        metric, "momentum", float,
-        f"{study}: {metric} vs momentum, at each shape's best lr"
-        + ("" if len(momentum_grid) > 1 else " (the study used a single momentum)"),
-        path)
-    files.append(path)
-
-    for shape, points in sorted(per_shape.items()) if several else ():
+        momentum_curves, {shape: opt.momentum for shape, opt in a.optima.items()},
+        value_range([v for curve in momentum_curves.values() for v in curve.values()], a.metric, a.chance),
+        a.metric, "momentum", float, f"{a.study}: {a.metric} vs momentum, at each shape's best lr"
+        + ("" if len(momentum_grid) > 1 else " (the study used a single momentum)"), files[2])
+    for shape, points in sorted(a.per_shape.items()) if several else ():
         param, width, depth = shape
-        path = out / f"heatmap_{_file_name(param)}_w{width}_d{depth}.png"
-        _heatmap(shape, lr_momentum_grid(points, metric), optima.get(shape), lr_grid, momentum_grid, metric,
-                 y_range, study, path)
-        files.append(path)
+        files.append(out / f"heatmap_{_file_name(param)}_w{width}_d{depth}.png")
+        _heatmap(shape, lr_momentum_grid(points, a.metric), a.optima.get(shape), lr_grid, momentum_grid, a.metric,
+                 y_range, a.study, files[-1])
+    return files
 
-    path = out / "optima.csv"
-    _write_csv(path, OPTIMA_COLUMNS, _optima_rows(optima, shift, metric, fits))
-    files.append(path)
-    path = out / "trends.csv"
-    _write_csv(path, TREND_COLUMNS, _trend_rows(trends))
-    files.append(path)
 
-    path = out / "optima.md"
-    all_diverged = sorted(s for s in per_shape if s not in optima)
-    targets = latest_per_key(load_trials(client, study, experiment, role="target"))
-    _write_markdown(path, study, metric, fits, trends, all_diverged, trials, targets)
-    files.append(path)
-
-    path = out / "trials.csv"
-    _write_csv(path, TRIAL_COLUMNS, [{
+def _write_tables(a: _Analysed, out: Path, targets: list[Trial]) -> list[Path]:
+    files = [out / "optima.csv", out / "trends.csv", out / "optima.md", out / "trials.csv"]
+    _write_csv(files[0], OPTIMA_COLUMNS, _optima_rows(a.optima, a.shifts, a.metric, a.fits))
+    _write_csv(files[1], TREND_COLUMNS, _trend_rows(a.trends))
+    all_diverged = sorted(s for s in a.per_shape if s not in a.optima)
+    _write_markdown(files[2], a.study, a.metric, a.fits, a.trends, all_diverged, a.trials, targets)
+    _write_csv(files[3], TRIAL_COLUMNS, [{
         "key": t.key, "parametrization": t.parametrization, "width": t.width, "depth": t.depth,
         "lr": repr(t.lr), "log2_lr": f"{math.log2(t.lr):.4g}", "momentum": repr(t.momentum),
-        "weight_decay": repr(t.weight_decay), "seed": t.seed, "status": t.status, "metric": metric,
-        "value": repr(t.metrics[metric]) if metric in t.metrics else "", "run_id": t.run_id,
-    } for t in sorted(trials, key=lambda t: (t.shape, t.lr, t.momentum, t.weight_decay, t.seed, t.key))])
-    files.append(path)
+        "weight_decay": repr(t.weight_decay), "seed": t.seed, "status": t.status, "metric": a.metric,
+        "value": repr(t.metrics[a.metric]) if a.metric in t.metrics else "", "run_id": t.run_id,
+    } for t in sorted(a.trials, key=lambda t: (t.shape, t.lr, t.momentum, t.weight_decay, t.seed, t.key))])
+    return files
 
+
+def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_METRIC,
+                 experiment: str | None = None, log_to_parent: bool = True) -> dict[str, Any]:
+    """Write the study's plots and tables to `out_dir`; log them to its parent run (artifacts under `report/`,
+    the fitted numbers as metrics).
+
+    Returns {"files", "optima", "shifts", "fits", "trends", "parent_run_id", "artifact_uri"}. Raises
+    UsageError for an unknown study, a study without proxy trials, or a metric no trial logged.
+    """
+    parent, trials = _study_trials(client, study, experiment, metric)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    analysed = _Analysed.of(client, study, trials, metric)
+    targets = latest_per_key(load_trials(client, study, experiment, role="target"))
+    files = _write_figures(analysed, out) + _write_tables(analysed, out, targets)
     artifact_uri = None
     if log_to_parent:
         for file in files:
             client.log_artifact(parent.info.run_id, str(file), ARTIFACT_PATH)
         artifact_uri = f"{parent.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
-        _log_numbers(client, parent.info.run_id, fits, trends)
-    return {"files": files, "optima": optima, "shifts": shift, "fits": fits, "trends": trends,
-            "parent_run_id": parent.info.run_id, "artifact_uri": artifact_uri}
+        _log_numbers(client, parent.info.run_id, analysed.fits, analysed.trends)
+    return {"files": files, "optima": analysed.optima, "shifts": analysed.shifts, "fits": analysed.fits,
+            "trends": analysed.trends, "parent_run_id": parent.info.run_id, "artifact_uri": artifact_uri}
 
 
 def _run(args: argparse.Namespace) -> int:
