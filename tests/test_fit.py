@@ -22,10 +22,17 @@ def parabola(x: float, centre: float, floor: float = 0.5, curvature: float = 0.3
 
 @pytest.mark.parametrize("centre", [-7.0, -6.6, -6.25, -5.5, -4.1])
 def test_parabola_between_grid_points_is_recovered_exactly(centre: float) -> None:
-    optimum = fit.fit_optimum(GRID, [parabola(x, centre) for x in GRID])
+    values = [parabola(x, centre) for x in GRID]
+    optimum = fit.fit_optimum(GRID, values)
     assert optimum.how == fit.PARABOLA and not optimum.edge
     assert optimum.x == pytest.approx(centre, abs=1e-9)
-    assert optimum.value == pytest.approx(0.5, abs=1e-9)
+    assert optimum.value == min(values)
+
+
+def test_the_loss_at_the_optimum_is_observed_never_an_undershooting_parabola() -> None:
+    values = [abs(x + 6.0) * 0.8 + 0.01 for x in GRID]  # a sharp V down to 0.01: a parabola dips below zero
+    optimum = fit.fit_optimum(GRID, values)
+    assert optimum.how == fit.PARABOLA and optimum.value == pytest.approx(0.01)
 
 
 def test_asymmetric_curve_stays_within_half_a_step_of_the_best_point() -> None:

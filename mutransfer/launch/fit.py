@@ -28,7 +28,8 @@ LOW, HIGH = "low", "high"  # which end of the grid a best point sits on
 
 @dataclass(frozen=True)
 class CurveOptimum:
-    """The optimum of one curve: `x` in log2 units, `value` the loss there."""
+    """The optimum of one curve: `x` in log2 units; `value` the best grid value (the least-squares parabola's
+    own minimum undershoots sharp curves, down to negative losses, so it is not reported)."""
 
     x: float
     value: float
@@ -52,12 +53,11 @@ def fit_optimum(xs: list[float], values: list[float], neighbours: int = NEIGHBOU
     window = [i for i in range(best - neighbours, best + neighbours + 1) if 0 <= i < len(xs) and i in finite]
     if len(window) < 3:
         return CurveOptimum(xs[best], values[best], GRID)
-    a, b, c = np.polyfit([xs[i] for i in window], [values[i] for i in window], 2)
+    a, b, _ = np.polyfit([xs[i] for i in window], [values[i] for i in window], 2)
     if a <= 0:  # no curvature to place the minimum by
         return CurveOptimum(xs[best], values[best], GRID)
     low, high = max(xs[best - 1], xs[window[0]]), min(xs[best + 1], xs[window[-1]])
-    x = float(np.clip(-b / (2 * a), low, high))
-    return CurveOptimum(x, float(a * x * x + b * x + c), PARABOLA)
+    return CurveOptimum(float(np.clip(-b / (2 * a), low, high)), values[best], PARABOLA)
 
 
 @dataclass(frozen=True)
