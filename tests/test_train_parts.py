@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import TINY_MODEL, write_config
+from train_helpers import TINY_MODEL, losses, write_config
 
 from mutransfer.data import write_synthetic_shards
 from mutransfer.models import create_model
@@ -110,6 +110,8 @@ def shards(tmp_path_factory) -> Path:
 
 
 def in_process_config(tmp_path: Path, shards: Path, **sections) -> RunConfig:
+    sections = {key: dict(values) for key, values in sections.items()}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     sections.setdefault("tracking", {})["enabled"] = False
     sections.setdefault("deepspeed", {}).setdefault("zero_stage", 0)
     return load_config(write_config(tmp_path / "run.yaml", shards, tmp_path / "out", "sqlite:///unused.db",
@@ -182,3 +184,20 @@ def test_an_inactive_tracker_never_opens_the_store(tmp_path: Path) -> None:
     tracker.log_metrics({"train/loss": 1.0}, step=1)
     tracker.end("finished")
     assert not store.exists()
+
+
+def test_resume_is_exact_with_augmentation_in_the_training_process(shards, tmp_path) -> None:
+    """data.num_workers=0: crops and flips draw from this process's RNGs, which the replay of the data order
+    on resume also draws from; the saved RNG states must be restored after the replay, not before the
+    second batch (which drew the first resumed batch's augmentation twice)."""
+    sections = dict(optim=dict(schedule="constant"), run=dict(steps=6, log_interval=1))
+    straight = trainer.train(in_process_config(tmp_path / "straight", shards, **sections))
+    sections["run"]["steps"] = 3
+    trainer.train(in_process_config(tmp_path / "resumed", shards, **sections))
+    sections["run"]["steps"] = 6
+    resumed = trainer.train(in_process_config(tmp_path / "resumed", shards, **sections))
+    assert straight.status == resumed.status == "finished"
+    reference, continued = losses(tmp_path / "straight" / "out"), losses(tmp_path / "resumed" / "out")
+    assert sorted(continued) == [1, 2, 3, 4, 5, 6]
+    for step in (4, 5, 6):
+        assert continued[step] == pytest.approx(reference[step], abs=1e-6), step

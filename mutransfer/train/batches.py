@@ -23,9 +23,15 @@ class BatchStream:
         for _ in range(skip):  # resuming mid-epoch: replay the data order, drop what was trained on
             next(self.iterator)
 
-    def next(self) -> Any:
+    def start(self) -> None:
+        """Open the current epoch and replay it up to the saved position (nothing when already started).
+        A resumed run calls this before it restores the saved RNG states: replaying draws from them when
+        augmentation runs in this process (data.num_workers=0)."""
         if self.iterator is None:
             self._start_epoch(skip=self.state.batch_in_epoch)
+
+    def next(self) -> Any:
+        self.start()
         try:
             batch = next(self.iterator)
         except StopIteration:

@@ -133,13 +133,14 @@ def train_step(run: Run) -> None:
     """One optimizer step over optim.accumulation micro-batches. Nothing here waits for the device: the
     loss stays there, in the StepWindow, until the next `sync()`."""
     started = time.perf_counter()
+    if run.rng_restore is not None:  # replay the data order first, then continue the saved RNG streams
+        run.batches.start()
+        ckpt.load_rng(run.rng_restore, run.rank)
+        run.rng_restore = None
     micro, positions = [], []
     for _ in range(run.cfg.optim.accumulation):
         micro.append(run.batches.next())
         positions.append(run.batches.last_position)
-    if run.rng_restore is not None:  # after replaying the data order, continue the saved RNG streams
-        ckpt.load_rng(run.rng_restore, run.rank)
-        run.rng_restore = None
     data_s = time.perf_counter() - started
     loss_sum = torch.zeros((), device=run.device)
     for images, targets, *_keys in micro:  # keys come along under run.record_samples
