@@ -1,15 +1,23 @@
-"""Training throughput (images/s) and MFU per ZeRO stage and precision, against a plain torch loop.
+"""Training throughput of our trainer's engine against timm's ViT in a plain AdamW loop, in one process.
 
-    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/train_throughput.py              # tiny ViT on CPU
-    .venv/bin/python benchmarks/train_throughput.py --preset vit_b16 --stages 0,1 --precisions bf16 \
-        --compile both --timm-baseline                                           # ViT-B/16 on a GPU
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/train_throughput.py --preset tiny --precisions fp32 \
+        --compile both --data-fed                                                  # CPU, a few minutes
+    .venv/bin/python benchmarks/train_throughput.py --preset vit_b16 --compile both --data-fed   # one GPU
+    .venv/bin/python benchmarks/train_throughput.py --preset vit_s16 --compile both
 
-One process (world size 1; ZeRO's partitioning is then trivial, but its code paths and copies are real).
-Every configuration trains the same model on the same random batch, so the data pipeline is out of the
-picture (benchmarks/data_pipeline.py measures that). The baseline is a plain torch AdamW loop over the
-same model in the same process (with --timm-baseline, timm's vit_base_patch16_224 as well); the printed
-ratio is images/s of each row over the baseline's. MFU = training FLOPs per image (from the model's shapes)
-x images/s / the GPU's dense bf16 peak; there is none on CPU.
+Rows, for each precision and compile mode: the baseline, timm's VisionTransformer with the preset's shape
+(for vit_b16 that is vit_base_patch16_224) in a plain loop (autocast, torch AdamW: fused on a GPU, foreach
+on CPU; `torch.compile` when compiled); then our ViT (mup) through the trainer's own `build_engine` at each
+ZeRO stage (the DeepSpeed config, optimizer groups and `run.compile` that training uses; ZeRO-3 has no
+compile). Each row: images/s (median step), its ratio to the timm loop of the same precision and compile
+mode, MFU (training FLOPs per image from the shapes x images/s / the GPU's dense bf16 peak; none on CPU)
+and peak memory (GPU: max allocated; CPU: not measured per row, RSS only grows).
+
+--data-fed: the first ZeRO stage again, fed by the real train loader over shards written here (synthetic
+images at 1.15x the crop size, --workers loader processes, --decode cpu or gpu) against the same engine fed a
+fixed tensor: the data stall ratio (goal on a GPU node: >= 0.95).
+
+World size 1: ZeRO's partitioning is trivial, but its code paths and copies are real.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -30,7 +39,7 @@ PRESETS = {
 
 
 def timed(step, warmup: int, steps: int, device: torch.device) -> float:
-    """Median seconds per step after warmup."""
+    """Median seconds per step after warmup (the first steps compile)."""
     for _ in range(warmup):
         step()
     times = []
@@ -45,102 +54,151 @@ def timed(step, warmup: int, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def peak_gb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def timm_loop(shape: dict, batch: tuple, precision: str, compiled: bool, args, device) -> float:
+    """Seconds per step of timm's ViT in a plain AdamW loop."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=shape["img_size"], patch_size=shape["patch_size"], embed_dim=shape["width"],
+                              depth=shape["depth"], num_heads=shape["width"] // shape["head_dim"],
+                              num_classes=1000).to(device)
+    kernels = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, **kernels)
+    forward = torch.compile(model) if compiled else model
+    images, labels = batch
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = F.cross_entropy(forward(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return timed(step, args.warmup, args.steps, device)
+
+
+def run_config(shape: dict, batch_size: int, stage: int, precision: str, compiled: bool, args):
+    from mutransfer.data import DataConfig
+    from mutransfer.train.config import DeepSpeedSection, ModelSection, OptimSection, RunConfig, RunSection
+
+    model = ModelSection(name="vit", width=shape["width"], depth=shape["depth"], head_dim=shape["head_dim"],
+                         patch_size=shape["patch_size"], parametrization="mup", base_width=shape["width"] // 2)
+    return RunConfig(model=model, data=DataConfig(batch_size=batch_size, img_size=shape["img_size"],
+                                                  num_workers=args.workers, decode=args.decode),
+                     optim=OptimSection(lr=1e-4, weight_decay=0.05),
+                     deepspeed=DeepSpeedSection(zero_stage=stage, bf16=precision == "bf16"),
+                     run=RunSection(steps=1, compile="model" if compiled else "off"))
+
+
+def our_engine(cfg):
+    """The trainer's engine for `cfg` (world size 1), and the model's FLOPs per training image."""
+    from mutransfer.train.engine import build_engine, build_model, deepspeed_config
+
+    ds_config = deepspeed_config(cfg, world_size=1)
+    model = build_model(cfg, ds_config, num_classes=1000)
+    return build_engine(cfg, model, ds_config, total_steps=1000), model.flops_per_image()
+
+
+def engine_step(engine, cfg, next_batch):
+    def step():
+        images, labels = next_batch()[:2]
+        if cfg.deepspeed.bf16:
+            images = images.to(torch.bfloat16)
+        loss = F.cross_entropy(engine(images).float(), labels)
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
+def benchmark_rows(args, shape: dict, batch_size: int, device: torch.device) -> tuple[list, float]:
+    """(name, images/s, baseline images/s, peak GB) per configuration, and FLOPs per image."""
+    images = torch.randn(batch_size, 3, shape["img_size"], shape["img_size"], device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    rows, flops = [], 0.0
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    for precision in args.precisions.split(","):
+        for compiled in modes:
+            suffix = f"{precision}{', compiled' if compiled else ''}"
+            reset_peak(device)
+            base = batch_size / timm_loop(shape, (images, labels), precision, compiled, args, device)
+            rows.append((f"timm ViT, plain AdamW loop, {suffix}", base, base, peak_gb(device)))
+            for stage in [int(s) for s in args.stages.split(",")]:
+                if compiled and stage == 3:
+                    continue  # run.compile refuses ZeRO-3 (see RunSection.compile)
+                reset_peak(device)
+                cfg = run_config(shape, batch_size, stage, precision, compiled, args)
+                engine, flops = our_engine(cfg)
+                seconds = timed(engine_step(engine, cfg, lambda: (images, labels)), args.warmup, args.steps, device)
+                rows.append((f"ours, ZeRO-{stage}, {suffix}", batch_size / seconds, base, peak_gb(device)))
+                engine.destroy()
+    return rows, flops
+
+
+def data_stall(args, shape: dict, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(data-fed, synthetic-fed) images/s of the first stage's engine, compiled if asked."""
+    from mutransfer.data import build_train_loader, write_synthetic_shards
+
+    precision = args.precisions.split(",")[0]
+    cfg = run_config(shape, batch_size, int(args.stages.split(",")[0]), precision, args.compile != "off", args)
+    with tempfile.TemporaryDirectory(prefix="mutransfer-bench-") as tmp:
+        samples = batch_size * (args.warmup + args.steps + 2) * 2
+        write_synthetic_shards(tmp, "train", 100, samples, image_size=int(shape["img_size"] * 1.15), seed=0,
+                               samples_per_shard=max(64, samples // 8), workers=2)
+        cfg.data.shards_dir = tmp
+        batches = iter(build_train_loader(cfg.data, device=device))
+        images, labels = next(batches)[:2]
+        engine, _ = our_engine(cfg)
+        fed = batch_size / timed(engine_step(engine, cfg, lambda: next(batches)), args.warmup, args.steps, device)
+        fixed = batch_size / timed(engine_step(engine, cfg, lambda: (images, labels)), args.warmup, args.steps, device)
+        engine.destroy()
+    return fed, fixed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--stages", default="0,1,2,3")
-    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16, fp32")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off")
-    parser.add_argument("--timm-baseline", action="store_true", help="also time timm's vit_base_patch16_224")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--data-fed", action="store_true", help="also measure the data stall ratio")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
 
-    from mutransfer.data import DataConfig
-    from mutransfer.models import create_model
-    from mutransfer.train.config import DeepSpeedSection, OptimSection, RunConfig
+    from mutransfer.train.distributed import init_distributed, shutdown_distributed
     from mutransfer.train.hardware import peak_flops
-    from mutransfer.train.optim import build_optimizer
-    from mutransfer.train.trainer import deepspeed_config, init_distributed, shutdown_distributed
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
 
     init_distributed()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    preset = dict(PRESETS[args.preset])
-    batch = args.batch_size or preset.pop("batch_size")
-    preset.pop("batch_size", None)
-    images = torch.randn(batch, 3, preset["img_size"], preset["img_size"], device=device)
-    labels = torch.randint(0, 1000, (batch,), device=device)
+    shape = dict(PRESETS[args.preset])
+    batch_size = args.batch_size or shape.pop("batch_size")
+    rows, flops = benchmark_rows(args, shape, batch_size, device)
     peak = peak_flops()
-
-    def make_model():
-        torch.manual_seed(0)
-        return create_model("vit", num_classes=1000, parametrization="mup", base_width=preset["width"] // 2,
-                            **preset).to(device)
-
-    flops = make_model().flops_per_image()
-    rows: list[tuple[str, float]] = []
-
-    def plain_loop(model, precision: str, compiled: bool) -> float:
-        optimizer = build_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
-        forward = torch.compile(model) if compiled else model
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-        def step():
-            with autocast:
-                loss = F.cross_entropy(forward(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return timed(step, args.warmup, args.steps, device)
-
-    compile_modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
-    for precision in args.precisions.split(","):
-        for compiled in compile_modes:
-            suffix = f"{precision}{' compiled' if compiled else ''}"
-            rows.append((f"torch AdamW loop, {suffix}", batch / plain_loop(make_model(), precision, compiled)))
-            if args.timm_baseline:
-                import timm
-
-                timm_model = timm.create_model("vit_base_patch16_224", num_classes=1000).to(device)
-                rows.append((f"timm vit_base_patch16_224 AdamW loop, {suffix}",
-                             batch / plain_loop(timm_model, precision, compiled)))
-            for stage in [int(s) for s in args.stages.split(",")]:
-                model = make_model()
-                optimizer = build_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
-                # the trainer's own DeepSpeed config, so that the benchmark measures what training runs
-                config = deepspeed_config(RunConfig(
-                    data=DataConfig(batch_size=batch), optim=OptimSection(grad_clip=0.0, accumulation=1),
-                    deepspeed=DeepSpeedSection(zero_stage=stage, bf16=precision == "bf16")), world_size=1)
-                engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-                if compiled:
-                    engine.compile()
-                inputs = images.to(torch.bfloat16) if precision == "bf16" else images
-
-                def step(engine=engine, inputs=inputs):
-                    loss = F.cross_entropy(engine(inputs).float(), labels)
-                    engine.backward(loss)
-                    engine.step()
-
-                rows.append((f"DeepSpeed ZeRO-{stage}, {suffix}", batch / timed(step, args.warmup, args.steps, device)))
-                engine.destroy()
-
-    print(f"\nViT {preset} batch {batch} on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
-          f"({torch.get_num_threads()} threads), median of {args.steps} steps; "
-          f"{flops / 1e9:.2f} GFLOP per training image")
-    print(f"{'configuration':<48} {'images/s':>10} {'vs torch loop':>14} {'MFU':>7}")
-    baseline = {}
-    for name, ips in rows:
-        suffix = name.split(", ", 1)[1]
-        if name.startswith("torch AdamW loop"):
-            baseline[suffix] = ips
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\n{args.preset} {shape}, batch {batch_size}, on {where}; median of {args.steps} steps after "
+          f"{args.warmup}; {flops / 1e9:.2f} GFLOP per training image")
+    print(f"{'configuration':<44} {'images/s':>10} {'vs timm':>8} {'MFU':>7} {'peak GB':>8}")
+    for name, ips, base, memory in rows:
         mfu = f"{flops * ips / peak:.1%}" if peak else "-"
-        print(f"{name:<48} {ips:>10.1f} {ips / baseline[suffix]:>14.3f} {mfu:>7}")
+        print(f"{name:<44} {ips:>10.1f} {ips / base:>8.3f} {mfu:>7} {f'{memory:.2f}' if memory else '-':>8}")
+    if args.data_fed:
+        fed, fixed = data_stall(args, shape, batch_size, device)
+        print(f"data-fed {fed:.1f} images/s vs synthetic-fed {fixed:.1f}: ratio {fed / fixed:.3f} "
+              f"({args.workers} loader workers, decode={args.decode}; goal >= 0.95)")
     shutdown_distributed()
 
 

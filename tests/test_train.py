@@ -15,8 +15,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from train_helpers import (
-    TINY_MODEL,
     deepspeed_command,
+    expected_lr_scales,
     losses,
     python_command,
     result,
@@ -26,10 +26,9 @@ from train_helpers import (
 )
 
 from mutransfer.data import DataConfig, build_eval_loader, write_synthetic_shards
-from mutransfer.models import create_model, load_model
+from mutransfer.models import load_model
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
-from mutransfer.train.optim import param_groups
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +43,6 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def expected_lr_scales() -> dict[str, float]:
-    model = create_model("vit", img_size=32, num_classes=10, **{k: v for k, v in TINY_MODEL.items() if k != "name"})
-    return {g["group"]: g["lr_scale"] for g in param_groups(model, "adamw", lr=1.0)}
 
 
 def exported_eval_loss(weights: Path, shards: Path) -> float:
@@ -119,7 +113,7 @@ def test_zero3_init_matches_single_process(shards, mlflow_uri, tmp_path) -> None
     zero3 = json.loads(out.read_text())
 
     from mutransfer.train.config import load_config
-    from mutransfer.train.trainer import build_model, deepspeed_config
+    from mutransfer.train.engine import build_model, deepspeed_config
 
     cfg = load_config(config)
     model = build_model(cfg, deepspeed_config(cfg, 1), num_classes=10)

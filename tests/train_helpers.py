@@ -21,6 +21,15 @@ TINY_MODEL = dict(name="vit", width=32, depth=2, head_dim=16, patch_size=8, para
                   base_width=16, base_depth=1, first_layer_lr_exponent=0.5)
 
 
+def expected_lr_scales() -> dict[str, float]:
+    """Each optimizer group's lr_scale for TINY_MODEL at 32 px and 10 classes."""
+    from mutransfer.models import create_model
+    from mutransfer.train.optim import param_groups
+
+    model = create_model("vit", img_size=32, num_classes=10, **{k: v for k, v in TINY_MODEL.items() if k != "name"})
+    return {g["group"]: g["lr_scale"] for g in param_groups(model, "adamw", lr=1.0)}
+
+
 def run_env() -> dict[str, str]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for inherited in ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):

@@ -9,7 +9,8 @@ import sys
 import deepspeed
 
 from mutransfer.train.config import load_config
-from mutransfer.train.trainer import build_model, deepspeed_config, init_distributed, shutdown_distributed
+from mutransfer.train.distributed import init_distributed, shutdown_distributed
+from mutransfer.train.engine import build_model, deepspeed_config
 
 
 def main() -> None:

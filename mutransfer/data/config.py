@@ -100,6 +100,10 @@ class DataConfig:
     """Label smoothing; folded into the soft targets when mixup/cutmix is on."""
     num_classes: int | None = None
     """Number of classes; None reads it from `_info.json` (needed for mixup and label checks)."""
+    decode: str = "cpu"
+    """Where training images are decoded and cropped: 'cpu' (PIL in the loader workers) or 'gpu' (the
+    workers send JPEG bytes; nvJPEG decodes them on the rank's GPU, which also crops, flips and normalises;
+    see `mutransfer/data/gpu_decode.py`). 'gpu' takes no auto_augment, color_jitter or mixup / cutmix."""
 
     def __post_init__(self) -> None:
         for name in ("scale", "ratio", "mean", "std", "cutmix_minmax"):
@@ -168,6 +172,18 @@ class DataConfig:
             _bad("batch_size", self.batch_size, "must be even when mixup or cutmix is on (timm mixes pairs)")
         if self.auto_augment is not None:
             self._check_auto_augment()
+        self._check_decode()
+
+    def _check_decode(self) -> None:
+        if self.decode not in ("cpu", "gpu"):
+            _bad("decode", self.decode, "must be 'cpu' or 'gpu'")
+        if self.decode == "gpu":
+            cpu_only = [name for name in ("auto_augment", "color_jitter") if getattr(self, name)]
+            cpu_only += ["mixup/cutmix"] if self.mixup_active else []
+            if cpu_only:
+                _bad("decode", self.decode, f"cannot be combined with {', '.join(cpu_only)} (CPU-side augmentations)")
+            if self.interpolation not in ("bilinear", "bicubic", "nearest", "random"):
+                _bad("interpolation", self.interpolation, "must be bilinear, bicubic, nearest or random with decode='gpu'")
 
     def _check_auto_augment(self) -> None:
         from timm.data import create_transform

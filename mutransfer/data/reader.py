@@ -187,8 +187,10 @@ def decode_samples(
     slot: int,
     num_classes: int | None,
     max_consecutive_skips: int | None = None,
+    open_image: Any = None,
 ) -> Iterator[tuple[Image.Image, int, str]]:
-    """(transformed image, label, key) per good sample; bad ones are counted by reason and skipped."""
+    """(transformed image, label, key) per good sample; bad ones are counted by reason and skipped.
+    `open_image(bytes)` replaces the PIL decode (data.decode=gpu reads only the header here)."""
     skips_in_a_row = 0
     for sample in samples:
         url, key = sample.get("__url__"), sample.get("__key__")
@@ -207,9 +209,12 @@ def decode_samples(
                     reason, detail = "bad_label", f"{label} outside [0, {num_classes})"
         if reason is None:
             try:
-                image = Image.open(io.BytesIO(sample[image_field]))
-                image = image.convert("RGB") if image.mode != "RGB" else image
-                image.load()  # decode now, so that a bad image is caught here
+                if open_image is not None:
+                    image = open_image(sample[image_field])
+                else:
+                    image = Image.open(io.BytesIO(sample[image_field]))
+                    image = image.convert("RGB") if image.mode != "RGB" else image
+                    image.load()  # decode now, so that a bad image is caught here
             except Exception as err:  # PIL raises many types for bad data
                 reason, detail = "corrupt_image", f"{type(err).__name__}: {err}"
         if reason is not None:
@@ -317,10 +322,11 @@ class _TrainStream(IterableDataset):
             part = assign_shards(urls, global_worker, global_workers)
             samples = _cycle_passes(part, owner.counter, worker, shuffle)
         items = decode_samples(
-            samples, owner.transform, owner.counter, worker, owner.num_classes, MAX_CONSECUTIVE_SKIPS
+            samples, owner.transform, owner.counter, worker, owner.num_classes, MAX_CONSECUTIVE_SKIPS,
+            owner.open_image,
         )
         batches_per_worker = -(-owner.batches_per_epoch // workers)
-        collate = _collate if owner.mixup is None else _MixCollate(owner.mixup)
+        collate = owner.collate or (_collate if owner.mixup is None else _MixCollate(owner.mixup))
         batches = wds.batched(cfg.batch_size, collation_fn=collate, partial=False)(items)
         yield from itertools.islice(batches, batches_per_worker)
 
@@ -437,8 +443,12 @@ class TrainLoader(_LoaderBase):
     `(images, targets, keys)` with `with_keys`.
 
     Each iteration uses `epoch` and then advances it; `set_epoch(e)` chooses the next one (to resume).
-    `mixup` is timm's FastCollateMixup (applied in the workers) or None.
+    `mixup` is timm's FastCollateMixup (applied in the workers) or None. `open_image` and `collate` are the
+    hooks of data.decode=gpu (`gpu_decode.GpuDecodeTrainLoader`); None here: PIL decode, uint8 batches.
     """
+
+    open_image: Any = None
+    collate: Any = None
 
     def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device | str | None = None,
                  with_keys: bool = False) -> None:
@@ -581,7 +591,12 @@ def build_train_loader(
 ) -> TrainLoader:
     """The training loader of one rank (see the module docstring for what it yields). With `device`, batches
     arrive there, normalised there (pinned, non-blocking copies of uint8 when it is a GPU). With `with_keys`,
-    each batch also carries its samples' keys."""
+    each batch also carries its samples' keys. With data.decode=gpu, decoding and cropping happen on
+    `device` (see gpu_decode)."""
+    if cfg.decode == "gpu":
+        from mutransfer.data.gpu_decode import GpuDecodeTrainLoader
+
+        return GpuDecodeTrainLoader(cfg, rank, world_size, device, with_keys)
     return TrainLoader(cfg, rank, world_size, device, with_keys)
 
 

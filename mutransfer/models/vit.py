@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import (
     Readout,
@@ -76,6 +77,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = Readout(width, num_classes, multiplier=param.readout_scale(width))
+        self.grad_checkpointing = False
         if weight_init:
             self.init_weights()
 
@@ -109,11 +111,18 @@ class VisionTransformer(nn.Module):
     def param_info(self) -> dict[str, ParamInfo]:
         return collect_param_info(self)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block (timm's convention): in training, each block's activations are
+        recomputed in the backward pass instead of kept. Gradients are unchanged."""
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
         for block in self.blocks:
-            x = block(x)
+            # non-reentrant: works under torch.compile and with ZeRO-3's parameter hooks
+            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else block(x)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

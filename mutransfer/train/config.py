@@ -54,6 +54,10 @@ class ModelSection:
     init_std: float | None = None
     """Init std sigma of hidden matrices at the base width (None: 0.02, timm's ViT init); the residual-MLP
     studies use 1/sqrt(base_width), the fan-in init their theory assumes."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing per block (timm's `set_grad_checkpointing()`): each block's activations are
+    recomputed in the backward pass instead of kept, for about one more forward of compute. For ViT-L/H
+    at large batches; `benchmarks/grad_checkpointing.py` measures the memory it saves."""
 
     def create_kwargs(self, img_size: int, num_classes: int) -> dict[str, Any]:
         kwargs = {k: getattr(self, k) for k in (
@@ -123,6 +127,14 @@ class RunSection:
     """False: no checkpoints at all (short sweep trials)."""
     progress: bool = True
     """A tqdm bar on rank 0 (sweeps turn it off and show one bar over trials)."""
+    compile: Literal["off", "model", "max-autotune"] = "off"
+    """torch.compile the model: `model` (inductor, default mode) or `max-autotune` (longer compile, tuned
+    kernels). Done through DeepSpeed's `engine.compile()`, which compiles `engine.module` in place
+    (nn.Module.compile) with the accelerator's backend, rather than `torch.compile(model)` before
+    deepspeed.initialize: the module keeps its parameter names (no `_orig_mod.` prefix), so checkpoints of
+    compiled and eager runs load into each other, and DeepSpeed keeps handling the module it wrapped.
+    ZeRO 0-2 only: at ZeRO-3, dynamo traces DeepSpeed's per-module parameter gather hooks, breaking the
+    graph and recompiling at every submodule (DeepSpeed's DeepCompile is the ZeRO-3 path; not wired here)."""
     record_samples: bool = False
     """Debugging aid: every rank appends the keys of each batch it trains on (with step, epoch and batch
     index) and of each eval batch to output_dir/samples_rank<R>.jsonl. Costs a line per batch."""
@@ -322,6 +334,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
     if ds.offload_optimizer and ds.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3")
+    if run.compile != "off" and ds.zero_stage == 3:
+        raise ConfigError("run.compile", f"{run.compile} is not supported at deepspeed.zero_stage=3 (dynamo "
+                          "breaks the graph at ZeRO-3's parameter hooks); use run.compile=off or ZeRO 0-2")
     if not run.divergence_loss > 0:
         raise ConfigError("run.divergence_loss", f"must be positive, got {run.divergence_loss}")
     from mutransfer.models import zoo_entry

@@ -87,13 +87,21 @@ def build_optimizer(
     weight_decay: float = 0.0,
     eps: float = 1e-8,
     nesterov: bool = False,
+    fused: bool = False,
 ) -> torch.optim.Optimizer:
-    """torch AdamW or SGD (with momentum) over `param_groups`."""
+    """torch AdamW or SGD (with momentum) over `param_groups`.
+
+    `fused=True`: torch's fused kernels (one kernel per step for all tensors; for parameters that step on a
+    GPU). Otherwise the foreach implementation (a few multi-tensor kernels per group, on CPU and GPU).
+    Both step each group with its own lr / weight_decay / eps, so the per-role scales hold either way.
+    """
     groups = param_groups(model, optimizer, lr=lr, weight_decay=weight_decay, eps=eps)
+    kernels: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
     if optimizer == "adamw":
         if not all(0 <= b < 1 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernels)
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                           **kernels)

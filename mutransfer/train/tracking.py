@@ -121,6 +121,8 @@ class Tracker:
             self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:  # inactive ranks must not open the store (two ranks migrating one sqlite file race)
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -136,5 +138,7 @@ class Tracker:
         self._call("log_artifact", self.client.log_artifact, self.run_id, str(path))
 
     def end(self, status: str) -> None:
+        if not self.active:
+            return
         self.set_tags({STATUS_TAG: status})
         self._call("end_run", self.client.set_terminated, self.run_id, MLFLOW_STATUS.get(status, "FINISHED"))

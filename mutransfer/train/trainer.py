@@ -1,568 +1,314 @@
 """DeepSpeed ZeRO training of zoo models on webdataset shards: `train(cfg) -> RunResult`.
 
 The same code runs under the `deepspeed` launcher, under torchrun and as a plain process; on GPUs (NCCL,
-bf16) and on CPU (gloo, DS_ACCELERATOR=cpu). The model is single-device code; this module wraps it.
+bf16) and on CPU (gloo, DS_ACCELERATOR=cpu). The model is single-device code; the modules beside this one
+wrap it, one job each: `distributed` (process group, collectives), `engine` (DeepSpeed config, model,
+optimizer, schedule, compile), `batches` (data position), `signals` (stop requests), `progress` (what is
+measured between logging points), `evaluate`, `resume` (checkpoints), `run_log` (files beside MLflow).
 
-Every step, the ranks agree (one tiny all-reduce) on whether to stop (SIGTERM/SIGINT on any rank) before any
-rank starts the step, and on the step's mean loss after it (NaN/inf or above `run.divergence_loss`: the run
-stops as `diverged`). So all ranks always save or stop at the same step.
+Read it top to bottom: `train()` opens the run (`open_run`, every resource registered with one ExitStack,
+whose exit is the only teardown path, for finished, diverged, preempted and failed runs alike), runs
+`train_loop()`, which calls `train_step()` once per optimizer step and `sync()` at sync points, and ends
+with `finish()`.
+
+Where the host waits (sync points), all on every rank at the same steps:
+- `sync()`, at every step that logs (each `run.log_interval` steps and the last step), evaluates or
+  checkpoints: ONE all-reduce of [stop flag, the loss of every step since the last sync], read back to the
+  host. Divergence (a step's mean loss NaN/inf or above `run.divergence_loss`) and stop requests
+  (SIGTERM/SIGINT on any rank) are decided there, identically on all ranks, so all ranks stop or save at
+  the same step: at most `run.log_interval` steps after the signal or the divergence.
+- logging, right after `sync()`: the grad norm (DeepSpeed's, read as a float) and the metrics.
+- evaluation: a one-number all-reduce per eval batch (does any rank still have one?) and one at the end.
+- checkpoints: DeepSpeed's save, and two barriers around rank 0 marking the checkpoint complete.
+Between sync points nothing of ours waits: `train_step()` keeps the loss on the device and the loader
+copies batches with non_blocking. DeepSpeed's own bf16 overflow check (an `.item()` in every ZeRO-1/2
+step) is turned off in `engine.deepspeed_config`; bf16 needs no loss scaling, and `sync()` catches inf/NaN.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from mutransfer.data import build_eval_loader, build_train_loader, train_loss
-from mutransfer.models import create_model
-from mutransfer.netutil import free_port
+from mutransfer.data import build_train_loader, train_loss
 
 from . import checkpoint as ckpt
+from .batches import BatchStream
 from .config import ConfigError, RunConfig, save_config
-from .hardware import peak_flops, peak_memory_bytes
-from .optim import build_optimizer
-from .schedule import build_scheduler
-from .tracking import Tracker, flatten
+from .distributed import (
+    all_reduce_,
+    broadcast_from_rank0,
+    device_for,
+    init_distributed,
+    shutdown_distributed,
+)
+from .engine import build_engine, build_model, deepspeed_config, param_groups_of, seed_rngs
+from .evaluate import evaluate
+from .hardware import peak_flops
+from .progress import StepWindow
+from .resume import load_checkpoint, resume_point, save_checkpoint
+from .run_log import RunResult, SampleLog, append_metrics, run_params, run_tags, write_result
+from .signals import StopRequest
+from .tracking import Tracker
+
+__all__ = ["EXIT_DIVERGED", "RunResult", "build_model", "deepspeed_config", "init_distributed",
+           "shutdown_distributed", "train", "train_step"]
 
 EXIT_DIVERGED = 3
 
 
-class Diverged(RuntimeError):
-    pass
-
-
 @dataclass
-class RunResult:
-    status: str  # finished | diverged | preempted
-    step: int
-    output_dir: str
+class Run:
+    """What one training run holds while it runs (on one rank)."""
+
+    cfg: RunConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    engine: Any
+    batches: Any  # BatchStream
+    state: ckpt.TrainState
+    total_steps: int
+    rng_restore: Path | None  # the checkpoint whose RNG states to load once the data order is replayed
+    criterion: torch.nn.Module
+    flops: float | None  # training FLOPs per image, for MFU
+    tracker: Tracker | None = None
     mlflow_run_id: str | None = None
-    final_train_loss: float | None = None
-    eval: dict[str, float] = field(default_factory=dict)
+    sample_log: SampleLog | None = None
+    pbar: Any = None
+    window: StepWindow = field(default_factory=StepWindow)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    last_loss: float = math.nan
     message: str = ""
+    stop_signal: int | None = None
+    outcome: str = "failed"  # how the MLflow run ends; set last, once the run's end is written
 
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
 
-# --- process group -----------------------------------------------------------------------------------------
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size); a plain `python` process becomes a world of one."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    import deepspeed
-    from deepspeed.utils import logger as deepspeed_logger
-
-    if not os.environ.get("MUTRANSFER_DEEPSPEED_INFO"):  # DeepSpeed's INFO lines drown the progress bar
-        deepspeed_logger.setLevel(logging.WARNING)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    import torch.distributed as dist
-
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    return dist.get_rank(), local_rank, dist.get_world_size()
-
-
-def shutdown_distributed() -> None:
-    """Leave the process group at the end of a process: with gloo's threads still up at interpreter exit,
-    a rank can abort ("terminate called without an active exception") after all its work is done."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
-    import torch.distributed as dist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-# --- DeepSpeed config -----------------------------------------------------------------------------------------
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """Every DeepSpeed default that matters, set explicitly (0.19 clips at 1.0 unless told otherwise)."""
-    ds, optim = cfg.deepspeed, cfg.optim
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if ds.offload_param:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    config: dict[str, Any] = {
-        "gradient_clipping": optim.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": ds.bf16},
-        "fp16": {"enabled": False},
-        "zero_allow_untested_optimizer": True,  # our client AdamW / SGD carry the per-role groups
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if ds.config:
-        config = _merge(config, json.loads(Path(ds.config).read_text()))
-    # batch sizes always follow the data config, so that the loader and the engine agree
-    config["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
-    config["gradient_accumulation_steps"] = optim.accumulation
-    config["train_batch_size"] = cfg.data.batch_size * optim.accumulation * world_size
-    return config
-
-
-# --- model ---------------------------------------------------------------------------------------------------
-def build_model(cfg: RunConfig, ds_config: dict[str, Any], num_classes: int) -> torch.nn.Module:
-    """The zoo model, initialised from run.seed identically whatever the ZeRO stage."""
-    import deepspeed
-
-    kwargs = cfg.model.create_kwargs(cfg.data.img_size, num_classes)
-    if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero3_init:
-        # parameters are born partitioned; our init code must run on gathered full tensors
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = create_model(cfg.model.name, weight_init=False, **kwargs)
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            torch.manual_seed(cfg.run.seed)
-            model.init_weights()
-    else:
-        model = create_model(cfg.model.name, **kwargs)
-        torch.manual_seed(cfg.run.seed)
-        model.init_weights()
-    return model
-
-
-def seed_rngs(seed: int, rank: int) -> None:
-    """Seed Python's, NumPy's and torch's global RNGs from (seed, rank)."""
-    import random
-
-    import numpy as np
-
-    state = np.random.SeedSequence([seed, rank]).generate_state(2)
-    random.seed(int(state[0]))
-    np.random.seed(int(state[1]))
-    torch.manual_seed(int(state[0]) ^ int(state[1]))
-
-
-# --- the run -------------------------------------------------------------------------------------------------
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves and leaves at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handlers
-                pass
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        self.signal = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class _Batches:
-    """Micro-batches across epoch ends, tracking (epoch, batch_in_epoch) for exact resumption."""
-
-    def __init__(self, loader: Any, state: ckpt.TrainState) -> None:
-        self.loader, self.state = loader, state
-        self.iterator = None
-        self.last_position = (0, 0)  # (epoch, index in epoch) of the batch `next` returned last
-
-    def _start_epoch(self, skip: int) -> None:
-        if hasattr(self.loader, "set_epoch"):
-            self.loader.set_epoch(self.state.epoch)
-        self.iterator = iter(self.loader)
-        for _ in range(skip):  # resuming mid-epoch: replay the data order, drop what was trained on
-            next(self.iterator)
-
-    def next(self) -> Any:
-        if self.iterator is None:
-            self._start_epoch(skip=self.state.batch_in_epoch)
-        try:
-            batch = next(self.iterator)
-        except StopIteration:
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
-            self._start_epoch(skip=0)
-            batch = next(self.iterator)
-        self.last_position = (self.state.epoch, self.state.batch_in_epoch)
-        self.state.batch_in_epoch += 1
-        return batch
-
-
-class _SampleLog:
-    """`run.record_samples`: the keys of every batch this rank trained on or evaluated, as JSON lines in
-    output_dir/samples_rank<R>.jsonl. Lines are appended (a resumed run continues the file) and flushed at
-    once, so that a preempted run leaves every trained step on record."""
-
-    def __init__(self, output_dir: Path, rank: int) -> None:
-        output_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
-        self.file = open(output_dir / f"samples_rank{rank}.jsonl", "a")
-
-    def train(self, step: int, positions: list[tuple[int, int]], keys: list[list[str]]) -> None:
-        for (epoch, batch), batch_keys in zip(positions, keys):
-            self._write({"split": "train", "step": step, "epoch": epoch, "batch": batch, "keys": batch_keys})
-
-    def eval(self, step: int, keys: list[str]) -> None:
-        self._write({"split": "eval", "step": step, "keys": keys})
-
-    def _write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _run_params(cfg: RunConfig, model: torch.nn.Module, world_size: int) -> dict[str, Any]:
-    param = model.parametrization
-    params = flatten(cfg.to_dict())
-    params.update({
-        "parametrization": param.name,
-        "alpha": param.alpha,
-        "m_N": param.width_mult(model.width),
-        "m_L": param.depth_mult(model.depth),
-        "world_size": world_size,
-        "num_params": sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()),
-    })
-    return params
-
-
-def _run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
-    tags = {
-        "mutransfer.role": "run",
-        "mutransfer.model": cfg.model.name,
-        "mutransfer.parametrization": model.parametrization.name,
-        "mutransfer.variant": model.parametrization.label,
-        "mutransfer.width": str(model.width),
-        "mutransfer.depth": str(model.depth),
-        "mutransfer.optimizer": cfg.optim.name,
-        "mutransfer.lr": repr(cfg.optim.lr),
-        "mutransfer.momentum": repr(cfg.optim.momentum_value),
-        "mutransfer.status": "running",
-    }
-    tags.update(cfg.tracking.tags)
-    return tags
-
-
-def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: torch.device,
-             sample_log: _SampleLog | None = None, step: int = 0) -> dict[str, float]:
-    """top-1, top-5 and loss over the eval shards, each sample counted once across all ranks.
-
-    Ranks can hold different numbers of eval batches (no `_info.json`, or a stale one): they agree before
-    each batch whether any rank still has one, and a rank that has run out runs a dummy forward, because
-    ZeRO-3 gathers parameters collectively inside every forward.
-    """
-    loader = build_eval_loader(cfg.data, rank, world_size)
-    iterator = iter(loader)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
-    dummy = torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size, device=device,
-                        dtype=torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32)
-    engine.eval()
-    with torch.no_grad():
-        while True:
-            batch = next(iterator, None)
-            if _all_reduce([0.0 if batch is None else 1.0], device, op="max")[0] == 0:
-                break
-            if batch is None:
-                engine(dummy)
-                continue
-            images, targets, valid = batch.images, batch.targets, batch.valid
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if cfg.deepspeed.bf16:
-                images = images.to(torch.bfloat16)
-            logits = engine(images).float()
-            sums[0] += F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100).item()
-            top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            hits = top5 == targets[:, None]
-            sums[1] += hits[:, 0].sum().item()
-            sums[2] += hits.any(dim=-1).sum().item()
-            sums[3] += valid.sum().item()  # padding rows (target -100) count for nothing
-            if sample_log is not None:
-                sample_log.eval(step, [key for key in batch.keys if key])
-    engine.train()
-    loss, top1, top5, count = _all_reduce(sums.tolist(), device)
-    if count == 0:
-        raise ValueError("the eval shards hold no samples")
-    return {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.optim.accumulation * self.world_size
 
 
 def train(cfg: RunConfig) -> RunResult:
     """Train until run.steps / run.epochs, divergence, or a stop signal. Call on every rank."""
-    import deepspeed
+    with ExitStack() as teardown:
+        run = open_run(cfg, teardown)
+        status = train_loop(run)
+        return finish(run, status)
 
-    rank, local_rank, world_size = init_distributed()
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    output_dir = Path(cfg.run.output_dir)
-    resume_from = _resume_point(cfg)
-    ds_config = deepspeed_config(cfg, world_size)
-    loader = build_train_loader(cfg.data, rank, world_size, with_keys=cfg.run.record_samples)
-    num_classes = cfg.data.num_classes or loader.num_classes
-    if not num_classes:
-        raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
-    cfg.data.num_classes = num_classes  # saved resolved, so that export and resume need no shards
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-        (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
-    model = build_model(cfg, ds_config, num_classes)  # seeds torch with run.seed: the same init on every rank
-    # Augmentation done in this process (num_workers=0, random erasing) draws from the global RNGs: seed them
-    # per (seed, rank) so that a run does not depend on what ran before it in the process (sweeps).
-    seed_rngs(cfg.run.seed, rank)
-    optimizer = build_optimizer(
-        model, cfg.optim.name, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-        betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps,
-    )
-    batches_per_epoch = len(loader)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.optim.accumulation)
-    total_steps = cfg.run.steps or cfg.run.epochs * steps_per_epoch
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: build_scheduler(opt, total_steps, cfg.optim.warmup_steps, cfg.optim.schedule,
-                                                 cfg.optim.min_lr_ratio),
-    )
-    ckpt.make_safe_checkpoint_engine(engine.checkpoint_engine)
-    criterion = train_loss(cfg.data)  # soft targets under mixup / cutmix, label smoothing otherwise
 
-    state = ckpt.TrainState()
-    if resume_from is not None:
-        engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name)
-        state, _ = ckpt.read_state(resume_from)
-        state.status = "running"
+def train_loop(run: Run) -> str:
+    """Optimizer steps until the end ('finished'), a stop request ('preempted') or divergence ('diverged')."""
+    with StopRequest() as stop:
+        while run.state.step < run.total_steps:
+            train_step(run)
+            log_now, eval_now, save_now = _due(run)
+            if not (log_now or eval_now or save_now):
+                continue
+            status = sync(run, stop)
+            if status is not None:
+                return status
+            if log_now:
+                log_window(run)
+            if eval_now:
+                _excluded(run, run_evaluation)
+            if save_now:
+                _excluded(run, lambda r: save_checkpoint(r.engine, r.state, r.cfg, r.rank))
+    return "finished"
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and rank == 0)
-    run_id = tracker.start(cfg.tracking.run_name or output_dir.name, _run_tags(cfg, model),
-                           parent_run_id=cfg.tracking.parent_run_id, run_id=state.mlflow_run_id)
-    if run_id and state.mlflow_run_id is None:
-        tracker.log_params(_run_params(cfg, model, world_size))
-        tracker.log_artifact(output_dir / "config.yaml")
-        tracker.log_artifact(output_dir / "deepspeed.json")
-    state.mlflow_run_id = run_id
-    if world_size > 1:  # every rank keeps the run id so that its checkpoint state names it
-        import torch.distributed as dist
 
-        holder = [state.mlflow_run_id]
-        dist.broadcast_object_list(holder, src=0)
-        state.mlflow_run_id = holder[0]
+def train_step(run: Run) -> None:
+    """One optimizer step over optim.accumulation micro-batches. Nothing here waits for the device: the
+    loss stays there, in the StepWindow, until the next `sync()`."""
+    started = time.perf_counter()
+    if run.rng_restore is not None:  # replay the data order first, then continue the saved RNG streams
+        run.batches.start()
+        ckpt.load_rng(run.rng_restore, run.rank)
+        run.rng_restore = None
+    micro, positions = [], []
+    for _ in range(run.cfg.optim.accumulation):
+        micro.append(run.batches.next())
+        positions.append(run.batches.last_position)
+    data_s = time.perf_counter() - started
+    loss_sum = torch.zeros((), device=run.device)
+    for images, targets, *_keys in micro:  # keys come along under run.record_samples
+        images = images.to(run.device, non_blocking=True)
+        targets = targets.to(run.device, non_blocking=True)
+        if run.cfg.deepspeed.bf16:
+            images = images.to(torch.bfloat16)
+        loss = run.criterion(run.engine(images).float(), targets)
+        run.engine.backward(loss)
+        run.engine.step()
+        loss_sum += loss.detach()
+    run.state.step += 1
+    run.state.samples_seen += run.global_batch
+    if run.sample_log is not None:
+        run.sample_log.train(run.state.step, positions, [batch[2] for batch in micro])
+    run.window.add_step(loss_sum / len(micro), data_s)
+    run.pbar.update(1)
 
-    groups = engine.basic_optimizer.param_groups if hasattr(engine, "basic_optimizer") else optimizer.param_groups
-    flops = model.flops_per_image() if hasattr(model, "flops_per_image") else None
-    peak = peak_flops()
-    global_batch = ds_config["train_batch_size"]
-    batches = _Batches(loader, state)
-    rng_restore = resume_from
-    result = RunResult(status="running", step=state.step, output_dir=str(output_dir), mlflow_run_id=run_id)
-    pbar = tqdm(total=total_steps, initial=state.step, disable=rank != 0 or not cfg.run.progress,
-                desc=output_dir.name, dynamic_ncols=True)
-    window = {"loss": 0.0, "steps": 0, "time": 0.0, "data": 0.0}
-    last_loss = math.nan
-    eval_metrics: dict[str, float] = {}
-    stop_signal = None
-    sample_log = _SampleLog(output_dir, rank) if cfg.run.record_samples else None
 
-    with _StopRequest() as stop:
-        try:
-            while state.step < total_steps:
-                t0 = time.perf_counter()
-                position = (state.epoch, state.batch_in_epoch)
-                micro, positions = [], []
-                try:
-                    for _ in range(cfg.optim.accumulation):
-                        micro.append(batches.next())
-                        positions.append(batches.last_position)
-                except Exception:
-                    if not stop.signal:
-                        raise
-                    micro = []  # a stop signal also reached the loader's workers
-                if rng_restore is not None:  # after replaying the data order, continue the saved RNG streams
-                    ckpt.load_rng(rng_restore, rank)
-                    rng_restore = None
-                t_data = time.perf_counter() - t0
-                if _all_reduce([1.0 if stop.signal else 0.0], device, op="max")[0] > 0:
-                    stop_signal = stop.signal or signal.SIGTERM
-                    state.epoch, state.batch_in_epoch = position  # these batches were not trained on
-                    break
-                loss_sum = 0.0
-                for images, targets, *_keys in micro:  # keys come along under run.record_samples
-                    images = images.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    if cfg.deepspeed.bf16:
-                        images = images.to(torch.bfloat16)
-                    loss = criterion(engine(images).float(), targets)
-                    engine.backward(loss)
-                    engine.step()
-                    loss_sum += loss.item()
-                state.step += 1
-                state.samples_seen += global_batch
-                if sample_log is not None:
-                    sample_log.train(state.step, positions, [batch[2] for batch in micro])
-                mean_loss = _all_reduce([loss_sum / len(micro)], device)[0] / world_size
-                last_loss = mean_loss
-                step_time = time.perf_counter() - t0
-                window["loss"] += mean_loss
-                window["steps"] += 1
-                window["time"] += step_time
-                window["data"] += t_data
-                pbar.update(1)
-                if not math.isfinite(mean_loss) or mean_loss > cfg.run.divergence_loss:
-                    raise Diverged(f"training loss {mean_loss:.4g} at step {state.step} "
-                                   f"(bound run.divergence_loss={cfg.run.divergence_loss:g})")
-                if state.step % cfg.run.log_interval == 0 or state.step == total_steps:
-                    metrics = _window_metrics(window, groups, engine, global_batch, flops, peak, world_size)
-                    pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ips=f"{metrics['perf/images_per_s']:.0f}")
-                    tracker.log_metrics(metrics, state.step)
-                    _append_metrics(output_dir, rank, state.step, metrics)
-                    window = {"loss": 0.0, "steps": 0, "time": 0.0, "data": 0.0}
-                if cfg.run.eval_interval and state.step % cfg.run.eval_interval == 0 and state.step < total_steps:
-                    eval_metrics = evaluate(engine, cfg, rank, world_size, device, sample_log, state.step)
-                    tracker.log_metrics(eval_metrics, state.step)
-                    _append_metrics(output_dir, rank, state.step, eval_metrics)
-                if (cfg.run.save_checkpoints and cfg.run.checkpoint_interval
-                        and state.step % cfg.run.checkpoint_interval == 0 and state.step < total_steps):
-                    save_checkpoint(engine, state, cfg, rank)
-        except Diverged as err:
-            pbar.close()
-            state.status = "diverged"
-            result.status, result.message = "diverged", f"diverged: {err}"
-            if rank == 0:
-                print(f"mutransfer: run {output_dir} {result.message}; stopping", file=sys.stderr, flush=True)
-            tracker.log_metrics({"train/loss_at_divergence": last_loss if math.isfinite(last_loss) else 1e30},
-                                state.step)
-            tracker.end("diverged")
-            result.step, result.final_train_loss = state.step, last_loss
-            _write_result(result, output_dir, rank)
-            _close(sample_log)
-            engine.destroy()
-            return result
-        except BaseException:
-            tracker.end("failed")  # the MLflow run must not stay RUNNING
-            _close(sample_log)
-            engine.destroy()
-            raise
-    pbar.close()
+def sync(run: Run, stop: StopRequest) -> str | None:
+    """The sync point: one all-reduce of [stop flag, each step's loss since the last sync]. Returns
+    'diverged' or 'preempted' when the run must end here, else None."""
+    flag = torch.tensor([1.0 if stop.signal else 0.0], dtype=torch.float64, device=run.device)
+    reduced = all_reduce_(torch.cat([flag, run.window.take_pending()])).tolist()
+    losses = [total / run.world_size for total in reduced[1:]]
+    run.window.record(losses)
+    first_step = run.state.step - len(losses) + 1
+    bound = run.cfg.run.divergence_loss
+    for step, loss in enumerate(losses, start=first_step):
+        if not math.isfinite(loss) or loss > bound:
+            run.last_loss = loss
+            run.message = f"diverged: training loss {loss:.4g} at step {step} (bound run.divergence_loss={bound:g})"
+            return "diverged"
+    run.last_loss = losses[-1]
+    if reduced[0] > 0 and run.state.step < run.total_steps:  # at the last step, finishing is as quick
+        run.stop_signal = stop.signal or signal.SIGTERM
+        return "preempted"
+    return None
 
-    if stop_signal is not None:
-        state.status = "preempted"
-        if cfg.run.save_checkpoints:
-            save_checkpoint(engine, state, cfg, rank)
-        result.status = "preempted"
-        result.message = (f"stopped by {signal.Signals(stop_signal).name} at step {state.step}; "
-                          f"checkpoint saved, run.resume=auto continues")
-        if rank == 0:
-            print(f"mutransfer: {result.message}", file=sys.stderr, flush=True)
-        tracker.end("preempted")
+
+def log_window(run: Run) -> None:
+    """Log the metrics of the steps since the last logging point (to MLflow and metrics.jsonl)."""
+    metrics = run.window.metrics(param_groups_of(run.engine), run.engine, run.global_batch, run.flops,
+                                 peak_flops(), run.world_size)
+    run.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ips=f"{metrics['perf/images_per_s']:.0f}")
+    _record(run, metrics)
+    run.window.reset()
+
+
+def run_evaluation(run: Run) -> None:
+    run.eval_metrics = evaluate(run.engine, run.cfg, run.rank, run.world_size, run.device, run.sample_log,
+                                run.state.step)
+    _record(run, run.eval_metrics)
+
+
+def finish(run: Run, status: str) -> RunResult:
+    """Write the run's end: final evaluation and checkpoint, or the preemption checkpoint, or the
+    divergence; then result.json. The ExitStack of `train()` tears down after this."""
+    run.pbar.close()
+    run.state.status = status
+    if status == "diverged":
+        run.tracker.log_metrics({"train/loss_at_divergence": run.last_loss if math.isfinite(run.last_loss)
+                                 else 1e30}, run.state.step)
+        _say(run, f"run {run.output_dir} {run.message}; stopping")
+    elif status == "preempted":
+        if run.cfg.run.save_checkpoints:
+            save_checkpoint(run.engine, run.state, run.cfg, run.rank)
+        run.message = (f"stopped by {signal.Signals(run.stop_signal).name} at step {run.state.step}; "
+                       f"checkpoint saved, run.resume=auto continues")
+        _say(run, run.message)
     else:
-        eval_metrics = evaluate(engine, cfg, rank, world_size, device, sample_log, state.step)
-        tracker.log_metrics(eval_metrics, state.step)
-        _append_metrics(output_dir, rank, state.step, eval_metrics)
-        state.status = "finished"
-        if cfg.run.save_checkpoints:
-            save_checkpoint(engine, state, cfg, rank)
-        result.status = "finished"
-        final = {"final/train_loss": last_loss, **{f"final/{k.replace('/', '_')}": v for k, v in eval_metrics.items()}}
-        tracker.log_metrics(final, state.step)
-        tracker.end("finished")
-    result.step, result.final_train_loss, result.eval = state.step, last_loss, eval_metrics
-    _write_result(result, output_dir, rank)
-    _close(sample_log)
-    engine.destroy()
+        run_evaluation(run)
+        if run.cfg.run.save_checkpoints:
+            save_checkpoint(run.engine, run.state, run.cfg, run.rank)
+        final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
+        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final}, run.state.step)
+    result = RunResult(status=status, step=run.state.step, output_dir=str(run.output_dir),
+                       mlflow_run_id=run.mlflow_run_id, final_train_loss=run.last_loss, eval=run.eval_metrics,
+                       message=run.message)
+    write_result(result, run.output_dir, run.rank)
+    run.outcome = status
     return result
 
 
-def _close(sample_log: _SampleLog | None) -> None:
-    if sample_log is not None:
-        sample_log.close()
+# --- opening a run -------------------------------------------------------------------------------------------
+def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
+    """Process group, loader, model, engine (resumed if a checkpoint says so), tracking, sample log and
+    progress bar; each registers its cleanup with `teardown` as soon as it exists."""
+    rank, local_rank, world_size = init_distributed()
+    device = device_for(local_rank)
+    resume_from = resume_point(cfg)
+    ds_config = deepspeed_config(cfg, world_size)
+    loader = build_train_loader(cfg.data, rank, world_size, device=device, with_keys=cfg.run.record_samples)
+    cfg.data.num_classes = cfg.data.num_classes or loader.num_classes
+    if not cfg.data.num_classes:
+        raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
+    if rank == 0:  # saved resolved (num_classes included), so that export and resume need no shards
+        _write_run_files(cfg, ds_config)
+    model = build_model(cfg, ds_config, cfg.data.num_classes)  # seeds torch with run.seed: the same everywhere
+    # Augmentation done in this process (num_workers=0, random erasing) draws from the global RNGs: seed them
+    # per (seed, rank) so that a run does not depend on what ran before it in the process (sweeps).
+    seed_rngs(cfg.run.seed, rank)
+    total_steps = cfg.run.steps or cfg.run.epochs * max(1, len(loader) // cfg.optim.accumulation)
+    engine = build_engine(cfg, model, ds_config, total_steps)
+    teardown.callback(engine.destroy)
+    state = load_checkpoint(engine, resume_from)
+    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, engine=engine,
+              batches=BatchStream(loader, state), state=state, total_steps=total_steps, rng_restore=resume_from,
+              criterion=train_loss(cfg.data),  # soft targets under mixup / cutmix, label smoothing otherwise
+              flops=model.flops_per_image() if hasattr(model, "flops_per_image") else None)
+    _start_tracking(run, model)
+    teardown.callback(lambda: run.tracker.end(run.outcome))  # an MLflow run must never stay RUNNING
+    if cfg.run.record_samples:
+        run.sample_log = SampleLog(run.output_dir, rank)
+        teardown.callback(run.sample_log.close)
+    run.pbar = tqdm(total=total_steps, initial=state.step, disable=rank != 0 or not cfg.run.progress,
+                    desc=run.output_dir.name, dynamic_ncols=True)
+    teardown.callback(run.pbar.close)
+    return run
 
 
-def _window_metrics(window: dict[str, float], groups: list[dict[str, Any]], engine: Any, global_batch: int,
-                    flops: float | None, peak: float | None, world_size: int) -> dict[str, float]:
-    steps = max(1, window["steps"])
-    step_time = window["time"] / steps
-    images_per_s = global_batch / step_time if step_time > 0 else 0.0
-    metrics = {
-        "train/loss": window["loss"] / steps,
-        "perf/step_time_s": step_time,
-        "perf/images_per_s": images_per_s,
-        "perf/data_wait_frac": window["data"] / window["time"] if window["time"] > 0 else 0.0,
-        "perf/peak_mem_gb": peak_memory_bytes() / 2**30,
-    }
-    for group in groups:
-        metrics[f"lr/{group.get('group', 'all')}"] = group["lr"]
-    grad_norm = engine.get_global_grad_norm()
-    if grad_norm is not None and math.isfinite(float(grad_norm)):
-        metrics["train/grad_norm"] = float(grad_norm)
-    if flops and peak:
-        metrics["perf/mfu"] = flops * images_per_s / (peak * world_size)
-    return metrics
+def _write_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+    import json
+
+    output_dir = Path(cfg.run.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, output_dir / "config.yaml")
+    (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
 
 
-def save_checkpoint(engine: Any, state: ckpt.TrainState, cfg: RunConfig, rank: int) -> Path:
-    """All ranks save their part; rank 0 marks the checkpoint complete, then prunes old ones."""
-    import torch.distributed as dist
-
-    root = ckpt.checkpoint_root(cfg.run.output_dir)
-    tag = ckpt.tag_for(state.step)
-    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
-    ckpt.save_rng(root / tag, rank)
-    dist.barrier()
-    if rank == 0:
-        ckpt.write_state(root / tag, state, cfg.to_dict())
-        ckpt.prune(cfg.run.output_dir, cfg.run.keep_checkpoints)
-    dist.barrier()
-    return root / tag
+def _start_tracking(run: Run, model: torch.nn.Module) -> None:
+    """Start (or, resumed, continue) the MLflow run on rank 0; every rank keeps its id in the state, so
+    that every rank's checkpoint names it."""
+    cfg, state = run.cfg, run.state
+    run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0)
+    run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name, run_tags(cfg, model),
+                                          parent_run_id=cfg.tracking.parent_run_id, run_id=state.mlflow_run_id)
+    if run.mlflow_run_id and state.mlflow_run_id is None:
+        run.tracker.log_params(run_params(cfg, model, run.world_size))
+        run.tracker.log_artifact(run.output_dir / "config.yaml")
+        run.tracker.log_artifact(run.output_dir / "deepspeed.json")
+    state.mlflow_run_id = broadcast_from_rank0(run.mlflow_run_id, run.world_size)
 
 
-def _resume_point(cfg: RunConfig) -> Path | None:
-    resume = cfg.run.resume
-    if resume == "never":
-        if ckpt.complete_checkpoints(cfg.run.output_dir):
-            raise ConfigError("run.resume", f"{cfg.run.output_dir} already holds checkpoints; use "
-                              "run.resume=auto to continue or another run.output_dir")
-        return None
-    if resume == "auto":
-        return ckpt.latest_checkpoint(cfg.run.output_dir)
-    folder = Path(resume)
-    if not (folder / ckpt.STATE_FILE).is_file():
-        raise ConfigError("run.resume", f"{folder} is not a complete mutransfer checkpoint")
-    return folder
+# --- small helpers -------------------------------------------------------------------------------------------
+def _due(run: Run) -> tuple[bool, bool, bool]:
+    """(log, evaluate, checkpoint) after the step just taken."""
+    cfg, step = run.cfg.run, run.state.step
+    before_end = step < run.total_steps
+    log_now = step % cfg.log_interval == 0 or step == run.total_steps
+    eval_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and before_end
+    save_now = (cfg.save_checkpoints and bool(cfg.checkpoint_interval) and step % cfg.checkpoint_interval == 0
+                and before_end)
+    return log_now, eval_now, save_now
 
 
-def _append_metrics(output_dir: Path, rank: int, step: int, metrics: dict[str, float]) -> None:
-    """metrics.jsonl beside the checkpoints: the same numbers as MLflow, readable without it."""
-    if rank == 0:
-        with open(output_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+def _excluded(run: Run, work: Any) -> None:
+    """Run `work(run)`, leaving its time out of the step time."""
+    started = time.perf_counter()
+    work(run)
+    run.window.exclude(time.perf_counter() - started)
 
 
-def _write_result(result: RunResult, output_dir: Path, rank: int) -> None:
-    if rank == 0:
-        from dataclasses import asdict
+def _record(run: Run, metrics: dict[str, float]) -> None:
+    run.tracker.log_metrics(metrics, run.state.step)
+    append_metrics(run.output_dir, run.rank, run.state.step, metrics)
 
-        (output_dir / "result.json").write_text(json.dumps(asdict(result), indent=1, default=str))
 
+def _say(run: Run, message: str) -> None:
+    if run.rank == 0:
+        print(f"mutransfer: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,95 @@
+"""What a run writes about itself beside MLflow: `metrics.jsonl` (the same numbers as MLflow, readable
+without it), `result.json`, the optional per-rank sample log, and the params and tags it gives MLflow."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import RunConfig
+from .tracking import flatten
+
+
+@dataclass
+class RunResult:
+    status: str  # finished | diverged | preempted
+    step: int
+    output_dir: str
+    mlflow_run_id: str | None = None
+    final_train_loss: float | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+def append_metrics(output_dir: Path, rank: int, step: int, metrics: dict[str, float]) -> None:
+    """One line of metrics.jsonl (rank 0 writes)."""
+    if rank == 0:
+        with open(output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def write_result(result: RunResult, output_dir: Path, rank: int) -> None:
+    """result.json (rank 0 writes)."""
+    if rank == 0:
+        (output_dir / "result.json").write_text(json.dumps(asdict(result), indent=1, default=str))
+
+
+class SampleLog:
+    """`run.record_samples`: the keys of every batch this rank trained on or evaluated, as JSON lines in
+    output_dir/samples_rank<R>.jsonl. Lines are appended (a resumed run continues the file) and flushed at
+    once, so that a preempted run leaves every trained step on record."""
+
+    def __init__(self, output_dir: Path, rank: int) -> None:
+        output_dir.mkdir(parents=True, exist_ok=True)  # rank 0 may not have made it yet
+        self.file = open(output_dir / f"samples_rank{rank}.jsonl", "a")
+
+    def train(self, step: int, positions: list[tuple[int, int]], keys: list[list[str]]) -> None:
+        for (epoch, batch), batch_keys in zip(positions, keys):
+            self._write({"split": "train", "step": step, "epoch": epoch, "batch": batch, "keys": batch_keys})
+
+    def eval(self, step: int, keys: list[str]) -> None:
+        self._write({"split": "eval", "step": step, "keys": keys})
+
+    def _write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_params(cfg: RunConfig, model: torch.nn.Module, world_size: int) -> dict[str, Any]:
+    """MLflow params: the resolved config, flattened, plus the parametrization's multipliers."""
+    param = model.parametrization
+    params = flatten(cfg.to_dict())
+    params.update({
+        "parametrization": param.name,
+        "alpha": param.alpha,
+        "m_N": param.width_mult(model.width),
+        "m_L": param.depth_mult(model.depth),
+        "world_size": world_size,
+        "num_params": sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters()),
+    })
+    return params
+
+
+def run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
+    """MLflow tags a study and the UI search by."""
+    tags = {
+        "mutransfer.role": "run",
+        "mutransfer.model": cfg.model.name,
+        "mutransfer.parametrization": model.parametrization.name,
+        "mutransfer.variant": model.parametrization.label,
+        "mutransfer.width": str(model.width),
+        "mutransfer.depth": str(model.depth),
+        "mutransfer.optimizer": cfg.optim.name,
+        "mutransfer.lr": repr(cfg.optim.lr),
+        "mutransfer.momentum": repr(cfg.optim.momentum_value),
+        "mutransfer.status": "running",
+    }
+    tags.update(cfg.tracking.tags)
+    return tags

@@ -1,0 +1,102 @@
+"""What only a CUDA GPU can show; every test here is skipped without one (no GPU was lent to the session
+that wrote them, so they have not run yet): flash / memory-efficient SDPA in bf16, fused AdamW with the
+per-role groups, no host sync inside a training step, and nvJPEG decoding against the CPU decoder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from train_helpers import write_config
+
+from mutransfer.models import create_model
+from mutransfer.train.optim import build_optimizer, param_groups
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION"])
+def test_sdpa_runs_on_the_fast_kernels_in_bf16(backend) -> None:
+    """Restricted to one kernel, SDPA raises if it cannot use it: our attention (custom logit scale,
+    permuted q/k/v) must fit flash and memory-efficient attention in bf16, forward and backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = create_model("vit_small_patch16", num_classes=10, parametrization="mup", base_width=192,
+                         base_depth=4).cuda().to(torch.bfloat16)
+    images = torch.randn(8, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        loss = F.cross_entropy(model(images).float(), torch.zeros(8, dtype=torch.long, device="cuda"))
+        loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_fused_adamw_on_cuda_keeps_the_group_scales() -> None:
+    torch.manual_seed(0)
+    model = create_model("vit", width=64, depth=2, head_dim=16, patch_size=8, img_size=32, num_classes=10,
+                         parametrization="depth_mup", base_width=32, base_depth=1).cuda()
+    reference = create_model("vit", width=64, depth=2, head_dim=16, patch_size=8, img_size=32, num_classes=10,
+                             parametrization="depth_mup", base_width=32, base_depth=1).cuda()
+    reference.load_state_dict(model.state_dict())
+    fused = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.05, fused=True)
+    loop = torch.optim.AdamW(param_groups(reference, "adamw", lr=1e-2, weight_decay=0.05), foreach=False)
+    assert all(group["fused"] for group in fused.param_groups)
+    images, labels = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
+    for _ in range(3):
+        for net, opt in ((model, fused), (reference, loop)):
+            opt.zero_grad()
+            F.cross_entropy(net(images), labels).backward()
+            opt.step()
+    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch) -> None:
+    """Between sync points the host never waits for the GPU: CUDA's sync debug mode turns any wait inside
+    `train_step` (after two warm-up steps) into an error. bf16, ZeRO-1, one process."""
+    from mutransfer.data import write_synthetic_shards
+    from mutransfer.train import trainer
+    from mutransfer.train.config import load_config
+
+    shards = tmp_path / "shards"
+    write_synthetic_shards(str(shards), "train", classes=10, samples=256, image_size=32, seed=0, samples_per_shard=128)
+    write_synthetic_shards(str(shards), "validation", classes=10, samples=32, image_size=32, seed=0)
+    real_step = trainer.train_step
+
+    def strict_step(run):
+        if run.state.step < 2:
+            return real_step(run)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            real_step(run)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(trainer, "train_step", strict_step)
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", "sqlite:///unused.db",
+                          deepspeed=dict(zero_stage=1, bf16=True), tracking=dict(enabled=False),
+                          run=dict(steps=12, log_interval=6))
+    result = trainer.train(load_config(config))
+    assert result.status == "finished"
+
+
+def test_nvjpeg_batch_decode_matches_the_cpu_decoder(tmp_path: Path, make_gradient) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mutransfer.data.gpu_decode import EncodedImage, collate_encoded, crop_batch
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (h, w) in enumerate([(375, 500), (500, 375), (224, 224)]):
+        buffer = io.BytesIO()
+        Image.fromarray(make_gradient(rng, h, w)).save(buffer, format="JPEG", quality=90)
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        items.append(((EncodedImage(data, True, (w, h)), (10, 20, h - 40, w - 60), i % 2 == 0, 1), i, str(i)))
+    batch, _, _ = collate_encoded(items)
+    on_gpu = crop_batch(batch, 224, torch.device("cuda")).cpu()
+    on_cpu = crop_batch(batch, 224, torch.device("cpu"))
+    assert (on_gpu - on_cpu).abs().mean() < 2.0
