@@ -128,6 +128,8 @@ class Tracker:
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -135,6 +137,8 @@ class Tracker:
             self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -143,12 +147,18 @@ class Tracker:
             self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         for key, value in tags.items():
             self._call("set_tag", self.client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         self._call("log_artifact", self.client.log_artifact, self.run_id, str(path))
 
     def end(self, status: str) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         self.set_tags({STATUS_TAG: status})
         self._call("end_run", self.client.set_terminated, self.run_id, MLFLOW_STATUS.get(status, "FINISHED"))
