@@ -32,8 +32,10 @@ from mutransfer.netutil import free_port
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig, save_config
 from .hardware import peak_flops, peak_memory_bytes
+from .mlflow_model import log_final_model
 from .optim import build_optimizer
 from .schedule import build_scheduler
+from .system_metrics import start_system_metrics
 from .tracking import Tracker, flatten
 
 EXIT_DIVERGED = 3
@@ -364,6 +366,7 @@ def train(cfg: RunConfig) -> RunResult:
         tracker.log_artifact(output_dir / "config.yaml")
         tracker.log_artifact(output_dir / "deepspeed.json")
     state.mlflow_run_id = run_id
+    system_metrics = start_system_metrics(cfg.tracking.system_metrics, tracker)
     if world_size > 1:  # every rank keeps the run id so that its checkpoint state names it
         import torch.distributed as dist
 
@@ -436,7 +439,7 @@ def train(cfg: RunConfig) -> RunResult:
                 if state.step % cfg.run.log_interval == 0 or state.step == total_steps:
                     metrics = _window_metrics(window, groups, engine, global_batch, flops, peak, world_size)
                     pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ips=f"{metrics['perf/images_per_s']:.0f}")
-                    tracker.log_metrics(metrics, state.step)
+                    tracker.log_metrics(metrics | system_metrics.sample(), state.step)
                     _append_metrics(output_dir, rank, state.step, metrics)
                     window = {"loss": 0.0, "steps": 0, "time": 0.0, "data": 0.0}
                 if cfg.run.eval_interval and state.step % cfg.run.eval_interval == 0 and state.step < total_steps:
@@ -487,6 +490,7 @@ def train(cfg: RunConfig) -> RunResult:
         result.status = "finished"
         final = {"final/train_loss": last_loss, **{f"final/{k.replace('/', '_')}": v for k, v in eval_metrics.items()}}
         tracker.log_metrics(final, state.step)
+        log_final_model(engine, cfg, tracker, rank)
         tracker.end("finished")
     result.step, result.final_train_loss, result.eval = state.step, last_loss, eval_metrics
     _write_result(result, output_dir, rank)
