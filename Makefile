@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,16 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check mutransfer tests benchmarks
 
-test: venv lint
+# Headless Chromium for the UI test (tests/test_ui_browser.py skips, saying why, without it). Installed from
+# Debian's `chromium` package when it is missing and apt-get is there; never fails the build.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	{ command -v apt-get >/dev/null 2>&1 && \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
+	  >/dev/null 2>&1 && echo "installed chromium"; } || echo "no chromium: the browser test will skip"
+
+test: venv lint browser
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
 
 demo: venv

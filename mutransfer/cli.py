@@ -17,7 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coord-check": ("mutransfer.models.cli", "coordinate check: activation size per layer across widths or depths"),
     "shards": ("mutransfer.data.cli", "write and inspect webdataset shard sets"),
     "train": ("mutransfer.train.cli", "train one run (one process; `deepspeed --module mutransfer.train` for many)"),
-    "export": ("mutransfer.train.cli", "write a run's consolidated fp32 weights as safetensors"),
+    "export": ("mutransfer.train.cli", "write a run's consolidated fp32 weights as safetensors or timm"),
     "sweep": ("mutransfer.launch.cli", "run (or resume) every trial of a proxy study, recorded in MLflow"),
     "transfer": ("mutransfer.launch.cli", "carry a study's best lr and momentum to the target run"),
     "report": ("mutransfer.launch.report", "plots and the optimum table of a study"),

@@ -111,15 +111,22 @@ def test_ui_serves_the_study_and_stops_on_sigint(tmp_path: Path, monkeypatch: py
         seen: list[str] = []
         wait_for_line(lines, "MLflow UI for", seen)
         url = wait_for_line(lines, f"study {STUDY}: ", seen).split(": ", 1)[1]
+        compare = wait_for_line(lines, "compare proxies: ", seen).split(": ", 1)[1]
         started = descendants(cli.pid)
         assert started, "the server runs as a child of mutransfer ui"
 
         base = f"http://127.0.0.1:{port}"
-        assert url.startswith(f"{base}/#/experiments/{experiment}?searchFilter=")
-        search_filter = urllib.parse.parse_qs(url.split("?", 1)[1])["searchFilter"][0]
+        assert url.startswith(f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&")
+        query = urllib.parse.parse_qs(url.split("?", 1)[1])
+        assert query["orderByKey"] == ["metrics.`final/eval_loss`"] and query["orderByAsc"] == ["true"]
         found = post_json(f"{base}/api/2.0/mlflow/runs/search",
-                          {"experiment_ids": [experiment], "filter": search_filter, "max_results": 100})
-        assert {r["info"]["run_id"] for r in found["runs"]} == {parent_id, *trial_ids}
+                          {"experiment_ids": [experiment], "filter": query["searchFilter"][0], "max_results": 100})
+        assert {r["info"]["run_id"] for r in found["runs"]} == set(trial_ids)  # the trials, unfolded
+        assert compare.startswith(f"{base}/#/compare-runs?")
+        compared = urllib.parse.parse_qs(compare.split("?", 1)[1])
+        assert json.loads(compared["runs"][0]) == trial_ids  # ordered by learning rate
+        assert json.loads(compared["experiments"][0]) == [experiment]
+        assert compared["workflowType"] == ["machine_learning"]
 
         os.kill(cli.pid, signal.SIGINT)
         assert cli.wait(timeout=EXIT_WAIT_S) == 0
@@ -154,8 +161,9 @@ def test_artifact_logged_by_the_local_client_is_listed_through_the_server(
         with urllib.request.urlopen(f"{handle.url}/get-artifact?{query}", timeout=30) as response:
             assert response.read().decode() == plot.read_text()
         study = ui.study_url(handle, client, STUDY)
-        assert study is not None and f"/#/experiments/{experiment}?" in study
+        assert study is not None and f"/#/experiments/{experiment}/runs?" in study
         assert ui.study_url(handle, client, "no-such-study") is None
+        assert ui.compare_url(handle, client, "no-such-study") is None
     finally:
         handle.stop()
         kill_all(group)  # a no-op when stop() did its job, which the asserts below check

@@ -20,7 +20,7 @@ import yaml
 from tqdm import tqdm
 
 from mutransfer.train.config import RunConfig, apply_overrides, config_from_dict
-from mutransfer.train.tracking import flatten, resolve_tracking_uri
+from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
 
 from .store import (
     KEY_TAG,
@@ -50,11 +50,10 @@ class SweepSummary:
 
 def ensure_study_run(client, cfg: StudyConfig) -> str:
     """The study's parent run id, created (with the study config as params) on first use."""
+    experiment_id = training_experiment_id(client, cfg.study.experiment)  # marks stores made before, too
     found = find_study_run(client, cfg.study.name, cfg.study.experiment)
     if found is not None:
         return found.info.run_id
-    experiment = client.get_experiment_by_name(cfg.study.experiment)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.study.experiment)
     run = client.create_run(experiment_id, run_name=f"study {cfg.study.name}",
                             tags={STUDY_TAG: cfg.study.name, ROLE_TAG: "study"})
     from mlflow.entities import Param

@@ -229,33 +229,54 @@ def study_filter(study: str) -> str:
     return f"tags.`{STUDY_TAG}` = '{study}'"
 
 
-def study_url(handle: ServerHandle, client, study: str, experiment: str | None = None) -> str | None:
-    """The UI's runs table of the study's experiment, filtered to the study (parent and trials), or None.
+# MLflow 3.17's UI opens every experiment as GenAI (traces) unless the workflow switch says otherwise; the
+# switch lives in the browser's local storage, and this query parameter sets it for the page it opens.
+TRAINING_WORKFLOW = "workflowType=machine_learning"
+RANKING_METRIC = "final/eval_loss"
 
-    MLflow 3.17's UI uses hash routing; its own "runs by user" links are /#/experiments/<id>?searchFilter=<f>,
-    and the runs table reads `searchFilter` from the route's query string.
+
+def _quoted(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def study_url(handle: ServerHandle, client, study: str, experiment: str | None = None) -> str | None:
+    """The UI's runs table of the study's trials (proxies and target), best final eval loss first; None when
+    there is no such study.
+
+    MLflow 3.17's UI uses hash routing: /#/experiments/<id>/runs reads `searchFilter`, `orderByKey` and
+    `orderByAsc` from the route's query string. The parent run is left out so that the trials are rows of
+    their own rather than children folded under it.
     """
     parent = find_study_run(client, study, experiment)
     if parent is None:
         return None
-    query = urllib.parse.quote(study_filter(study), safe="")
-    return f"{handle.url}/#/experiments/{parent.info.experiment_id}?searchFilter={query}"
+    trials = f"{study_filter(study)} and tags.`{ROLE_TAG}` != 'study'"
+    return (f"{handle.url}/#/experiments/{parent.info.experiment_id}/runs?{TRAINING_WORKFLOW}"
+            f"&searchFilter={_quoted(trials)}&orderByKey={_quoted(f'metrics.`{RANKING_METRIC}`')}&orderByAsc=true")
 
 
 def compare_url(handle: ServerHandle, client, study: str, experiment: str | None = None) -> str | None:
-    """The compare-runs page of the study's trials (child runs), or None when it has none."""
+    """The compare-runs page of the study's proxies (one run per trial), or None when it has none.
+
+    The page puts every run's params (optim.lr, optim.momentum / optim.beta1, model.width, model.depth,
+    parametrization), its metrics (final/eval_loss, ...) and its tags side by side, with a parallel
+    coordinates plot on top. Runs are ordered by shape, then learning rate.
+    """
     import json
+
+    from .store import latest_per_key, load_trials
 
     parent = find_study_run(client, study, experiment)
     if parent is None:
         return None
-    runs = client.search_runs([parent.info.experiment_id], max_results=200,
-                              filter_string=f"{study_filter(study)} and tags.`{ROLE_TAG}` != 'study'")
-    if not runs:
+    proxies = latest_per_key(load_trials(client, study, experiment))
+    if not proxies:
         return None
-    ids = urllib.parse.quote(json.dumps([r.info.run_id for r in runs]), safe="")
-    experiments = urllib.parse.quote(json.dumps([parent.info.experiment_id]), safe="")
-    return f"{handle.url}/#/compare-runs?runs={ids}&experiments={experiments}"
+    proxies.sort(key=lambda t: (t.shape, t.lr, t.momentum, t.seed))
+    ids = json.dumps([t.run_id for t in proxies])
+    experiments = json.dumps([parent.info.experiment_id])
+    return (f"{handle.url}/#/compare-runs?runs={_quoted(ids)}&experiments={_quoted(experiments)}"
+            f"&{TRAINING_WORKFLOW}")
 
 
 def wait_for_stop_signal(handle: ServerHandle) -> int:
@@ -310,6 +331,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"MLflow UI for {uri} at {handle.url} (server pid {handle.pid})", flush=True)
         if args.study:
             print(f"study {args.study}: {study_url(handle, client, args.study, args.experiment)}", flush=True)
+            compare = compare_url(handle, client, args.study, args.experiment)
+            if compare:
+                print(f"compare proxies: {compare}", flush=True)
         print("press Ctrl-C to stop", flush=True)
         code = wait_for_stop_signal(handle)
         if code:
@@ -332,9 +356,9 @@ def _run(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "ui", help="serve the MLflow UI over the local store, on 127.0.0.1, until Ctrl-C",
-        description="Start `mlflow server` on 127.0.0.1 over the local sqlite/file store, print the URL of the "
-                    "study's runs, and stop the server on Ctrl-C or SIGTERM.")
-    parser.add_argument("--study", default=None, help="print the URL of this study's runs")
+        description="Start `mlflow server` on 127.0.0.1 over the local sqlite/file store, print the URLs of the "
+                    "study's runs table and of a comparison of its proxies, and stop the server on Ctrl-C or SIGTERM.")
+    parser.add_argument("--study", default=None, help="print the URLs of this study's runs and of its proxies' comparison")
     parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
     parser.add_argument("--tracking-uri", default=None,
                         help="local store URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")

@@ -13,9 +13,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-3")
     t.set_defaults(func=train_command)
 
-    e = subparsers.add_parser("export", help="write a run's consolidated fp32 weights as safetensors")
+    e = subparsers.add_parser("export", help="write a run's consolidated fp32 weights as safetensors or timm")
     e.add_argument("run_dir", type=Path)
-    e.add_argument("out", type=Path)
+    e.add_argument("out", type=Path, help="a .safetensors file, or (--format timm) a folder")
+    e.add_argument("--format", choices=("safetensors", "timm"), default="safetensors",
+                   help="safetensors: our file, read by mutransfer.models.load_model; timm: model.safetensors + "
+                        "config.json for timm.create_model('local-dir:OUT', pretrained=True), multipliers folded in")
     e.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest complete one)")
     e.set_defaults(func=export_command)
 
@@ -32,7 +35,7 @@ def export_command(args: argparse.Namespace) -> int:
     from .export import export
 
     try:
-        out = export(args.run_dir, args.out, args.checkpoint)
+        out = export(args.run_dir, args.out, args.checkpoint, args.format)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from err
     print(f"wrote {out}")

@@ -153,6 +153,16 @@ class TrackingSection:
     params: dict[str, str] = field(default_factory=dict)
     """Extra MLflow params of the run (logged as tracking.params.<key>): `mutransfer transfer` records here
     which rule chose the target's lr and what it predicted."""
+    log_model: bool | None = None
+    """Log the final model as an MLflow model (mlflow.pytorch, torch.export format, with an input example and
+    signature; at ZeRO-3 the weights are gathered first). None: for the target of a study
+    (tags mutransfer.role=target) and whenever registered_model_name is set."""
+    registered_model_name: str | None = None
+    """Register the logged model under this name in the MLflow model registry (a new version each run)."""
+    system_metrics: bool = True
+    """Log MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
+    disk, network, and GPU utilisation and memory where pynvml sees a GPU) at every run.log_interval, on
+    rank 0, at the training step."""
 
 
 @dataclass
@@ -337,6 +347,8 @@ def validate(cfg: RunConfig) -> None:
     if run.compile != "off" and ds.zero_stage == 3:
         raise ConfigError("run.compile", f"{run.compile} is not supported at deepspeed.zero_stage=3 (dynamo "
                           "breaks the graph at ZeRO-3's parameter hooks); use run.compile=off or ZeRO 0-2")
+    if cfg.tracking.log_model is False and cfg.tracking.registered_model_name:
+        raise ConfigError("tracking.registered_model_name", "is set, but tracking.log_model=false logs no model")
     if not run.divergence_loss > 0:
         raise ConfigError("run.divergence_loss", f"must be positive, got {run.divergence_loss}")
     from mutransfer.models import zoo_entry

@@ -1,9 +1,12 @@
-"""`mutransfer export RUN_DIR OUT`: consolidated fp32 weights of a run as safetensors.
+"""`mutransfer export RUN_DIR OUT`: consolidated fp32 weights of a run, as our safetensors or as plain timm.
 
-The file's metadata names the zoo model and its arguments, so `mutransfer.models.load_model(OUT)` (or
-`create_model(name, checkpoint_path=OUT, **same_args)`) rebuilds it. ZeRO 1-3 partitions are merged with
-DeepSpeed's own consolidation; a stage-0 checkpoint holds the whole model already. Every torch file is read
-with `weights_only=True`: nothing here unpickles arbitrary objects.
+`--format safetensors` (the default) writes one file whose metadata names the zoo model and its arguments,
+so `mutransfer.models.load_model(OUT)` (or `create_model(name, checkpoint_path=OUT, **same_args)`) rebuilds
+it. `--format timm` writes a folder (`model.safetensors` + `config.json`) that
+`timm.create_model("local-dir:OUT", pretrained=True)` loads with no mutransfer installed: the
+parametrization's multipliers are folded into the weights (`mutransfer.models.timm_export`). ZeRO 1-3
+partitions are merged with DeepSpeed's own consolidation; a stage-0 checkpoint holds the whole model already.
+Every torch file is read with `weights_only=True`: nothing here unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -12,11 +15,14 @@ import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from mutransfer.data import DataConfig
 from mutransfer.models import create_model
+from mutransfer.models.timm_export import save_timm
 from mutransfer.models.zoo import MODEL_METADATA_KEY
 
 from . import checkpoint as ckpt
@@ -45,9 +51,18 @@ def consolidated_state_dict(folder: Path, zero_stage: int, bf16: bool) -> dict[s
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
 
 
-def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
-    """Write the newest complete checkpoint of `run_dir` (or `checkpoint`) as one safetensors file."""
+FORMATS = ("safetensors", "timm")
+
+
+def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
+           format: str = "safetensors") -> Path:
+    """Write the newest complete checkpoint of `run_dir` (or `checkpoint`) as one safetensors file, or (timm)
+    as a timm folder."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run_dir, out = Path(run_dir), Path(out)
+    if format == "timm" and out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; --format timm writes a folder")
     folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     if folder is None or not (folder / ckpt.STATE_FILE).is_file():
         raise ValueError(f"{run_dir} holds no complete checkpoint (looked in {ckpt.checkpoint_root(run_dir)})")
@@ -57,13 +72,26 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) 
     # runs save the resolved class count; the head's shape tells it for older configs
     num_classes = cfg.data.num_classes or int(tensors["head.weight"].shape[0])
     kwargs = cfg.model.create_kwargs(cfg.data.img_size, num_classes)
-    expected = {k: tuple(v.shape) for k, v in create_model(cfg.model.name, **kwargs).state_dict().items()}
+    model = create_model(cfg.model.name, **kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
         diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
         raise ValueError(f"checkpoint {folder} does not match model {cfg.model.name}: {', '.join(diff[:5])}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if format == "timm":
+        model.load_state_dict(tensors, strict=True)
+        provenance = {"model": cfg.model.name, "kwargs": kwargs, "step": state.step, "checkpoint": str(folder),
+                      "mlflow_run_id": state.mlflow_run_id}
+        return save_timm(model, out, eval_data_config(cfg.data), provenance)
     metadata = {MODEL_METADATA_KEY: json.dumps({"name": cfg.model.name, "kwargs": kwargs}),
                 "mutransfer_step": str(state.step)}
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
     return out
+
+
+def eval_data_config(data: DataConfig) -> dict[str, Any]:
+    """Our eval preprocessing in timm's data-config terms (what `timm.data.resolve_data_config` returns)."""
+    return {"input_size": (3, data.img_size, data.img_size), "crop_pct": data.crop_pct, "crop_mode": "center",
+            "interpolation": "bicubic" if data.interpolation == "random" else data.interpolation,
+            "mean": tuple(data.mean), "std": tuple(data.std)}

@@ -23,6 +23,10 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 TAG_PREFIX = "mutransfer."
 STATUS_TAG = "mutransfer.status"
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "preempted": "KILLED"}
+# MLflow 3 shows an experiment as model training (runs table, charts) rather than GenAI (traces) by this tag;
+# the value is the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT ("Machine learning").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -42,6 +46,19 @@ def server_reachable(uri: str, timeout: float = 3.0) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
+
+
+def training_experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing, marked as a model-training experiment.
+
+    An existing experiment without a kind gets ours; one a user already gave a kind keeps it.
+    """
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+    if not found.tags.get(EXPERIMENT_KIND_TAG):
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return found.experiment_id
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -90,10 +107,7 @@ class Tracker:
         return self._client
 
     def _experiment_id(self) -> str:
-        found = self.client.get_experiment_by_name(self.experiment)
-        if found is not None:
-            return found.experiment_id
-        return self.client.create_experiment(self.experiment)
+        return training_experiment_id(self.client, self.experiment)
 
     def start(self, run_name: str | None, tags: Mapping[str, str], parent_run_id: str | None = None,
               run_id: str | None = None) -> str | None:
@@ -114,6 +128,8 @@ class Tracker:
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
@@ -131,10 +147,14 @@ class Tracker:
             self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         for key, value in tags.items():
             self._call("set_tag", self.client.set_tag, self.run_id, key, str(value))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
+        if not self.active:  # before `self.client`: an inactive rank must not open the store
+            return
         self._call("log_artifact", self.client.log_artifact, self.run_id, str(path))
 
     def end(self, status: str) -> None:

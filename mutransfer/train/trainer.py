@@ -54,10 +54,12 @@ from .distributed import (
 from .engine import build_engine, build_model, deepspeed_config, param_groups_of, seed_rngs
 from .evaluate import evaluate
 from .hardware import peak_flops
+from .mlflow_model import log_final_model
 from .progress import StepWindow
 from .resume import load_checkpoint, resume_point, save_checkpoint
 from .run_log import RunResult, SampleLog, append_metrics, run_params, run_tags, write_result
 from .signals import StopRequest
+from .system_metrics import SystemMetrics, start_system_metrics
 from .tracking import Tracker
 
 __all__ = ["EXIT_DIVERGED", "RunResult", "build_model", "deepspeed_config", "init_distributed",
@@ -82,6 +84,7 @@ class Run:
     criterion: torch.nn.Module
     flops: float | None  # training FLOPs per image, for MFU
     tracker: Tracker | None = None
+    system_metrics: SystemMetrics = field(default_factory=SystemMetrics)
     mlflow_run_id: str | None = None
     sample_log: SampleLog | None = None
     pbar: Any = None
@@ -187,6 +190,7 @@ def log_window(run: Run) -> None:
                                  peak_flops(), run.world_size)
     run.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ips=f"{metrics['perf/images_per_s']:.0f}")
     _record(run, metrics)
+    run.tracker.log_metrics(run.system_metrics.sample(), run.state.step)  # MLflow only: {} when off
     run.window.reset()
 
 
@@ -217,6 +221,7 @@ def finish(run: Run, status: str) -> RunResult:
             save_checkpoint(run.engine, run.state, run.cfg, run.rank)
         final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
         run.tracker.log_metrics({"final/train_loss": run.last_loss, **final}, run.state.step)
+        log_final_model(run.engine, run.cfg, run.tracker, run.rank)
     result = RunResult(status=status, step=run.state.step, output_dir=str(run.output_dir),
                        mlflow_run_id=run.mlflow_run_id, final_train_loss=run.last_loss, eval=run.eval_metrics,
                        message=run.message)
@@ -282,6 +287,7 @@ def _start_tracking(run: Run, model: torch.nn.Module) -> None:
         run.tracker.log_params(run_params(cfg, model, run.world_size))
         run.tracker.log_artifact(run.output_dir / "config.yaml")
         run.tracker.log_artifact(run.output_dir / "deepspeed.json")
+    run.system_metrics = start_system_metrics(cfg.tracking.system_metrics, run.tracker)
     state.mlflow_run_id = broadcast_from_rank0(run.mlflow_run_id, run.world_size)
 
 
