@@ -1,4 +1,4 @@
-"""Forward + backward + AdamW step time of our ViT under each parameterization vs timm's ViT (SP).
+"""Forward + backward + AdamW step time of our ViT under each parametrization vs timm's ViT (SP).
 
     .venv/bin/python benchmarks/model_step.py                      # CPU default: ViT-Ti-like, 64 px
     .venv/bin/python benchmarks/model_step.py --device cuda --width 768 --depth 12 --img-size 224 \

@@ -84,7 +84,7 @@ def test_two_rank_zero_training_learns_and_keeps_group_lr_ratios(stage, shards, 
     artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
     assert {"config.yaml", "deepspeed.json"} <= artifacts
 
-    # after warmup and several cosine steps, every group's LR keeps the parameterization's ratio
+    # after warmup and several cosine steps, every group's LR keeps the parametrization's ratio
     scales = expected_lr_scales()
     lrs = {k.removeprefix("lr/"): v for k, v in mlrun.data.metrics.items() if k.startswith("lr/")}
     assert set(lrs) == set(scales)

@@ -1,4 +1,4 @@
-"""Parameterizations, the ViT zoo, the residual-MLP testbed and coordinate checks."""
+"""Parametrizations, the ViT zoo, the residual-MLP testbed and coordinate checks."""
 
 from .layers import collect_param_info
 from .parametrization import (

@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "coord-check",
         help="coordinate check: activation size per layer across widths or depths (CSV + PNG)",
         description="Train each size a few steps on one fixed batch and record the mean |activation| of "
-        "every layer. Flat curves mean the parameterization keeps coordinates stable as the model grows.",
+        "every layer. Flat curves mean the parametrization keeps coordinates stable as the model grows.",
     )
     p.add_argument("--model", default="vit", help="zoo name (default: vit)")
     p.add_argument("--parametrization", default="mup", help="sp, mup, depth_mup or completep")

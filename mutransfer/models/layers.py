@@ -45,7 +45,7 @@ class Readout(nn.Linear):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA with the parameterization's logit scale."""
+    """Multi-head self-attention through SDPA with the parametrization's logit scale."""
 
     def __init__(self, dim: int, head_dim: int, scale: float, qkv_bias: bool = True) -> None:
         super().__init__()

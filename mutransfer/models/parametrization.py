@@ -1,4 +1,4 @@
-"""Parameterizations that make hyperparameters transfer across width and depth.
+"""Parametrizations that make hyperparameters transfer across width and depth.
 
 Every scaling rule lives in ONE table, `RULES`, keyed by the role a parameter plays (see `Role`). A rule
 entry is a `Scale`: the product m_N ** width * m_L ** (depth + depth_per_alpha * alpha), where
@@ -162,9 +162,9 @@ DEFAULT_INIT_STD = 0.02  # timm's trunc-normal std for ViT linears
 
 @dataclass(frozen=True)
 class Parametrization:
-    """A parameterization plus the base shape it is measured against.
+    """A parametrization plus the base shape it is measured against.
 
-    At base width and base depth every parameterization gives the same model and the same optimizer
+    At base width and base depth every parametrization gives the same model and the same optimizer
     groups as `sp` with the same zero-init flags; away from the base the rules in `RULES` apply.
     """
 

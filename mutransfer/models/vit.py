@@ -1,7 +1,7 @@
 """Vision Transformer whose init, multipliers and attention scale follow a Parametrization.
 
 Single-device model code: distribution, compile and checkpointing wrap it from `mutransfer.train`.
-Under `sp` at any shape (and under every parameterization at its base shape) it is timm's ViT: pre-LN
+Under `sp` at any shape (and under every parametrization at its base shape) it is timm's ViT: pre-LN
 blocks, class token, learned position embedding, GELU MLP, trunc-normal(0.02) linears.
 """
 

@@ -1,7 +1,7 @@
 """The model zoo: `create_model(name, **overrides)`, mirrored into timm as `mutransfer_<name>`.
 
 Each entry is a constructor plus its defaults; any constructor argument can be overridden, including the
-parameterization (`parametrization="depth_mup", base_width=128, base_depth=4, alpha=0.75, ...`).
+parametrization (`parametrization="depth_mup", base_width=128, base_depth=4, alpha=0.75, ...`).
 """
 
 from __future__ import annotations

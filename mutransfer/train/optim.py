@@ -1,4 +1,4 @@
-"""Optimizer param groups that carry the parameterization's per-role scales.
+"""Optimizer param groups that carry the parametrization's per-role scales.
 
 The scales live in the param-group dicts as plain keys (`lr_scale`, `wd_scale`, `eps_scale`, `role`,
 `names`), never on tensors: ZeRO-3 partitions parameters, FSDP flattens them and torch.compile fakes them,

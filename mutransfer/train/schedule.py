@@ -1,4 +1,4 @@
-"""LR schedules that multiply each param group's own LR, so the parameterization's ratios survive.
+"""LR schedules that multiply each param group's own LR, so the parametrization's ratios survive.
 
 DeepSpeed's WarmupLR / WarmupDecayLR write one absolute LR into every group and would erase the per-role
 scales; torch's LambdaLR multiplies each group's `initial_lr` by the same factor.
