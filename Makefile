@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test lint demo clean browser
+.PHONY: venv test test-fast lint demo clean browser
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ browser:
 	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
 	  >/dev/null 2>&1 && echo "installed chromium"; } || echo "no chromium: the browser test will skip"
+
+# the quick loop for local work: unit tests only (integration tests are marked slow)
+test-fast: venv lint
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q -m 'not slow' tests
 
 test: venv lint browser
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests

@@ -17,6 +17,8 @@ from mutransfer.models import create_model, load_model
 from mutransfer.models.timm_export import folded_state_dict, save_timm, timm_model_args, to_timm
 from mutransfer.train.export import export
 
+pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
+
 TOLERANCE = 1e-5
 PARAMETRIZATIONS = ["sp", "mup", "depth_mup", "completep"]
 # (width, depth, head_dim, patch_size, img_size, mlp_ratio): wider and deeper than the base (16, 2), a head

@@ -14,6 +14,8 @@ from mutransfer.data import write_synthetic_shards
 from mutransfer.launch.store import latest_per_key, load_trials
 from mutransfer.train.config import load_config
 
+pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
+
 STUDY = "tiny"
 LRS = [1e-3, 1e-2, 30.0]  # the last one diverges (Adam at lr 30 on a ViT)
 

@@ -19,6 +19,8 @@ from mutransfer.train.config import ConfigError, RunConfig, config_from_dict
 from mutransfer.train.mlflow_model import wants_model
 from mutransfer.train.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, Tracker
 
+pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
+
 SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes")
 
 

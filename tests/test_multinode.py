@@ -30,6 +30,8 @@ from mutransfer.launch.study import load_study
 from mutransfer.train.checkpoint import complete_checkpoints, read_state
 from mutransfer.train.config import load_config
 
+pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
+
 # 4 train shards of 128 over 2 ranks x 1 loader worker: each rank owns 2 shards, 256 samples = 32 batches of
 # 8, so an epoch in exact mode (data.resampled=false) is one pass over every sample.
 TRAIN_SAMPLES, EVAL_SAMPLES, BATCH = 512, 200, 8

@@ -30,6 +30,8 @@ from mutransfer.models import load_model
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
 
+pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
+
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:

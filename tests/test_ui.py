@@ -20,6 +20,8 @@ from mlflow.tracking import MlflowClient
 from mutransfer.cli import main
 from mutransfer.launch import ui
 
+pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
+
 MUTRANSFER = Path(sys.executable).with_name("mutransfer")
 STUDY = "ui-study"
 # Generous bounds so that a slow shared machine does not fail the tests; nothing here measures time.

@@ -29,9 +29,9 @@ from mutransfer.netutil import free_port
 STUDY = "browser"
 LRS = [1e-3, 1e-2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     CHROMIUM is None, reason="headless Chromium not found: `make browser` (or `apt-get install chromium`) "
-                             "installs Debian's chromium package")
+                             "installs Debian's chromium package")]
 RENDER_TRIES = 3  # a page still loading on a busy machine gets a longer virtual-time budget next time
 
 
