@@ -205,7 +205,8 @@ def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_
 
     trials = planted_trials("mup", -0.5) + planted_trials("completep", 0.0)
     lines = verdict_lines(analysis.trends(analysis.fit_shapes(trials, "final/eval_loss")))
-    assert lines[-1].startswith("[demo] verdict: completep transfers across depth and mup does not")
+    assert lines[-1].startswith("[demo] verdict: completep keeps its optimal lr across depth")
+    assert "mup does not (-0.50" in lines[-1]
     assert any("mup: optimal lr -0.50" in line and "drifts" in line for line in lines)
 
 
@@ -215,3 +216,15 @@ def test_a_study_label_becomes_typed_model_overrides_of_the_trial() -> None:
     overrides = TrialSpec("depth_mup+fle0.5", 32, 4, 2.0**-7, 0.9, 0.0, 1).overrides("adamw")
     assert overrides[:2] == ["model.parametrization=depth_mup", "model.first_layer_lr_exponent=0.5"]
     assert "model.width=32" in overrides and "run.seed=1" in overrides
+
+
+def test_demo_verdict_counts_a_flat_but_noisy_slope_as_steady_and_says_so_when_nothing_separates() -> None:
+    from mutransfer.launch.demo import verdict_lines
+
+    noisy = planted_trials("depth_mup+fle0.5", 0.0, seeds=2, noise=0.15)
+    trends = analysis.trends(analysis.fit_shapes(planted_trials("depth_mup", 1.0, seeds=2) + noisy,
+                                                 "final/eval_loss"))
+    assert trends["depth_mup+fle0.5"].verdicts["depth"].outcome in ("holds", "unclear")
+    assert verdict_lines(trends)[-1].startswith("[demo] verdict: depth_mup+fle0.5 keeps its optimal lr")
+    flat_only = analysis.trends(analysis.fit_shapes(noisy, "final/eval_loss"))
+    assert "does not separate them" in verdict_lines(flat_only)[-1]

@@ -40,22 +40,24 @@ def ensure_shards(folder: Path) -> None:
 
 
 def verdict_lines(trends: dict) -> list[str]:
-    """The demo's last word, from its own fits: which parametrization transfers across depth, and why."""
-    from .analysis import summary_sentence
+    """The demo's last word, from its own fits: which parametrization keeps its optimal lr across depth (its
+    slope within the bar, whether or not the error is small enough to call it proven), which one drifts."""
+    from .analysis import TOLERANCE_PER_DOUBLING, summary_sentence
 
     lines = [f"[demo] {summary_sentence(t)}" for t in trends.values()]
-    for label, trend in trends.items():
-        depth = trend.verdicts.get("depth")
-        if depth is None:
-            continue
-        small, large = trend.sizes["depth"]
-        lines.append(f"[demo]   {label}: optimal lr {depth.slope:+.2f} +- {depth.error:.2f} log2 per depth doubling, "
-                     f"{depth.drift:+.2f} log2 from depth {small:g} to {large:g}: {depth.outcome}")
-    holds = [label for label, t in trends.items() if t.transfers]
-    drifts = [label for label, t in trends.items() if t.transfers is False]
-    if holds and drifts:
-        lines.append(f"[demo] verdict: {', '.join(holds)} transfers across depth and {', '.join(drifts)} does not: "
-                     f"tune {holds[0]} proxies and reuse their lr on deeper targets.")
+    depth = {label: t.verdicts["depth"] for label, t in trends.items() if "depth" in t.verdicts}
+    for label, v in depth.items():
+        small, large = trends[label].sizes["depth"]
+        lines.append(f"[demo]   {label}: optimal lr {v.slope:+.2f} +- {v.error:.2f} log2 per depth doubling, "
+                     f"{v.drift:+.2f} log2 from depth {small:g} to {large:g}: {v.outcome}")
+    steady = [label for label, v in depth.items() if v.outcome != "drifts" and abs(v.slope) <= TOLERANCE_PER_DOUBLING]
+    drifting = [label for label, v in depth.items() if v.outcome == "drifts"]
+    if steady and drifting:
+        keep, move = depth[steady[0]], depth[drifting[0]]
+        lines.append(f"[demo] verdict: {steady[0]} keeps its optimal lr across depth ({keep.slope:+.2f} +- "
+                     f"{keep.error:.2f} log2 per doubling, within the {TOLERANCE_PER_DOUBLING:.2f} bar); {drifting[0]} "
+                     f"does not ({move.slope:+.2f} +- {move.error:.2f}, {move.slope / move.error:.1f} standard errors "
+                     f"from zero). Tune {steady[0]} proxies and reuse their lr on deeper targets.")
     else:
         lines.append("[demo] verdict: this run does not separate them (see the slopes above): more seeds would.")
     return lines
