@@ -112,6 +112,9 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     assert target_params["tracking.params.transfer.rule"] == "largest"
     assert float(target_params["tracking.params.transfer.lr"]) == best.lr
     assert math.isfinite(target_runs[0].metrics["final/eval_loss"])
+    # the target (and no proxy) logs its final model to MLflow by default
+    models = client.search_logged_models([parent[0].info.experiment_id])
+    assert [m.source_run_id for m in models] == [target_runs[0].run_id]
 
 
 def test_transfer_unknown_study_is_a_clear_error(workspace) -> None:
