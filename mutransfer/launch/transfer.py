@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from mutransfer.train.config import ConfigError, apply_overrides, config_from_dict, load_config
+from mutransfer.train.config import ConfigError, apply_overrides, config_from_dict, load_config, load_yaml
 from mutransfer.train.tracking import resolve_tracking_uri
 
 from .analysis import Optimum, grids, optimum_per_shape, proxy_size, shifts, verdicts
@@ -74,7 +74,7 @@ def plan_transfer(study: str, target: str, out: str | None = None, metric: str =
 
     optimizer = target_cfg.optim.name
     momentum_key = "optim.momentum" if optimizer == "sgd" else "optim.beta1"
-    raw = yaml.safe_load(Path(target).read_text()) or {}
+    raw = load_yaml(Path(target).read_text(), f"--target {target}") or {}
     raw = apply_overrides(raw, list(overrides) + [f"optim.lr={source.lr!r}", f"{momentum_key}={source.momentum!r}",
                                                   f"optim.weight_decay={source.weight_decay!r}"])
     tracking = raw.setdefault("tracking", {})

@@ -2,7 +2,7 @@
 
 Runs as a plain process, under torchrun, or under DeepSpeed's launcher:
     deepspeed --num_gpus 2 --module mutransfer.train --config configs/vit_s16_imagenet_zero1.yaml
-Exit codes: 0 finished or preempted (checkpoint saved), 2 bad config, 3 diverged.
+Exit codes: 0 finished or preempted (checkpoint saved), 2 bad config or unusable data, 3 diverged.
 """
 
 from __future__ import annotations
@@ -29,12 +29,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
+    from mutransfer.data.info import DataError
+
     from .trainer import EXIT_DIVERGED, shutdown_distributed, train
 
     try:
         result = train(cfg)
     except ConfigError as err:
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"mutransfer.train: data error: {err}", file=sys.stderr)
         return 2
     shutdown_distributed()
     return EXIT_DIVERGED if result.status == "diverged" else 0

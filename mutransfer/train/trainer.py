@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from .config import ConfigError, RunConfig, save_config
 from .hardware import peak_flops, peak_memory_bytes
 from .optim import build_optimizer
 from .schedule import build_scheduler
-from .tracking import Tracker, flatten
+from .tracking import Tracker, flatten, trim_metrics_file
 
 EXIT_DIVERGED = 3
 
@@ -52,6 +53,7 @@ class RunResult:
     final_train_loss: float | None = None
     eval: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # data/{train,eval}_<kind>: samples skipped, all ranks
 
 
 # --- process group -----------------------------------------------------------------------------------------
@@ -214,6 +216,12 @@ class _Batches:
         self.state.batch_in_epoch += 1
         return batch
 
+    def close(self) -> None:
+        """Stop the loader's workers now (at the end, and on every error: a failing run must exit)."""
+        if self.iterator is not None and hasattr(self.iterator, "close"):
+            self.iterator.close()
+        self.iterator = None
+
 
 class _SampleLog:
     """`run.record_samples`: the keys of every batch this rank trained on or evaluated, as JSON lines in
@@ -278,12 +286,11 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
     ZeRO-3 gathers parameters collectively inside every forward.
     """
     loader = build_eval_loader(cfg.data, rank, world_size)
-    iterator = iter(loader)
     sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
     dummy = torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size, device=device,
                         dtype=torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32)
     engine.eval()
-    with torch.no_grad():
+    with torch.no_grad(), closing(iter(loader)) as iterator:  # closing: its workers stop even on an error
         while True:
             batch = next(iterator, None)
             if _all_reduce([0.0 if batch is None else 1.0], device, op="max")[0] == 0:
@@ -306,10 +313,49 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
             if sample_log is not None:
                 sample_log.eval(step, [key for key in batch.keys if key])
     engine.train()
-    loss, top1, top5, count = _all_reduce(sums.tolist(), device)
+    totals = _all_reduce(sums.tolist() + loader.good_per_shard() + list(loader.skip_counts.values()), device)
+    loss, top1, top5, count = totals[:4]
     if count == 0:
-        raise ValueError("the eval shards hold no samples")
-    return {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
+        from mutransfer.data.info import DataError
+
+        raise DataError(f"no sample of the eval shards {loader.shards.pattern} could be read")
+    metrics = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
+    metrics.update(_eval_coverage(loader, totals[4:], rank, step, cfg.run.progress))
+    return metrics
+
+
+def _eval_coverage(loader: Any, totals: list[float], rank: int, step: int, verbose: bool) -> dict[str, float]:
+    """Samples evaluated against `_info.json` (a warning naming the shards that fell short), and what
+    evaluation skipped by kind; `totals` holds the good samples per shard, then the skip counts (all ranks)."""
+    from mutransfer.data.reader import coverage_shortfall
+
+    shards = len(loader.shards.urls)
+    good, skipped = totals[:shards], dict(zip(loader.skip_counts, totals[shards:]))
+    metrics = {f"eval/skipped_{kind}": n for kind, n in skipped.items() if n}
+    expected = loader.num_samples
+    if expected is not None:
+        metrics["eval/samples_expected"] = expected
+    if rank == 0:
+        shortfall = coverage_shortfall(loader.shards, good)
+        if shortfall:
+            kinds = ", ".join(f"{kind}={int(n)}" for kind, n in skipped.items() if n)
+            tqdm.write(f"mutransfer: warning: {shortfall}" + (f" (skipped: {kinds})" if kinds else ""), file=sys.stderr)
+        elif verbose:
+            of = f" of {expected} (_info.json)" if expected is not None else ""
+            tqdm.write(f"eval at step {step}: {int(sum(good))}{of} samples", file=sys.stderr)
+    return metrics
+
+
+def _data_summary(loader: Any, eval_metrics: dict[str, float], device: torch.device, rank: int) -> dict[str, int]:
+    """What the run's data skipped, by kind: training on all ranks and the last evaluation (all kinds are
+    listed, zeros too, for one-epoch runs as for long ones). Rank 0 prints it when anything was skipped."""
+    train_counts = _all_reduce([float(n) for n in loader.skip_counts.values()], device)
+    summary = {f"data/train_{kind}": int(n) for kind, n in zip(loader.skip_counts, train_counts)}
+    summary.update({f"data/eval_{kind}": int(eval_metrics.get(f"eval/skipped_{kind}", 0)) for kind in loader.skip_counts})
+    if rank == 0 and any(summary.values()):
+        text = ", ".join(f"{key.removeprefix('data/')}={n}" for key, n in summary.items() if n)
+        print(f"mutransfer: data skipped in this run: {text}", file=sys.stderr, flush=True)
+    return summary
 
 
 def train(cfg: RunConfig) -> RunResult:
@@ -355,10 +401,12 @@ def train(cfg: RunConfig) -> RunResult:
         state, _ = ckpt.read_state(resume_from)
         state.status = "running"
 
-    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and rank == 0)
+    tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and rank == 0,
+                      fallback=output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s)
     run_id = tracker.start(cfg.tracking.run_name or output_dir.name, _run_tags(cfg, model),
-                           parent_run_id=cfg.tracking.parent_run_id, run_id=state.mlflow_run_id)
-    if run_id and state.mlflow_run_id is None:
+                           parent_run_id=cfg.tracking.parent_run_id,
+                           run_id=state.mlflow_run_id or cfg.tracking.continue_run_id)
+    if run_id and state.mlflow_run_id is None and not cfg.tracking.continue_run_id:
         tracker.log_params(_run_params(cfg, model, world_size))
         tracker.log_artifact(output_dir / "config.yaml")
         tracker.log_artifact(output_dir / "deepspeed.json")
@@ -375,6 +423,8 @@ def train(cfg: RunConfig) -> RunResult:
     peak = peak_flops()
     global_batch = ds_config["train_batch_size"]
     batches = _Batches(loader, state)
+    if rank == 0:  # the steps after the checkpoint are trained (and recorded) again
+        trim_metrics_file(output_dir / "metrics.jsonl", state.step)
     rng_restore = resume_from
     result = RunResult(status="running", step=state.step, output_dir=str(output_dir), mlflow_run_id=run_id)
     pbar = tqdm(total=total_steps, initial=state.step, disable=rank != 0 or not cfg.run.progress,
@@ -447,6 +497,7 @@ def train(cfg: RunConfig) -> RunResult:
                     save_checkpoint(engine, state, cfg, rank)
         except Diverged as err:
             pbar.close()
+            batches.close()
             state.status = "diverged"
             result.status, result.message = "diverged", f"diverged: {err}"
             if rank == 0:
@@ -460,21 +511,27 @@ def train(cfg: RunConfig) -> RunResult:
             engine.destroy()
             return result
         except BaseException:
+            pbar.close()
+            batches.close()
             tracker.end("failed")  # the MLflow run must not stay RUNNING
             _close(sample_log)
             engine.destroy()
             raise
     pbar.close()
+    batches.close()
 
     if stop_signal is not None:
         state.status = "preempted"
         if cfg.run.save_checkpoints:
             save_checkpoint(engine, state, cfg, rank)
         result.status = "preempted"
-        result.message = (f"stopped by {signal.Signals(stop_signal).name} at step {state.step}; "
-                          f"checkpoint saved, run.resume=auto continues")
+        result.message = (f"stopped by {signal.Signals(stop_signal).name} at step {state.step}; " + (
+            "checkpoint saved, run.resume=auto continues" if cfg.run.save_checkpoints
+            else "no checkpoint (run.save_checkpoints=false): the run starts over when run again"))
         if rank == 0:
             print(f"mutransfer: {result.message}", file=sys.stderr, flush=True)
+        result.skipped = _data_summary(loader, eval_metrics, device, rank)
+        tracker.log_metrics(result.skipped, state.step)
         tracker.end("preempted")
     else:
         eval_metrics = evaluate(engine, cfg, rank, world_size, device, sample_log, state.step)
@@ -485,7 +542,8 @@ def train(cfg: RunConfig) -> RunResult:
             save_checkpoint(engine, state, cfg, rank)
         result.status = "finished"
         final = {"final/train_loss": last_loss, **{f"final/{k.replace('/', '_')}": v for k, v in eval_metrics.items()}}
-        tracker.log_metrics(final, state.step)
+        result.skipped = _data_summary(loader, eval_metrics, device, rank)
+        tracker.log_metrics({**final, **result.skipped}, state.step)
         tracker.end("finished")
     result.step, result.final_train_loss, result.eval = state.step, last_loss, eval_metrics
     _write_result(result, output_dir, rank)
@@ -549,6 +607,9 @@ def _resume_point(cfg: RunConfig) -> Path | None:
     folder = Path(resume)
     if not (folder / ckpt.STATE_FILE).is_file():
         raise ConfigError("run.resume", f"{folder} is not a complete mutransfer checkpoint")
+    problem = ckpt.checkpoint_problem(folder)
+    if problem is not None:
+        raise ConfigError("run.resume", f"{folder} is damaged: {problem}")
     return folder
 
 
