@@ -36,13 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = train(cfg)
     except ConfigError as err:
+        leave_after_error()
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
     except DataError as err:
+        leave_after_error()
         print(f"mutransfer.train: data error: {err}", file=sys.stderr)
         return 2
+    except BaseException:
+        leave_after_error()
+        raise
     shutdown_distributed()
     return EXIT_DIVERGED if result.status == "diverged" else 0
+
+
+def leave_after_error() -> None:
+    """Leave the process group without waiting for the other ranks (one may be dead): a gloo group still
+    standing at interpreter exit can keep the process spinning (or abort) while it is torn down."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
