@@ -321,6 +321,12 @@ def check_paths(cfg: RunConfig) -> None:
     resume = cfg.run.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
+    if resume not in ("auto", "never"):
+        from .checkpoint import checkpoint_problem
+
+        problem = checkpoint_problem(Path(resume))
+        if problem is not None:
+            raise ConfigError("run.resume", f"{resume} is not an intact checkpoint: {problem}")
 
 
 def check_shard_sets(data: DataConfig) -> None:

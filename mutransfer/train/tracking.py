@@ -36,6 +36,7 @@ STATUS_TAG = "mutransfer.status"
 MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "preempted": "KILLED"}
 RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
+END_POLL_S = 2.0  # at the end of a run, how often to try a server that stopped answering
 MAX_HELD_VALUES = 200_000  # metric values held while the server is away (a few tens of MB at most)
 TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
 
@@ -261,8 +262,8 @@ class Tracker:
         if self._held:
             print(f"mutransfer: waiting up to {self.wait_at_end_s:g} s for the MLflow server at {self.uri} to "
                   f"record {len(self._held)} held request(s)", file=sys.stderr, flush=True)
-        while self._held and time.monotonic() < deadline:
-            time.sleep(max(0.0, min(self._retry_at, deadline) - time.monotonic()))
+        while self._held and time.monotonic() < deadline:  # nothing else to do now: poll at a short interval
+            time.sleep(max(0.0, min(END_POLL_S, deadline - time.monotonic())))
             self.flush(force=True)
         if self._held or self._dropped:
             self._report_unrecorded(status)

@@ -607,9 +607,6 @@ def _resume_point(cfg: RunConfig) -> Path | None:
     folder = Path(resume)
     if not (folder / ckpt.STATE_FILE).is_file():
         raise ConfigError("run.resume", f"{folder} is not a complete mutransfer checkpoint")
-    problem = ckpt.checkpoint_problem(folder)
-    if problem is not None:
-        raise ConfigError("run.resume", f"{folder} is damaged: {problem}")
     return folder
 
 
