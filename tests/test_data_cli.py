@@ -82,8 +82,10 @@ def test_non_empty_folder_and_repeated_split_exit_2(tmp_path, capsys):
 
 
 def test_info_of_a_missing_index_exits_2(tmp_path, capsys):
+    code, _, stderr = run(capsys, "shards", "info", str(tmp_path / "nowhere"))
+    assert code == 2 and f"no shard index at {tmp_path}/nowhere/_info.json" in stderr
     code, _, stderr = run(capsys, "shards", "info", str(tmp_path))
-    assert code == 2 and f"no shard index at {tmp_path}/_info.json" in stderr
+    assert code == 2 and f"shard folder {tmp_path} is empty: no _info.json and no shards" in stderr
 
 
 def test_missing_required_option_is_an_argparse_error(capsys):

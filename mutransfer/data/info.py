@@ -18,6 +18,15 @@ from typing import Any
 INFO_FILENAME = "_info.json"
 
 
+class DataError(ValueError):
+    """Shards, or their index, cannot give a run what it needs. The message names the folder, file or shard;
+    the command line prints it as one line and exits 2."""
+
+
+class MissingData(DataError, FileNotFoundError):
+    """A shard index or shard that should be there is not."""
+
+
 @dataclass
 class SplitInfo:
     """One split: its shard files (relative to the info file's folder) and the samples in each."""
@@ -117,10 +126,25 @@ def read_info(location: str | os.PathLike[str]) -> DatasetInfo:
         with open_url(where) as stream:
             raw = json.loads(stream.read())
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"no shard index at {where}") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where} is not valid JSON: {err}") from err
-    return DatasetInfo.from_json(raw, where)
+        raise MissingData(_no_index(os.fspath(location), where)) from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{where} is not valid JSON: {err}") from err
+    try:
+        return DatasetInfo.from_json(raw, where)
+    except ValueError as err:
+        raise DataError(str(err)) from err
+
+
+def _no_index(location: str, where: str) -> str:
+    """Why there is no index: an empty folder, a folder of tars without one, or nothing at all."""
+    if os.path.isdir(location):
+        entries = os.listdir(location)
+        if not entries:
+            return f"shard folder {location} is empty: no {INFO_FILENAME} and no shards"
+        tars = sum(name.endswith(".tar") for name in entries)
+        return (f"shard folder {location} has no {INFO_FILENAME} ({tars} .tar file(s) beside it); write shards "
+                f"with `mutransfer shards write`, or name them with data.train_shards / data.eval_shards")
+    return f"no shard index at {where}"
 
 
 def write_info(folder: str | os.PathLike[str], info: DatasetInfo) -> str:

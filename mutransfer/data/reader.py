@@ -32,19 +32,32 @@ step together (ZeRO-3 gathers parameters in every forward) never wait on one ano
 
 Bad data never stops a run: undecodable images, samples missing `jpg`/`cls`, bad labels and unreadable or
 truncated shards are skipped, counted by reason and warned about (naming shard and key; the first 10, then
-every 1000th). Worker processes count into their own row of a shared-memory tensor, so the loader's
-`skip_counts` is exact in the main process; a summary is logged after every epoch that skipped anything.
+every 1000th). A damaged tar header does not end its shard: tarfile skips ahead to the next intact header,
+so damage costs the samples it covers. Samples that `_info.json` lists but a damaged or truncated shard did
+not give are counted as `unread_samples`, naming the shard. Worker processes count into their own row of a
+shared-memory tensor, so the loader's `skip_counts` (and the eval loader's `good_per_shard`, the coverage
+of each shard) are exact in the main process; a summary is logged after every epoch that skipped anything.
+Data that cannot work at all (no readable sample, 10000 bad samples in a row) raises `DataError`.
+
+Workers ignore SIGTERM / SIGINT until their loader lets them go (see `WorkerRelease`), and every way out of
+an iteration (exhausted, stopped early, an error) stops them, so a failing run exits instead of waiting on
+its workers.
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import itertools
 import logging
 import math
+import os
 import random
+import re
 import signal
-from collections.abc import Iterable, Iterator
+import tarfile
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -56,14 +69,16 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybePILToTensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import Compose
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+from webdataset.tariterators import group_by_keys
 
 from mutransfer.data.config import DataConfig
+from mutransfer.data.info import DataError
 from mutransfer.data.shards import ShardSet, open_url, shards_from_info, shards_from_pattern
 
 log = logging.getLogger(__name__)
 
-SKIP_REASONS = ("corrupt_image", "missing_field", "bad_label", "bad_shard")
+SKIP_REASONS = ("corrupt_image", "missing_field", "bad_label", "bad_shard", "unread_samples")
+META_FILE = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, not sample files
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 WARN_FIRST = 10
 WARN_EVERY = 1000
@@ -79,21 +94,89 @@ class EvalBatch(NamedTuple):
 
 
 class SkipCounter:
-    """Skipped-sample counts by reason, one row per DataLoader worker in shared memory (a worker only
-    writes its own row, so no locks), summed in the main process."""
+    """Skipped samples by reason, and good samples per shard, one row per DataLoader worker in shared memory
+    (a worker only writes its own row, so no locks), summed in the main process."""
 
-    def __init__(self, slots: int) -> None:
+    def __init__(self, slots: int, urls: Sequence[str] = ()) -> None:
         self.counts = torch.zeros((slots, len(SKIP_REASONS)), dtype=torch.int64).share_memory_()
+        self.shard_index = {url: i for i, url in enumerate(urls)}
+        self.good = torch.zeros((slots, max(1, len(urls))), dtype=torch.int64).share_memory_()
 
-    def record(self, slot: int, reason: str, url: str | None, key: str | None, detail: object) -> None:
-        self.counts[slot, SKIP_REASONS.index(reason)] += 1
-        total = int(self.counts.sum())
-        if total <= WARN_FIRST or total % WARN_EVERY == 0:
+    def record(self, slot: int, reason: str, url: str | None, key: str | None, detail: object,
+               amount: int = 1) -> None:
+        before = int(self.counts.sum())
+        self.counts[slot, SKIP_REASONS.index(reason)] += amount
+        total = before + amount
+        if before < WARN_FIRST or before // WARN_EVERY != total // WARN_EVERY:
             where = f"sample {key!r} of shard {url}" if key else f"shard {url}" if url else "a malformed sample"
             log.warning("skipping %s (%s: %s); %d skipped so far", where, reason, detail, total)
 
+    def count_good(self, slot: int, url: str | None) -> None:
+        index = self.shard_index.get(url)
+        if index is not None:
+            self.good[slot, index] += 1
+
     def totals(self) -> dict[str, int]:
         return dict(zip(SKIP_REASONS, (int(n) for n in self.counts.sum(0))))
+
+    def good_per_shard(self) -> list[int]:
+        return [int(n) for n in self.good.sum(0)[: len(self.shard_index)]]
+
+
+_RELEASES: weakref.WeakSet[WorkerRelease] = weakref.WeakSet()
+
+
+class WorkerRelease:
+    """Whether one DataLoader's workers may be stopped by a signal (a flag in shared memory).
+
+    SLURM and Ctrl-C signal every process of a job, workers included: a worker that died first would break
+    the batch its trainer needs to reach its preemption checkpoint, and torch turns a worker's death into an
+    error raised in the trainer at an arbitrary point. So workers ignore SIGTERM / SIGINT until released,
+    and then either signal ends them at once. The loader releases them when it stops them, and every loader
+    is released at interpreter exit, where multiprocessing terminates its daemonic children (our workers)
+    and then waits for them: an ignored SIGTERM would make that wait endless.
+    """
+
+    def __init__(self) -> None:
+        self.flag = torch.zeros(1, dtype=torch.uint8).share_memory_()
+        _RELEASES.add(self)
+
+    def install(self, _worker_id: int) -> None:
+        """The DataLoader's worker_init_fn."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, _signum: int, _frame: Any) -> None:
+        if int(self.flag[0]):
+            os._exit(0)  # a clean exit status: torch reports workers that die of a signal as failures
+
+    def release(self) -> None:
+        self.flag[0] = 1
+
+
+@atexit.register  # registered after multiprocessing's exit hook (torch imports it first), so it runs before
+def _release_all_workers() -> None:
+    for release in list(_RELEASES):
+        release.release()
+
+
+def stop_workers(batches: Iterator[Any]) -> None:
+    """Stop a DataLoader iterator's workers now. Dropping the iterator is not enough: a traceback that
+    passed through it keeps it alive, and its workers with it, until interpreter exit."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's own orderly stop; absent without workers
+    if shutdown is not None:
+        shutdown()
+
+
+def worker_error_message(err: BaseException) -> str:
+    """The message of an error raised in a DataLoader worker, without the worker's traceback that torch
+    puts in front of it when it raises the error again in the main process."""
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    last = lines[-1]
+    name = f"{type(err).__name__}: "
+    return last.split(name, 1)[1] if name in last else last
 
 
 def derive_seed(*parts: int) -> int:
@@ -126,6 +209,51 @@ def assigned_samples(shard_lengths: list[int] | tuple[int, ...], worker: int, wo
     return max(0, -(-(sum(shard_lengths) - worker) // workers))
 
 
+def tar_members(stream: Any) -> Iterator[dict[str, Any]]:
+    """{fname, data} of each regular file of a tar stream. Unlike webdataset's tar_file_iterator, a damaged
+    header does not end the shard there and then without a word: tarfile (ignore_zeros) skips ahead to the
+    next intact header, so a damaged region costs only the samples it covers."""
+    archive = tarfile.open(fileobj=stream, mode="r|*", ignore_zeros=True)
+    for member in archive:
+        if member.isreg() and not META_FILE.match(member.name):
+            yield {"fname": member.name, "data": archive.extractfile(member).read()}
+        archive.members = []  # a stream: keep no index of what was read
+
+
+def shard_samples(url: str, counter: SkipCounter, slot: int) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of bytes keyed by extension, plus __key__ and __url__) of one shard. A shard that
+    cannot be opened or breaks off (a truncated tar) is counted once as `bad_shard`; what was read before the
+    break is kept."""
+    try:
+        stream = open_url(url)
+    except Exception as err:
+        counter.record(slot, "bad_shard", url, None, f"{type(err).__name__}: {err}")
+        return
+
+    def bad_group(err: Exception) -> bool:
+        counter.record(slot, "bad_shard", url, None, err)
+        return True
+
+    error: Exception | None = None
+    try:
+        files = ({**entry, "__url__": url} for entry in tar_members(stream))
+        yield from group_by_keys(files, handler=bad_group)
+    except Exception as err:
+        error = err
+    finally:
+        try:
+            stream.close()  # a pipe: command's exit status is checked here
+        except Exception as err:
+            error = error or err
+    if error is not None:
+        counter.record(slot, "bad_shard", url, None, f"{type(error).__name__}: {error}")
+
+
+def _congruent(low: int, high: int, stride: int, offset: int) -> int:
+    """How many i in [low, high) have i % stride == offset."""
+    return max(0, (high - 1 - offset) // stride - (low - 1 - offset) // stride)
+
+
 def read_samples(
     urls: Iterable[str],
     counter: SkipCounter,
@@ -133,51 +261,34 @@ def read_samples(
     stride: int = 1,
     offset: int = 0,
     max_empty_shards: int | None = None,
+    lengths: dict[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of bytes keyed by extension, plus __key__ and __url__) of each shard in turn.
+    """Raw samples of each shard in turn, keeping sample i (counted over all shards read) when
+    i % stride == offset.
 
-    A shard that cannot be opened or breaks off (a truncated tar) is counted once as `bad_shard` and reading
-    goes on with the next; the samples read before the break are kept. After `max_empty_shards` shards in a
-    row without a sample, raise: the shard set is unusable and an endless resampling loop would hang.
+    A shard that gives fewer samples than `lengths` (from `_info.json`) says it holds counts this worker's
+    share of the difference as `unread_samples`, naming the shard. After `max_empty_shards` shards in a row
+    without a sample, raise DataError: the shard set is unusable and an endless resampling loop would hang.
     """
+    position = 0  # samples read so far, over all shards
     empty_in_a_row = 0
-
-    def files() -> Iterator[dict[str, Any]]:
-        nonlocal empty_in_a_row
-        for url in urls:
-            error: Exception | None = None
-            produced = False
-            try:
-                stream = open_url(url)
-            except Exception as err:
-                error, stream = err, None
-            if stream is not None:
-                try:
-                    for entry in tar_file_iterator(stream):
-                        entry["__url__"] = url
-                        produced = True
-                        yield entry
-                except Exception as err:
-                    error = err
-                finally:
-                    try:
-                        stream.close()  # a pipe: command's exit status is checked here
-                    except Exception as err:
-                        error = error or err
-            if error is not None:
-                counter.record(slot, "bad_shard", url, None, f"{type(error).__name__}: {error}")
-            empty_in_a_row = 0 if produced else empty_in_a_row + 1
-            if max_empty_shards is not None and empty_in_a_row >= max_empty_shards:
-                raise RuntimeError(f"{empty_in_a_row} shards in a row gave no sample (last: {url}); is the shard set readable?")
-            yield {}  # end-of-shard marker: group_by_keys never joins files of different shards
-
-    def bad_group(err: Exception) -> bool:
-        counter.record(slot, "bad_shard", None, None, err)
-        return True
-
-    for index, sample in enumerate(group_by_keys(files(), handler=bad_group)):
-        if index % stride == offset:
-            yield sample
+    for url in urls:
+        read = 0
+        for sample in shard_samples(url, counter, slot):
+            if (position + read) % stride == offset:
+                yield sample
+            read += 1
+        expected = lengths.get(url) if lengths else None
+        if expected is not None and read < expected:
+            lost = _congruent(position + read, position + expected, stride, offset)
+            if lost:
+                counter.record(slot, "unread_samples", url, None,
+                               f"{expected - read} of its {expected} samples (per _info.json) could not be read",
+                               amount=lost)
+        position += read
+        empty_in_a_row = 0 if read else empty_in_a_row + 1
+        if max_empty_shards is not None and empty_in_a_row >= max_empty_shards:
+            raise DataError(f"{empty_in_a_row} shards in a row gave no sample (last: {url}); are they tar files?")
 
 
 def decode_samples(
@@ -221,9 +332,10 @@ def decode_samples(
             counter.record(slot, reason, url, key, detail)
             skips_in_a_row += 1
             if max_consecutive_skips is not None and skips_in_a_row >= max_consecutive_skips:
-                raise RuntimeError(f"{skips_in_a_row} bad samples in a row (last: {key!r} of {url})")
+                raise DataError(f"{skips_in_a_row} bad samples in a row (last: {key!r} of {url})")
             continue
         skips_in_a_row = 0
+        counter.count_good(slot, url)
         yield transform(image), label, key
 
 
@@ -314,13 +426,13 @@ class _TrainStream(IterableDataset):
             rng = random.Random(derive_seed(cfg.seed, self.epoch, global_worker, 1))
             samples = read_samples(
                 iter(lambda: rng.choice(urls), None),  # endless draws with replacement
-                owner.counter, worker, max_empty_shards=max(2 * len(urls), 16),
+                owner.counter, worker, max_empty_shards=max(2 * len(urls), 16), lengths=owner.lengths,
             )
             samples = shuffle(samples) if shuffle else samples
         else:
             random.Random(derive_seed(cfg.seed, self.epoch, 2)).shuffle(urls)  # same permutation everywhere
             part = assign_shards(urls, global_worker, global_workers)
-            samples = _cycle_passes(part, owner.counter, worker, shuffle)
+            samples = _cycle_passes(part, owner.counter, worker, shuffle, owner.lengths)
         items = decode_samples(
             samples, owner.transform, owner.counter, worker, owner.num_classes, MAX_CONSECUTIVE_SKIPS,
             owner.open_image,
@@ -331,7 +443,8 @@ class _TrainStream(IterableDataset):
         yield from itertools.islice(batches, batches_per_worker)
 
 
-def _cycle_passes(part: _Assignment, counter: SkipCounter, slot: int, shuffle: Any = None) -> Iterator[dict[str, Any]]:
+def _cycle_passes(part: _Assignment, counter: SkipCounter, slot: int, shuffle: Any = None,
+                  lengths: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
     """A worker's part of the shards, read again and again until its batch quota is met (with unequal
     shard sizes, the worker with less data re-reads its own shards rather than leave its rank short).
 
@@ -340,12 +453,13 @@ def _cycle_passes(part: _Assignment, counter: SkipCounter, slot: int, shuffle: A
     would see some samples twice and miss others."""
     while True:
         produced = False
-        one_pass = read_samples(part.urls, counter, slot, part.stride, part.offset)
+        one_pass = read_samples(part.urls, counter, slot, part.stride, part.offset, lengths=lengths)
         for sample in shuffle(one_pass) if shuffle else one_pass:
             produced = True
             yield sample
         if not produced:
-            raise RuntimeError(f"no sample could be read from shards {part.urls[:3]}...")
+            more = f" and {len(part.urls) - 1} more" if len(part.urls) > 1 else ""
+            raise DataError(f"no sample could be read from shard {part.urls[0]}{more}; are they tar files?")
 
 
 class _EvalStream(IterableDataset):
@@ -357,7 +471,7 @@ class _EvalStream(IterableDataset):
         owner = self.loader
         worker, workers = _worker()
         part = assign_shards(list(owner.shards.urls), owner.rank * workers + worker, owner.world_size * workers)
-        samples = read_samples(part.urls, owner.counter, worker, part.stride, part.offset)
+        samples = read_samples(part.urls, owner.counter, worker, part.stride, part.offset, lengths=owner.lengths)
         items = decode_samples(samples, owner.transform, owner.counter, worker, owner.num_classes)
         pad = _PadEval(owner.batch_size)
         yield from wds.batched(owner.batch_size, collation_fn=pad, partial=True)(items)
@@ -378,14 +492,6 @@ def _resolve(cfg: DataConfig, pattern: str | None, split: str, field: str) -> Sh
     return shards_from_info(cfg.shards_dir, split)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """Workers leave SIGTERM / SIGINT to their trainer: SLURM and Ctrl-C signal every process of a job, and
-    a worker dying first would break the batch the trainer needs to reach its preemption checkpoint. The
-    DataLoader still stops its workers when the trainer is done with them."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class _LoaderBase:
     def __init__(
         self, cfg: DataConfig, rank: int, world_size: int, shards: ShardSet, device: torch.device | str | None
@@ -397,7 +503,8 @@ class _LoaderBase:
         self.shards = shards
         self.device = torch.device(device) if device is not None else None
         self.num_classes = cfg.num_classes or shards.num_classes
-        self.counter = SkipCounter(max(1, cfg.num_workers))
+        self.counter = SkipCounter(max(1, cfg.num_workers), shards.urls)
+        self.lengths = dict(zip(shards.urls, shards.shard_lengths)) if shards.shard_lengths is not None else None
         self.image_shape = (3, cfg.img_size, cfg.img_size)
         where = self.device or torch.device("cpu")
         self._mean = torch.tensor(cfg.mean, device=where).view(1, 3, 1, 1) * 255
@@ -417,18 +524,33 @@ class _LoaderBase:
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True) if self.device is not None else tensor
 
-    def _data_loader(self, dataset: IterableDataset, seed: int) -> DataLoader:
+    def _batches(self, dataset: IterableDataset, seed: int) -> Iterator[Any]:
+        """The batches of a DataLoader over `dataset`. However iteration ends (exhausted, closed early, an
+        error), its workers are released and stopped."""
         cfg = self.cfg
         pin = cfg.pin_memory if cfg.pin_memory is not None else self.device is not None and self.device.type == "cuda"
-        return DataLoader(
+        release = WorkerRelease()
+        batches = iter(DataLoader(
             dataset,
             batch_size=None,  # the workers batch
             num_workers=cfg.num_workers,
             pin_memory=pin,
             prefetch_factor=cfg.prefetch_factor if cfg.num_workers else None,
             generator=torch.Generator().manual_seed(seed),  # seeds the workers' random, torch and numpy
-            worker_init_fn=_ignore_stop_signals,
-        )
+            worker_init_fn=release.install,
+        ))
+        try:
+            while True:
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                except DataError as err:  # from a worker, with the worker's traceback in its message
+                    raise DataError(f"{worker_error_message(err)} (rank {self.rank})") from None
+                yield batch
+        finally:
+            release.release()
+            stop_workers(batches)
 
     def _log_skips(self, what: str, before: dict[str, int]) -> None:
         after = self.skip_counts
@@ -507,8 +629,7 @@ class TrainLoader(_LoaderBase):
         epoch = self.epoch
         self.epoch += 1
         before = self.skip_counts
-        loader = self._data_loader(_TrainStream(self, epoch), derive_seed(self.cfg.seed, epoch, self.rank, 4))
-        batches = iter(loader)
+        batches = self._batches(_TrainStream(self, epoch), derive_seed(self.cfg.seed, epoch, self.rank, 4))
         try:
             for count in range(self.batches_per_epoch):
                 try:
@@ -522,7 +643,7 @@ class TrainLoader(_LoaderBase):
                     images = self.random_erasing(images)
                 yield (images, self._to_device(targets), keys) if self.with_keys else (images, self._to_device(targets))
         finally:
-            del batches  # shuts the workers down, also when the caller stops early
+            batches.close()  # stops the workers, also when the caller stops early
         self._log_skips(f"train epoch {epoch}", before)
 
 
@@ -568,12 +689,20 @@ class EvalLoader(_LoaderBase):
         return EvalBatch(self.normalize(batch.images), self._to_device(batch.targets), self._to_device(batch.valid),
                          batch.keys)
 
+    def good_per_shard(self) -> list[int]:
+        """Samples of each shard (in `shards.urls` order) this rank has yielded as valid rows so far."""
+        return self.counter.good_per_shard()
+
     def __iter__(self) -> Iterator[EvalBatch]:
         before = self.skip_counts
         count = 0
-        for batch in self._data_loader(_EvalStream(self), derive_seed(self.cfg.seed, self.rank, 5)):
-            count += 1
-            yield self._finish(batch)
+        batches = self._batches(_EvalStream(self), derive_seed(self.cfg.seed, self.rank, 5))
+        try:
+            for batch in batches:
+                count += 1
+                yield self._finish(batch)
+        finally:
+            batches.close()
         if self.num_batches is not None:
             if count > self.num_batches:
                 log.warning(
@@ -583,6 +712,22 @@ class EvalLoader(_LoaderBase):
             for _ in range(count, self.num_batches):
                 yield self._finish(empty_eval_batch(self.batch_size, self.image_shape))
         self._log_skips("evaluation", before)
+
+
+def coverage_shortfall(shards: ShardSet, good_per_shard: Sequence[float], limit: int = 8) -> str | None:
+    """None when every shard gave every sample its `_info.json` lists (or when none gives lengths); else a
+    warning naming the shards that fell short. `good_per_shard` is summed over all ranks."""
+    if shards.shard_lengths is None:
+        return None
+    short = [(url, int(good), expected) for url, good, expected in zip(shards.urls, good_per_shard, shards.shard_lengths)
+             if good < expected]
+    if not short:
+        return None
+    total = int(sum(good_per_shard))
+    names = ", ".join(f"{os.path.basename(url)} {good} of {expected}" for url, good, expected in short[:limit])
+    more = f" and {len(short) - limit} more" if len(short) > limit else ""
+    return (f"evaluated {total} of the {shards.num_samples} samples _info.json lists for {shards.pattern}; "
+            f"short: {names}{more}")
 
 
 def build_train_loader(

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from mutransfer.data.info import read_info, shard_pattern
+from mutransfer.data.info import DataError, MissingData, read_info, shard_pattern
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def _fsspec_knows(scheme: str) -> bool:
 def open_url(url: str) -> IO[bytes]:
     """Open a shard or index for binary reading.
 
-    Local paths and file:// URLs open directly; `pipe:CMD` reads CMD's stdout (webdataset's gopen); other
+    Local paths and file:// URLs open directly; `pipe:CMD` runs CMD in a shell and reads its stdout
+    (webdataset's gopen: whoever writes the config chooses the command, so treat configs as code); other
     schemes go through fsspec when it has an implementation (s3, gcs, hf, http with aiohttp, memory, ...),
     and otherwise through webdataset's gopen (curl for http, gsutil for gs, ...).
     """
@@ -69,13 +70,13 @@ def check_shards_exist(pattern: str, urls: list[str]) -> None:
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-            raise FileNotFoundError(f"shard set {pattern!r}: {len(missing)} of {len(urls)} shards missing: {missing[0]}{more}")
+            raise MissingData(f"shard set {pattern!r}: {len(missing)} of {len(urls)} shards missing: {missing[0]}{more}")
     elif scheme != "pipe" and _fsspec_knows(scheme):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(urls[0])
         if not fs.exists(path):
-            raise FileNotFoundError(f"shard set {pattern!r}: first shard {urls[0]} does not exist")
+            raise MissingData(f"shard set {pattern!r}: first shard {urls[0]} does not exist")
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,12 @@ class ShardSet:
 def shards_from_info(shards_dir: str, split: str) -> ShardSet:
     """The shards `_info.json` in `shards_dir` lists for `split`."""
     info = read_info(shards_dir)
-    split_info = info.split(split, where=url_join(shards_dir, "_info.json"))
+    try:
+        split_info = info.split(split, where=url_join(shards_dir, "_info.json"))
+    except ValueError as err:
+        raise DataError(str(err)) from err
     if not split_info.filenames:
-        raise ValueError(f"split {split!r} of {shards_dir} lists no shards")
+        raise DataError(f"split {split!r} of {shards_dir} lists no shards")
     urls = [url_join(shards_dir, f) for f in split_info.filenames]
     pattern = url_join(shards_dir, shard_pattern(split, len(urls)))
     check_shards_exist(pattern, urls)
@@ -109,7 +113,7 @@ def shards_from_pattern(pattern: str) -> ShardSet:
     shards when it lists every one of them (as timm does); otherwise they stay unknown."""
     urls = expand_urls(pattern)
     if not urls or not all(urls):
-        raise ValueError(f"shard pattern {pattern!r} names no shards")
+        raise DataError(f"shard pattern {pattern!r} names no shards")
     check_shards_exist(pattern, urls)
     lengths, num_classes = _lengths_from_neighbour_info(urls)
     return ShardSet(pattern, tuple(urls), lengths, num_classes)

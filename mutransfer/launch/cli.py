@@ -112,7 +112,12 @@ def sweep_command(args: argparse.Namespace) -> int:
     print(f"study {summary.study}: ran {len(summary.ran)}, skipped {len(summary.skipped)} already done; "
           + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; MLflow {summary.tracking_uri} "
           f"(parent run {summary.parent_run_id})")
-    return 0
+    if summary.failed and summary.interrupted is None:
+        import sys
+
+        print(f"mutransfer sweep: {len(summary.failed)} trial(s) failed (exit 1): {', '.join(summary.failed[:5])}"
+              + (" ..." if len(summary.failed) > 5 else "") + "; run the sweep again to retry them", file=sys.stderr)
+    return summary.exit_code
 
 
 def _write_sweep_array(args: argparse.Namespace, cfg) -> int:

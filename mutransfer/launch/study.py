@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from mutransfer.train.config import ConfigError, RunConfig, build_section, load_config
+from mutransfer.train.config import ConfigError, RunConfig, build_section, load_config, load_yaml
 
 from .store import DEFAULT_METRIC
 
@@ -140,7 +138,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] = ()) -> StudyConfi
     path = Path(path)
     if not path.is_file():
         raise ConfigError("--config", f"no such file: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text(), f"--config {path}") or {}
     if not isinstance(raw, dict):
         raise ConfigError("--config", f"{path} must hold a mapping")
     raw = apply_overrides(raw, list(overrides))

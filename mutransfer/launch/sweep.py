@@ -1,25 +1,35 @@
 """`mutransfer sweep`: run every trial of a proxy study and record it in MLflow.
 
 The study is one MLflow parent run; each trial is a child run tagged with its key, shape and grid point.
-Running the same command again resumes: trials whose child run finished or diverged are skipped. Trials run
-in this process one after another (CPU, small proxies), or as separate `deepspeed` / `torchrun` launches,
-`--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs only
-trial I (in the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
+Running the same command again resumes: trials whose child run finished or diverged are skipped, and a trial
+that was interrupted (or killed) continues its own child run, so that every trial key has one child run.
+(Trials are seeded, so a trial that starts over repeats the steps its run already holds, which are not
+recorded twice.) A trial that failed runs again in a new child run; the failed one goes to MLflow's trash.
+Trials run in this process one after another (CPU, small proxies), or as separate `deepspeed` / `torchrun`
+launches, `--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs
+only trial I (in the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
+
+The first SIGINT (Ctrl-C) or SIGTERM stops the sweep: the running trial stops at its next step and closes its
+child run (KILLED, status preempted), no further trial starts, the parent run is marked `interrupted`, and the
+command exits 128 + the signal number. A sweep in which a trial failed exits 1.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tqdm import tqdm
 
-from mutransfer.train.config import RunConfig, apply_overrides, config_from_dict
+from mutransfer.train.config import RunConfig, apply_overrides, config_from_dict, load_yaml
 from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
 
 from .store import (
@@ -46,6 +56,45 @@ class SweepSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
+    interrupted: int | None = None  # the signal that stopped the sweep
+
+    @property
+    def failed(self) -> list[str]:
+        return [key for key, status in self.statuses.items() if status == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        """128 + signal when interrupted, 1 when a trial failed, else 0."""
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return 1 if self.failed else 0
+
+
+class SweepStop:
+    """SIGINT / SIGTERM while the sweep runs: remember the first, start no further trial. (In-process, the
+    trainer's own handlers take over while a trial trains; it stops that trial at its next step.)"""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> SweepStop:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is None:
+            print(f"\nmutransfer sweep: {signal.Signals(signum).name}: stopping after the running trial(s) close",
+                  file=sys.stderr, flush=True)
+        self.signal = self.signal or signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def ensure_study_run(client, cfg: StudyConfig) -> str:
@@ -58,7 +107,7 @@ def ensure_study_run(client, cfg: StudyConfig) -> str:
                             tags={STUDY_TAG: cfg.study.name, ROLE_TAG: "study"})
     from mlflow.entities import Param
 
-    raw = yaml.safe_load(Path(cfg.source).read_text()) if cfg.source else {}
+    raw = load_yaml(Path(cfg.source).read_text()) if cfg.source else {}
     params = [Param(k, v[:6000]) for k, v in flatten(raw).items()]
     params.append(Param("trials", str(len(cfg.trials()))))
     for i in range(0, len(params), 100):
@@ -66,26 +115,54 @@ def ensure_study_run(client, cfg: StudyConfig) -> str:
     return run.info.run_id
 
 
-def trial_config(cfg: StudyConfig, trial: TrialSpec, parent_run_id: str, tracking_uri: str) -> RunConfig:
+def trial_config(cfg: StudyConfig, trial: TrialSpec, parent_run_id: str, tracking_uri: str,
+                 continue_run_id: str | None = None) -> RunConfig:
     base = cfg.base_run_config().to_dict()
     raw = apply_overrides(base, trial.overrides(base["optim"]["name"]) + [
         f"run.steps={cfg.study.steps}", "run.epochs=null", f"run.output_dir={cfg.output_dir / trial.key}",
         "run.progress=false",
     ])
     raw["tracking"].update(uri=tracking_uri, experiment=cfg.study.experiment, parent_run_id=parent_run_id,
-                           run_name=trial.key)
+                           run_name=trial.key, continue_run_id=continue_run_id)
     raw["tracking"]["tags"] = {**raw["tracking"].get("tags", {}), STUDY_TAG: cfg.study.name, KEY_TAG: trial.key,
                                ROLE_TAG: "proxy", "mutransfer.weight_decay": repr(trial.weight_decay),
                                "mutransfer.seed": str(trial.seed)}
     return config_from_dict(raw)
 
 
-def _mark_abandoned(client, trials) -> None:
-    """Child runs left RUNNING by a killed sweep are closed as failed before their trial runs again."""
-    for trial in trials:
-        if trial.status not in DONE + ("failed",):
-            client.set_tag(trial.run_id, STATUS_TAG, "failed")
-            client.set_terminated(trial.run_id, "KILLED")
+def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
+    """For each trial key that runs again: the child run it continues (the newest one that was interrupted or
+    left RUNNING by a killed sweep). Failed child runs of those keys, and older leftovers, go to MLflow's
+    trash (`mlflow runs restore` brings one back): each trial key keeps one child run."""
+    keep: dict[str, str] = {}
+    trashed = 0
+    for trial in trials:  # newest first
+        if trial.key not in keys or trial.status in DONE:
+            continue
+        if trial.status != "failed" and trial.key not in keep:
+            keep[trial.key] = trial.run_id
+            continue
+        client.delete_run(trial.run_id)
+        trashed += 1
+    if trashed:
+        print(f"moved {trashed} failed or superseded child run(s) of trials that run again to MLflow's trash",
+              flush=True)
+    return keep
+
+
+def mark_study(client, parent_run_id: str, status: str) -> None:
+    """The parent run's state: running while a sweep works on it, then finished (every trial done),
+    incomplete (a trial failed) or interrupted. Tracking trouble here must not hide the sweep's outcome."""
+    mlflow_status = {"running": "RUNNING", "finished": "FINISHED", "incomplete": "FAILED", "interrupted": "KILLED"}
+    try:
+        client.set_tag(parent_run_id, STATUS_TAG, status)
+        if status == "running":
+            client.update_run(parent_run_id, status="RUNNING")
+        else:
+            client.set_terminated(parent_run_id, mlflow_status[status])
+    except Exception as err:
+        print(f"mutransfer sweep: could not mark the study run {status} ({type(err).__name__}: {err})",
+              file=sys.stderr, flush=True)
 
 
 def launch_command(launcher: str, config_path: Path, gpus: list[int], port: int) -> tuple[list[str], dict[str, str]]:
@@ -160,12 +237,8 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     parent = ensure_study_run(client, cfg)
-    existing = latest_per_key(load_trials(client, cfg.study.name, cfg.study.experiment))
-    done = {t.key: t.status for t in existing if t.status in DONE}
-    abandoned = [t for t in existing if t.key not in done]
-    if trial_index is not None:  # other array tasks may be running the other trials right now
-        abandoned = [t for t in abandoned if t.key == selected[0].key]
-    _mark_abandoned(client, abandoned)
+    runs = load_trials(client, cfg.study.name, cfg.study.experiment)
+    done = {t.key: t.status for t in latest_per_key(runs) if t.status in DONE}
     summary = SweepSummary(cfg.study.name, parent, uri)
     todo = []
     for trial in selected:
@@ -174,57 +247,107 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
             summary.statuses[trial.key] = done[trial.key]
         else:
             todo.append(trial)
+    # array tasks may be running the other trials right now: a task touches its own trial only
+    continued = runs_to_continue(client, runs, {t.key for t in todo})
     if summary.skipped:
         print(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run",
               flush=True)
+    whole_study = trial_index is None  # an array task leaves the parent run to the others
+    if whole_study:
+        mark_study(client, parent, "running")
     bar = tqdm(total=len(todo), desc=f"study {cfg.study.name}", disable=not progress, dynamic_ncols=True)
-    if launcher == "inprocess":
-        from mutransfer.train.trainer import train
-
-        for trial in todo:
-            bar.set_postfix_str(trial.key)
-            try:
-                result = train(trial_config(cfg, trial, parent, uri))
-                status = result.status
-            except Exception as err:  # one broken trial must not end the study
-                print(f"trial {trial.key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-                status = "failed"
-            summary.ran.append(trial.key)
-            summary.statuses[trial.key] = status
-            bar.update(1)
-    else:
-        _run_launched(cfg, todo, parent, uri, launcher, parallel, gpus_per_trial, summary, bar)
+    with SweepStop() as stop:
+        if launcher == "inprocess":
+            _run_in_process(cfg, todo, parent, uri, continued, summary, bar, stop)
+        else:
+            _run_launched(cfg, todo, parent, uri, continued, launcher, parallel, gpus_per_trial, summary, bar, stop)
+        summary.interrupted = stop.signal
     bar.close()
+    if summary.interrupted is not None:
+        left = len(todo) - sum(1 for key in summary.ran if summary.statuses[key] != "interrupted")
+        print(f"study {cfg.study.name}: stopped by {signal.Signals(summary.interrupted).name}; {left} trial(s) "
+              f"left: run the same command again to continue", file=sys.stderr, flush=True)
+    if whole_study:
+        status = "interrupted" if summary.interrupted is not None else "incomplete" if summary.failed else "finished"
+        mark_study(client, parent, status)
     return summary
 
 
-def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, launcher: str, parallel: int,
-                  gpus_per_trial: int, summary: SweepSummary, bar) -> None:
-    """Up to `parallel` launches at once, each on its own block of GPUs."""
+def _run_in_process(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, continued: dict[str, str],
+                    summary: SweepSummary, bar, stop: SweepStop) -> None:
+    """One trial after another in this process, until done or told to stop."""
+    from mutransfer.train.trainer import train
+
+    for trial in todo:
+        if stop.signal is not None:
+            break
+        bar.set_postfix_str(trial.key)
+        try:
+            result = train(trial_config(cfg, trial, parent, uri, continued.get(trial.key)))
+            status = "interrupted" if result.status == "preempted" else result.status
+        except Exception as err:  # one broken trial must not end the study
+            print(f"trial {trial.key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+            status = "failed"
+        if status == "interrupted":  # the trainer's own handlers caught the signal
+            stop.signal = stop.signal or signal.SIGINT
+        summary.ran.append(trial.key)
+        summary.statuses[trial.key] = status
+        bar.update(1)
+
+
+def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, continued: dict[str, str],
+                  launcher: str, parallel: int, gpus_per_trial: int, summary: SweepSummary, bar,
+                  stop: SweepStop) -> None:
+    """Up to `parallel` launches at once, each on its own block of GPUs, in a process group of its own: a
+    stop signal is passed on to every running launch (DeepSpeed's runner does not pass it to its ranks)."""
     from mutransfer.netutil import free_port
     from mutransfer.train.trainer import EXIT_DIVERGED
 
     free_slots = [list(range(i * gpus_per_trial, (i + 1) * gpus_per_trial)) for i in range(parallel)]
     running: dict[subprocess.Popen, tuple[TrialSpec, list[int]]] = {}
     queue = list(todo)
-    while queue or running:
-        while queue and free_slots:
+    forwarded = False
+    while (queue and stop.signal is None) or running:
+        while queue and free_slots and stop.signal is None:
             trial, gpus = queue.pop(0), free_slots.pop(0)
             folder = cfg.output_dir / trial.key
             folder.mkdir(parents=True, exist_ok=True)
             config_path = folder / "trial.yaml"
-            config_path.write_text(yaml.safe_dump(trial_config(cfg, trial, parent, uri).to_dict(), sort_keys=False))
+            trial_cfg = trial_config(cfg, trial, parent, uri, continued.get(trial.key))
+            config_path.write_text(yaml.safe_dump(trial_cfg.to_dict(), sort_keys=False))
             cmd, env = launch_command(launcher, config_path, gpus, free_port())
-            log = open(folder / "launch.log", "w")
-            running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)] = (trial, gpus)
+            with open(folder / "launch.log", "w") as log:
+                running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)] = (trial, gpus)
+        if stop.signal is not None and not forwarded:
+            for proc in running:
+                _signal_group(proc, signal.SIGTERM)  # each trial checkpoints (if it keeps any) and stops
+            forwarded = True
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
             trial, gpus = running.pop(proc)
             free_slots.append(gpus)
-            status = {0: "finished", EXIT_DIVERGED: "diverged"}.get(proc.returncode, "failed")
+            status = {0: _launched_status(cfg.output_dir / trial.key), EXIT_DIVERGED: "diverged"}.get(
+                proc.returncode, "interrupted" if forwarded else "failed")
             if status == "failed":
                 print(f"trial {trial.key} failed (exit {proc.returncode}); see "
                       f"{cfg.output_dir / trial.key / 'launch.log'}", file=sys.stderr, flush=True)
             summary.ran.append(trial.key)
             summary.statuses[trial.key] = status
             bar.update(1)
+
+
+def _launched_status(folder: Path) -> str:
+    """finished, or interrupted for a launch that exited 0 after a stop signal (result.json says preempted)."""
+    try:
+        status = json.loads((folder / "result.json").read_text())["status"]
+    except (OSError, ValueError, KeyError):
+        return "finished"
+    return "interrupted" if status == "preempted" else status
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # it has just ended
+        pass

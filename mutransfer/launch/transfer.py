@@ -23,7 +23,14 @@ from pathlib import Path
 
 import yaml
 
-from mutransfer.train.config import ConfigError, RunConfig, apply_overrides, config_from_dict, load_config
+from mutransfer.train.config import (
+    ConfigError,
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    load_yaml,
+)
 from mutransfer.train.tracking import resolve_tracking_uri
 
 from . import analysis, fit
@@ -184,7 +191,7 @@ def _write_target(study: str, target: str, target_cfg: RunConfig, overrides: lis
                   prediction: Prediction, metric: str, tracking_fields: dict[str, str]) -> Path:
     """The target config with the transferred settings, validated once as a RunConfig, then written."""
     momentum_key = "momentum" if target_cfg.optim.name == "sgd" else "beta1"
-    raw = apply_overrides(yaml.safe_load(Path(target).read_text()) or {}, list(overrides))
+    raw = apply_overrides(load_yaml(Path(target).read_text(), f"--target {target}") or {}, list(overrides))
     raw.setdefault("optim", {}).update({"lr": prediction.lr, momentum_key: prediction.momentum,
                                         "weight_decay": prediction.weight_decay})
     tracking = raw.setdefault("tracking", {})

@@ -2,7 +2,7 @@
 
 Runs as a plain process, under torchrun, or under DeepSpeed's launcher:
     deepspeed --num_gpus 2 --module mutransfer.train --config configs/vit_s16_imagenet_zero1.yaml
-Exit codes: 0 finished or preempted (checkpoint saved), 2 bad config, 3 diverged.
+Exit codes: 0 finished or preempted (checkpoint saved), 2 bad config or unusable data, 3 diverged.
 """
 
 from __future__ import annotations
@@ -29,15 +29,34 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
+    from mutransfer.data.info import DataError
+
     from .trainer import EXIT_DIVERGED, shutdown_distributed, train
 
     try:
         result = train(cfg)
     except ConfigError as err:
+        leave_after_error()
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
+    except DataError as err:
+        leave_after_error()
+        print(f"mutransfer.train: data error: {err}", file=sys.stderr)
+        return 2
+    except BaseException:
+        leave_after_error()
+        raise
     shutdown_distributed()
     return EXIT_DIVERGED if result.status == "diverged" else 0
+
+
+def leave_after_error() -> None:
+    """Leave the process group without waiting for the other ranks (one may be dead): a gloo group still
+    standing at interpreter exit can keep the process spinning (or abort) while it is torn down."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

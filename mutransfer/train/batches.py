@@ -42,3 +42,9 @@ class BatchStream:
         self.last_position = (self.state.epoch, self.state.batch_in_epoch)
         self.state.batch_in_epoch += 1
         return batch
+
+    def close(self) -> None:
+        """Stop the loader's workers now (at the end, and on every error: a failing run must exit)."""
+        if self.iterator is not None and hasattr(self.iterator, "close"):
+            self.iterator.close()
+        self.iterator = None

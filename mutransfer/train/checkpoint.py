@@ -3,6 +3,9 @@
 Layout under `<output_dir>/checkpoints/`: one folder per tag `step_00000123/` with DeepSpeed's files, our
 `rng_rank<R>.safetensors` + `rng_rank<R>.json` per rank, and `mutransfer_state.json`, written by rank 0
 last, after every rank has saved. A checkpoint without that file is incomplete and never resumed from.
+The state file also lists every file of the checkpoint with its size: resuming checks them, and a damaged
+newest checkpoint (a file missing or cut short, the state unreadable) is passed over, with a warning naming
+what is wrong, for the newest intact one.
 
 Nothing here unpickles: our state is JSON and safetensors, and DeepSpeed's own files are read through
 `safe_torch_load`, which loads with `weights_only=True` and allows only the few DeepSpeed types those
@@ -15,6 +18,7 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,8 +59,31 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    found = complete_checkpoints(output_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint whose files are intact; damaged newer ones are warned about."""
+    for folder in reversed(complete_checkpoints(output_dir)):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder
+        print(f"mutransfer: checkpoint {folder} is damaged ({problem}); trying the one before it",
+              file=sys.stderr, flush=True)
+    return None
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """What is wrong with a complete checkpoint (its state unreadable, a listed file missing or of another
+    size), or None. Checkpoints written before files were listed are taken as they are."""
+    try:
+        raw = json.loads((folder / STATE_FILE).read_text())
+        TrainState(**raw["state"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{STATE_FILE} is unreadable ({type(err).__name__}: {err})"
+    for name, size in raw.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written"
+    return None
 
 
 def read_state(folder: Path) -> tuple[TrainState, dict[str, Any]]:
@@ -65,8 +92,11 @@ def read_state(folder: Path) -> tuple[TrainState, dict[str, Any]]:
 
 
 def write_state(folder: Path, state: TrainState, config: dict[str, Any]) -> None:
+    """The state file, with the size of every file the ranks wrote (call it after they all have)."""
+    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and not p.name.startswith(STATE_FILE)}
     tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"state": asdict(state), "config": config}, indent=1))
+    tmp.write_text(json.dumps({"state": asdict(state), "config": config, "files": files}, indent=1))
     tmp.replace(folder / STATE_FILE)  # atomic: the checkpoint is complete once this name exists
 
 

@@ -3,13 +3,16 @@
     cfg = load_config("configs/cpu_demo.yaml", ["optim.lr=3e-3", "deepspeed.zero_stage=2"])
 
 Unknown keys, wrong types and missing paths raise ConfigError naming the dotted key, before any work starts
-(the entry point turns it into one line on stderr and exit code 2).
+(the entry point turns it into one line on stderr and exit code 2). Numbers read as people write them:
+`3e-3`, `1e-05` and `.5` are floats in files and overrides alike (YAML 1.2; PyYAML's 1.1 rules read them
+as strings).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +22,37 @@ from typing import Any, Literal
 import yaml
 
 from mutransfer.data import DataConfig
+from mutransfer.data.info import DataError
+
+FLOAT_TAG = "tag:yaml.org,2002:float"
+# YAML 1.2's floats (a dot or an exponent; the exponent's sign optional), as well as .inf and .nan
+YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class NumberLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that reads floats by YAML 1.2's rules (its int, bool and null rules are unchanged)."""
+
+
+NumberLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+NumberLoader.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))  # after int: "3" stays an int
+
+
+def load_yaml(text: str, where: str = "--config") -> Any:
+    """YAML text to Python values with `NumberLoader`; a syntax error is a one-line ConfigError naming
+    `where`, the line and the column."""
+    try:
+        return yaml.load(text, Loader=NumberLoader)  # NumberLoader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(where, f"not valid YAML{at}: {problem}") from None
 
 
 class ConfigError(ValueError):
@@ -163,6 +197,12 @@ class TrackingSection:
     """Log MLflow's system metrics (system/cpu_utilization_percentage, system/system_memory_usage_megabytes,
     disk, network, and GPU utilisation and memory where pynvml sees a GPU) at every run.log_interval, on
     rank 0, at the training step."""
+    continue_run_id: str | None = None
+    """Continue this MLflow run instead of starting one (a sweep's interrupted trial); the steps it already
+    holds are not recorded again. A checkpoint's own run id comes first."""
+    wait_at_end_s: float = 60.0
+    """How long the end of a run waits for a tracking server that stopped answering (what it could not
+    record is held and retried meanwhile); after that it says what is missing in MLflow."""
 
 
 @dataclass
@@ -280,8 +320,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError(text, "an override must look like section.key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
+        value = load_yaml(raw, key) if raw.strip() else None
+    except ConfigError as err:
         raise ConfigError(key, f"cannot parse value {raw!r}") from err
     return key.strip().split("."), value
 
@@ -303,14 +343,37 @@ def _local(path: str) -> bool:
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Paths the run reads must exist before any work starts."""
+    """Paths the run reads must exist before any work starts; local shard sets must be complete."""
     if cfg.data.shards_dir and _local(cfg.data.shards_dir) and not Path(cfg.data.shards_dir).is_dir():
         raise ConfigError("data.shards_dir", f"no such directory: {cfg.data.shards_dir}")
+    check_shard_sets(cfg.data)
     if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
         raise ConfigError("deepspeed.config", f"no such file: {cfg.deepspeed.config}")
     resume = cfg.run.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
+    if resume not in ("auto", "never"):
+        from .checkpoint import checkpoint_problem
+
+        problem = checkpoint_problem(Path(resume))
+        if problem is not None:
+            raise ConfigError("run.resume", f"{resume} is not an intact checkpoint: {problem}")
+
+
+def check_shard_sets(data: DataConfig) -> None:
+    """The local train and eval shard sets: an index that lists the split and every shard it names."""
+    from mutransfer.data.shards import shards_from_info, shards_from_pattern
+
+    for pattern_key, split_key in (("train_shards", "train_split"), ("eval_shards", "eval_split")):
+        pattern = getattr(data, pattern_key)
+        try:
+            if pattern is not None:
+                if _local(pattern):
+                    shards_from_pattern(pattern)
+            elif data.shards_dir and _local(data.shards_dir):
+                shards_from_info(data.shards_dir, getattr(data, split_key))
+        except DataError as err:
+            raise ConfigError(f"data.{pattern_key if pattern is not None else 'shards_dir'}", str(err)) from None
 
 
 def validate(cfg: RunConfig) -> None:
@@ -349,6 +412,8 @@ def validate(cfg: RunConfig) -> None:
                           "breaks the graph at ZeRO-3's parameter hooks); use run.compile=off or ZeRO 0-2")
     if cfg.tracking.log_model is False and cfg.tracking.registered_model_name:
         raise ConfigError("tracking.registered_model_name", "is set, but tracking.log_model=false logs no model")
+    if not cfg.tracking.wait_at_end_s >= 0:
+        raise ConfigError("tracking.wait_at_end_s", f"must be >= 0, got {cfg.tracking.wait_at_end_s}")
     if not run.divergence_loss > 0:
         raise ConfigError("run.divergence_loss", f"must be positive, got {run.divergence_loss}")
     from mutransfer.models import zoo_entry
@@ -374,10 +439,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError("--config", f"no such file: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError("--config", f"{path} is not valid YAML: {err}") from err
+        raw = load_yaml(path.read_text(), f"--config {path}") or {}
         if not isinstance(raw, dict):
             raise ConfigError("--config", f"{path} must hold a mapping of sections")
     cfg = config_from_dict(apply_overrides(raw, list(overrides)))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import closing
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from mutransfer.data import build_eval_loader
 
@@ -23,12 +26,11 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
     ZeRO-3 gathers parameters collectively inside every forward. The sums stay on the device until the end.
     """
     loader = build_eval_loader(cfg.data, rank, world_size, device=device)
-    iterator = iter(loader)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     dtype = torch.bfloat16 if cfg.deepspeed.bf16 else torch.float32
     dummy = torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size, device=device, dtype=dtype)
     engine.eval()
-    with torch.no_grad():
+    with torch.no_grad(), closing(iter(loader)) as iterator:  # closing: its workers stop even on an error
         while True:
             batch = next(iterator, None)
             if all_reduce_floats([0.0 if batch is None else 1.0], device, op="max")[0] == 0:
@@ -40,10 +42,39 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
             if sample_log is not None:
                 sample_log.eval(step, [key for key in batch.keys if key])
     engine.train()
-    loss, top1, top5, count = all_reduce_(sums).tolist()
+    extra = torch.tensor(loader.good_per_shard() + list(loader.skip_counts.values()), dtype=torch.float64,
+                         device=device)
+    totals = all_reduce_(torch.cat([sums, extra])).tolist()
+    loss, top1, top5, count = totals[:4]
     if count == 0:
-        raise ValueError("the eval shards hold no samples")
-    return {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
+        from mutransfer.data.info import DataError
+
+        raise DataError(f"no sample of the eval shards {loader.shards.pattern} could be read")
+    metrics = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
+    metrics.update(_eval_coverage(loader, totals[4:], rank, step, cfg.run.progress))
+    return metrics
+
+
+def _eval_coverage(loader: Any, totals: list[float], rank: int, step: int, verbose: bool) -> dict[str, float]:
+    """Samples evaluated against `_info.json` (a warning naming the shards that fell short), and what
+    evaluation skipped by kind; `totals` holds the good samples per shard, then the skip counts (all ranks)."""
+    from mutransfer.data.reader import coverage_shortfall
+
+    shards = len(loader.shards.urls)
+    good, skipped = totals[:shards], dict(zip(loader.skip_counts, totals[shards:]))
+    metrics = {f"eval/skipped_{kind}": n for kind, n in skipped.items() if n}
+    expected = loader.num_samples
+    if expected is not None:
+        metrics["eval/samples_expected"] = expected
+    if rank == 0:
+        shortfall = coverage_shortfall(loader.shards, good)
+        if shortfall:
+            kinds = ", ".join(f"{kind}={int(n)}" for kind, n in skipped.items() if n)
+            tqdm.write(f"mutransfer: warning: {shortfall}" + (f" (skipped: {kinds})" if kinds else ""), file=sys.stderr)
+        elif verbose:
+            of = f" of {expected} (_info.json)" if expected is not None else ""
+            tqdm.write(f"eval at step {step}: {int(sum(good))}{of} samples", file=sys.stderr)
+    return metrics
 
 
 def _batch_sums(engine: Any, batch: Any, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

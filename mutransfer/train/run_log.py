@@ -23,6 +23,7 @@ class RunResult:
     final_train_loss: float | None = None
     eval: dict[str, float] = field(default_factory=dict)
     message: str = ""
+    skipped: dict[str, int] = field(default_factory=dict)  # data/{train,eval}_<kind>: samples skipped, all ranks
 
 
 def append_metrics(output_dir: Path, rank: int, step: int, metrics: dict[str, float]) -> None:

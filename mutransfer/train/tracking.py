@@ -1,22 +1,33 @@
 """MLflow from rank 0, and training that never stops because tracking did.
 
 With no URI in the config and no $MLFLOW_TRACKING_URI, runs go to an embedded local store,
-`sqlite:///mlflow.db` in the working directory (artifacts in ./mlruns), with no server. If a server cannot be
-reached, the run goes on and says so once.
+`sqlite:///mlflow.db` in the working directory (artifacts in ./mlruns), with no server. If the server cannot
+be reached when the run starts, the run goes on without tracking and says so once.
+
+Once a run has started, a failed request does not end its tracking: the request is held, in order, with
+everything after it (a bounded buffer; the oldest metric values go first when it is full), and retried with
+exponential backoff while training goes on. At the end of the run the tracker waits a while
+(`tracking.wait_at_end_s`) for the server, so that a run whose server came back ends with its final metrics
+and status; otherwise it says what was not recorded and where the same numbers are (`metrics.jsonl`).
+A resumed run does not record again the steps its MLflow run already holds (the replay after a resume).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Fail fast against a dead server instead of retrying for minutes (MLflow's default backoff).
+# Fail fast against a dead server instead of retrying for minutes (MLflow's default backoff): we retry
+# ourselves, without holding up training.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
@@ -27,6 +38,12 @@ MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED
 # the value is the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT ("Machine learning").
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+END_POLL_S = 2.0  # at the end of a run, how often to try a server that stopped answering
+MAX_HELD_VALUES = 200_000  # metric values held while the server is away (a few tens of MB at most)
+TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -72,15 +89,60 @@ def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class Tracker:
-    """A thin MLflow client wrapper. Inactive (every call a no-op) off rank 0 or once tracking has failed."""
+def transient(err: BaseException) -> bool:
+    """Whether a failed request may succeed later (server away, overloaded, a network error), rather than
+    being refused for what it asked (a 4xx answer)."""
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, uri: str | None, experiment: str, active: bool = True) -> None:
+    if not isinstance(err, MlflowException):
+        return True
+    return err.error_code in TRANSIENT_CODES or err.get_http_status_code() >= 500
+
+
+def trim_metrics_file(path: str | os.PathLike, through_step: int) -> int:
+    """Drop the rows of metrics.jsonl after `through_step` (what a resumed run trains again, or all of a
+    run that starts over): the run appends them again, once. Returns how many rows were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = path.read_text().splitlines()
+    kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= through_step]
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(row + "\n" for row in kept))
+        tmp.replace(path)
+    return len(rows) - len(kept)
+
+
+@dataclass
+class _Request:
+    what: str
+    send: Callable[[], Any]
+    values: int = 0  # metric values it carries (what the buffer bound counts)
+    step: int | None = None
+
+
+class Tracker:
+    """A thin MLflow client wrapper. Inactive (every call a no-op) off rank 0, or when the server could not be
+    reached at the start. `fallback` names the file that holds the same metrics (for the end message)."""
+
+    def __init__(self, uri: str | None, experiment: str, active: bool = True,
+                 fallback: str | os.PathLike | None = None, wait_at_end_s: float = 60.0) -> None:
         self.uri = resolve_tracking_uri(uri)
         self.experiment = experiment
         self.active = active
+        self.fallback = fallback
+        self.wait_at_end_s = wait_at_end_s
         self.run_id: str | None = None
         self._client = None
+        self._held: deque[_Request] = deque()
+        self._held_values = 0
+        self._dropped: list[_Request] = []  # metric requests dropped from a full buffer
+        self._refused = 0  # requests the server refused (not retried)
+        self._retry_at = 0.0
+        self._delay = RETRY_FIRST_S
+        self._outage = False
+        self._recorded: dict[str, int] = {}  # metric -> last step the MLflow run holds (when resuming)
         if active and not server_reachable(self.uri):
             self._disable(f"the MLflow server at {self.uri} cannot be reached")
 
@@ -88,15 +150,6 @@ class Tracker:
         if self.active:
             print(f"mutransfer: {why}; training goes on without tracking", file=sys.stderr, flush=True)
         self.active = False
-
-    def _call(self, what: str, fn, *args, **kwargs):
-        if not self.active:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:  # tracking must never stop training
-            self._disable(f"MLflow {what} failed ({type(err).__name__}: {err})")
-            return None
 
     @property
     def client(self):
@@ -106,25 +159,85 @@ class Tracker:
             self._client = MlflowClient(tracking_uri=self.uri)
         return self._client
 
+    @property
+    def held(self) -> int:
+        """Requests waiting for the server."""
+        return len(self._held)
+
+    # --- sending, holding, retrying ------------------------------------------------------------------------
+    def _submit(self, request: _Request) -> None:
+        if not self.active or self.run_id is None:
+            return
+        self._held.append(request)
+        self._held_values += request.values
+        while self._held_values > MAX_HELD_VALUES:
+            oldest = next((r for r in self._held if r.values), None)
+            if oldest is None:
+                break
+            self._held.remove(oldest)
+            self._held_values -= oldest.values
+            self._dropped.append(oldest)
+        self.flush()
+
+    def flush(self, force: bool = False) -> bool:
+        """Send what is held, oldest first, unless backing off (`force` ignores the backoff). Stops at the
+        first transient failure and backs off; True when nothing is held any more."""
+        if not self._held:
+            return True
+        if not force and time.monotonic() < self._retry_at:
+            return False
+        while self._held:
+            request = self._held[0]
+            try:
+                request.send()
+            except Exception as err:
+                if transient(err):
+                    self._back_off(request, err)
+                    return False
+                self._refused += 1
+                print(f"mutransfer: MLflow refused {request.what} ({type(err).__name__}: {err}); dropped",
+                      file=sys.stderr, flush=True)
+            self._held.popleft()
+            self._held_values -= request.values
+        if self._outage:
+            print(f"mutransfer: the MLflow server at {self.uri} is back; everything held is recorded",
+                  file=sys.stderr, flush=True)
+        self._outage, self._delay = False, RETRY_FIRST_S
+        return True
+
+    def _back_off(self, request: _Request, err: Exception) -> None:
+        if not self._outage:
+            print(f"mutransfer: MLflow {request.what} failed ({type(err).__name__}: {str(err)[:200]}); "
+                  f"training goes on, holding what is not recorded and retrying with backoff",
+                  file=sys.stderr, flush=True)
+        self._outage = True
+        self._retry_at = time.monotonic() + self._delay
+        self._delay = min(2 * self._delay, RETRY_MAX_S)
+
+    # --- the run -----------------------------------------------------------------------------------------------
     def _experiment_id(self) -> str:
         return training_experiment_id(self.client, self.experiment)
 
     def start(self, run_name: str | None, tags: Mapping[str, str], parent_run_id: str | None = None,
               run_id: str | None = None) -> str | None:
-        """Start a new run, or continue `run_id` (a resumed training run keeps its MLflow run)."""
-        def _start() -> str:
+        """Start a new run, or continue `run_id` (a resumed training run keeps its MLflow run, and does not
+        record again the steps it already holds)."""
+        if not self.active:
+            return None
+        try:
             if run_id:
                 self.client.update_run(run_id, status="RUNNING")
-                return run_id
-            all_tags = dict(tags)
-            if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
-            run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=all_tags)
-            return run.info.run_id
-
-        self.run_id = self._call("start_run", _start)
-        if self.run_id is None:
-            self.active = False
+                self.client.set_tag(run_id, STATUS_TAG, "running")
+                self._recorded = {m.key: m.step for m in self.client.get_run(run_id).data.to_proto().metrics}
+                self.run_id = run_id
+            else:
+                all_tags = dict(tags)
+                if parent_run_id:
+                    all_tags["mlflow.parentRunId"] = parent_run_id
+                run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=all_tags)
+                self.run_id = run.info.run_id
+        except Exception as err:
+            self._disable(f"MLflow start_run failed ({type(err).__name__}: {err})")
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -134,7 +247,8 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self._call("log_params", self.client.log_batch, self.run_id, params=items[i:i + 100])
+            batch = items[i:i + 100]
+            self._submit(_Request("log_params", lambda b=batch: self.client.log_batch(self.run_id, params=b)))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.active:  # inactive ranks must not open the store (two ranks migrating one sqlite file race)
@@ -142,23 +256,48 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if v is not None and step > self._recorded.get(k, -1)]
         if items:
-            self._call("log_metrics", self.client.log_batch, self.run_id, metrics=items)
+            self._submit(_Request("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items),
+                                  values=len(items), step=step))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self.active:  # before `self.client`: an inactive rank must not open the store
             return
         for key, value in tags.items():
-            self._call("set_tag", self.client.set_tag, self.run_id, key, str(value))
+            self._submit(_Request(f"set_tag {key}", lambda k=key, v=str(value): self.client.set_tag(self.run_id, k, v)))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
-        if not self.active:  # before `self.client`: an inactive rank must not open the store
-            return
-        self._call("log_artifact", self.client.log_artifact, self.run_id, str(path))
+        self._submit(_Request("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path))))
 
-    def end(self, status: str) -> None:
-        if not self.active:
-            return
+    def end(self, status: str) -> bool:
+        """Record the run's status and end it. When the server is away, wait up to `wait_at_end_s` for it;
+        if it does not come back, say what was not recorded. True when everything was recorded."""
+        if not self.active or self.run_id is None:
+            return True
         self.set_tags({STATUS_TAG: status})
-        self._call("end_run", self.client.set_terminated, self.run_id, MLFLOW_STATUS.get(status, "FINISHED"))
+        self._submit(_Request(f"the end of the run ({status})", lambda: self.client.set_terminated(
+            self.run_id, MLFLOW_STATUS.get(status, "FINISHED"))))
+        deadline = time.monotonic() + self.wait_at_end_s
+        if self._held:
+            print(f"mutransfer: waiting up to {self.wait_at_end_s:g} s for the MLflow server at {self.uri} to "
+                  f"record {len(self._held)} held request(s)", file=sys.stderr, flush=True)
+        while self._held and time.monotonic() < deadline:  # nothing else to do now: poll at a short interval
+            time.sleep(max(0.0, min(END_POLL_S, deadline - time.monotonic())))
+            self.flush(force=True)
+        if self._held or self._dropped:
+            self._report_unrecorded(status)
+        return not (self._held or self._dropped)
+
+    def _report_unrecorded(self, status: str) -> None:
+        lost = [*self._dropped, *self._held]
+        values = sum(r.values for r in lost)
+        steps = [r.step for r in lost if r.step is not None]
+        span = f" (steps {min(steps)}-{max(steps)})" if steps else ""
+        others = sorted({r.what for r in lost if not r.values})
+        where = f"; the same numbers are in {self.fallback}" if self.fallback else ""
+        print(f"mutransfer: the MLflow server at {self.uri} did not record all of run {self.run_id}: "
+              f"{values} metric value(s){span}" + (f", {', '.join(others)}" if others else "")
+              + f" are missing there, and it may still show the run as RUNNING although it ended {status}{where}",
+              file=sys.stderr, flush=True)

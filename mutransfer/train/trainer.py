@@ -46,6 +46,7 @@ from .batches import BatchStream
 from .config import ConfigError, RunConfig, save_config
 from .distributed import (
     all_reduce_,
+    all_reduce_floats,
     broadcast_from_rank0,
     device_for,
     init_distributed,
@@ -60,7 +61,7 @@ from .resume import load_checkpoint, resume_point, save_checkpoint
 from .run_log import RunResult, SampleLog, append_metrics, run_params, run_tags, write_result
 from .signals import StopRequest
 from .system_metrics import SystemMetrics, start_system_metrics
-from .tracking import Tracker
+from .tracking import Tracker, trim_metrics_file
 
 __all__ = ["EXIT_DIVERGED", "RunResult", "build_model", "deepspeed_config", "init_distributed",
            "shutdown_distributed", "train", "train_step"]
@@ -94,6 +95,7 @@ class Run:
     message: str = ""
     stop_signal: int | None = None
     outcome: str = "failed"  # how the MLflow run ends; set last, once the run's end is written
+    data_summary: dict[str, int] | None = None  # what the data skipped, computed once at the end (collective)
 
     @property
     def output_dir(self) -> Path:
@@ -212,19 +214,21 @@ def finish(run: Run, status: str) -> RunResult:
     elif status == "preempted":
         if run.cfg.run.save_checkpoints:
             save_checkpoint(run.engine, run.state, run.cfg, run.rank)
-        run.message = (f"stopped by {signal.Signals(run.stop_signal).name} at step {run.state.step}; "
-                       f"checkpoint saved, run.resume=auto continues")
+        run.message = (f"stopped by {signal.Signals(run.stop_signal).name} at step {run.state.step}; " + (
+            "checkpoint saved, run.resume=auto continues" if run.cfg.run.save_checkpoints
+            else "no checkpoint (run.save_checkpoints=false): the run starts over when run again"))
         _say(run, run.message)
+        run.tracker.log_metrics(_data_summary(run), run.state.step)
     else:
         run_evaluation(run)
         if run.cfg.run.save_checkpoints:
             save_checkpoint(run.engine, run.state, run.cfg, run.rank)
         final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
-        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final}, run.state.step)
+        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **_data_summary(run)}, run.state.step)
         log_final_model(run.engine, run.cfg, run.tracker, run.rank)
     result = RunResult(status=status, step=run.state.step, output_dir=str(run.output_dir),
                        mlflow_run_id=run.mlflow_run_id, final_train_loss=run.last_loss, eval=run.eval_metrics,
-                       message=run.message)
+                       message=run.message, skipped=_data_summary(run) if status != "diverged" else {})
     write_result(result, run.output_dir, run.rank)
     run.outcome = status
     return result
@@ -256,6 +260,7 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
               batches=BatchStream(loader, state), state=state, total_steps=total_steps, rng_restore=resume_from,
               criterion=train_loss(cfg.data),  # soft targets under mixup / cutmix, label smoothing otherwise
               flops=model.flops_per_image() if hasattr(model, "flops_per_image") else None)
+    teardown.callback(run.batches.close)  # loader workers must stop on every exit path, or the process hangs
     _start_tracking(run, model)
     teardown.callback(lambda: run.tracker.end(run.outcome))  # an MLflow run must never stay RUNNING
     if cfg.run.record_samples:
@@ -280,10 +285,14 @@ def _start_tracking(run: Run, model: torch.nn.Module) -> None:
     """Start (or, resumed, continue) the MLflow run on rank 0; every rank keeps its id in the state, so
     that every rank's checkpoint names it."""
     cfg, state = run.cfg, run.state
-    run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0)
+    run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0,
+                          fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s)
     run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name, run_tags(cfg, model),
-                                          parent_run_id=cfg.tracking.parent_run_id, run_id=state.mlflow_run_id)
-    if run.mlflow_run_id and state.mlflow_run_id is None:
+                                          parent_run_id=cfg.tracking.parent_run_id,
+                                          run_id=state.mlflow_run_id or cfg.tracking.continue_run_id)
+    if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
+        trim_metrics_file(run.output_dir / "metrics.jsonl", state.step)
+    if run.mlflow_run_id and state.mlflow_run_id is None and not cfg.tracking.continue_run_id:
         run.tracker.log_params(run_params(cfg, model, run.world_size))
         run.tracker.log_artifact(run.output_dir / "config.yaml")
         run.tracker.log_artifact(run.output_dir / "deepspeed.json")
@@ -308,6 +317,22 @@ def _excluded(run: Run, work: Any) -> None:
     started = time.perf_counter()
     work(run)
     run.window.exclude(time.perf_counter() - started)
+
+
+def _data_summary(run: Run) -> dict[str, int]:
+    """What the run's data skipped, by kind: training on all ranks and the last evaluation (every kind is
+    listed, zeros too, for one-epoch runs as for long ones). Rank 0 says so when anything was skipped."""
+    if run.data_summary is None:
+        loader = run.batches.loader
+        counts = all_reduce_floats([float(n) for n in loader.skip_counts.values()], run.device)
+        summary = {f"data/train_{kind}": int(n) for kind, n in zip(loader.skip_counts, counts)}
+        summary.update({f"data/eval_{kind}": int(run.eval_metrics.get(f"eval/skipped_{kind}", 0))
+                        for kind in loader.skip_counts})
+        if run.rank == 0 and any(summary.values()):
+            text = ", ".join(f"{key.removeprefix('data/')}={n}" for key, n in summary.items() if n)
+            print(f"mutransfer: data skipped in this run: {text}", file=sys.stderr, flush=True)
+        run.data_summary = summary
+    return run.data_summary
 
 
 def _record(run: Run, metrics: dict[str, float]) -> None:
