@@ -165,7 +165,7 @@ def test_sigterm_stops_at_the_next_sync_point_and_checkpoints(shards, tmp_path, 
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
-    cfg = in_process_config(tmp_path, shards, run=dict(steps=40, log_interval=4))
+    cfg = in_process_config(tmp_path, shards, run=dict(steps=40, log_interval=4, checkpoint_interval=7))
     result = trainer.train(cfg)
     # stopped at the first sync point after the signal (a checkpoint step), with every trained step logged
     assert result.status == "preempted" and result.step == 7
