@@ -156,7 +156,7 @@ def test_divergence_is_found_at_the_next_sync_point(shards, tmp_path, monkeypatc
     assert not (result.final_train_loss < 1e3)  # NaN or above the bound
 
 
-def test_sigterm_stops_at_the_next_logging_point_and_checkpoints(shards, tmp_path, monkeypatch) -> None:
+def test_sigterm_stops_at_the_next_sync_point_and_checkpoints(shards, tmp_path, monkeypatch) -> None:
     real_step = trainer.train_step
 
     def step_then_signal(run):
@@ -165,12 +165,14 @@ def test_sigterm_stops_at_the_next_logging_point_and_checkpoints(shards, tmp_pat
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
-    cfg = in_process_config(tmp_path, shards, run=dict(steps=40, log_interval=4))
+    cfg = in_process_config(tmp_path, shards, run=dict(steps=40, log_interval=4, checkpoint_interval=7))
     result = trainer.train(cfg)
-    assert result.status == "preempted" and result.step == 8  # the first sync point after the signal
+    # stopped at the first sync point after the signal (a checkpoint step), with every trained step logged
+    assert result.status == "preempted" and result.step == 7
+    assert metric_steps(tmp_path / "out") == [4, 7]
     (saved,) = complete_checkpoints(tmp_path / "out")
     state, _ = read_state(saved)
-    assert state.step == 8 and state.status == "preempted" and state.batch_in_epoch == 8
+    assert state.step == 7 and state.status == "preempted" and state.batch_in_epoch == 7
 
 
 

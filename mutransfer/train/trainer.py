@@ -123,10 +123,10 @@ def train_loop(run: Run) -> str:
             if not (log_now or eval_now or save_now):
                 continue
             status = sync(run, stop)
+            if log_now or status == "preempted":  # a preempted run keeps every step it trained on record
+                log_window(run)
             if status is not None:
                 return status
-            if log_now:
-                log_window(run)
             if eval_now:
                 _excluded(run, run_evaluation)
             if save_now:
