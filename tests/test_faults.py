@@ -279,7 +279,7 @@ def test_a_run_whose_server_restarts_ends_with_its_final_status_and_every_metric
         assert mlrun.info.status == "FINISHED" and mlrun.data.tags["mutransfer.status"] == "finished"
         history = client.get_metric_history(mlrun.info.run_id, "train/loss")
         assert sorted(m.step for m in history) == list(range(1, 61))  # every step, each once
-        assert {"final/eval_loss", "final/eval_samples", "data/train_bad_shard"} <= set(mlrun.data.metrics)
+        assert {"final/eval_loss", "final/eval_samples", "data/skipped_samples"} <= set(mlrun.data.metrics)
         assert len(client.get_metric_history(mlrun.info.run_id, "eval/loss")) == 3
     finally:
         job.kill()

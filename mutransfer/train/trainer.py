@@ -218,13 +218,14 @@ def finish(run: Run, status: str) -> RunResult:
             "checkpoint saved, run.resume=auto continues" if run.cfg.run.save_checkpoints
             else "no checkpoint (run.save_checkpoints=false): the run starts over when run again"))
         _say(run, run.message)
-        run.tracker.log_metrics(_data_summary(run), run.state.step)
+        run.tracker.log_metrics(_skips_for_mlflow(_data_summary(run)), run.state.step)
     else:
         run_evaluation(run)
         if run.cfg.run.save_checkpoints:
             save_checkpoint(run.engine, run.state, run.cfg, run.rank)
         final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
-        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **_data_summary(run)}, run.state.step)
+        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **_skips_for_mlflow(_data_summary(run))},
+                                run.state.step)
         log_final_model(run.engine, run.cfg, run.tracker, run.rank)
     result = RunResult(status=status, step=run.state.step, output_dir=str(run.output_dir),
                        mlflow_run_id=run.mlflow_run_id, final_train_loss=run.last_loss, eval=run.eval_metrics,
@@ -333,6 +334,12 @@ def _data_summary(run: Run) -> dict[str, int]:
             print(f"mutransfer: data skipped in this run: {text}", file=sys.stderr, flush=True)
         run.data_summary = summary
     return run.data_summary
+
+
+def _skips_for_mlflow(summary: dict[str, int]) -> dict[str, float]:
+    """The kinds that skipped anything, and the total (always): two dozen zero metrics would crowd the final
+    ones off MLflow's compare page; result.json keeps every kind."""
+    return {**{k: float(v) for k, v in summary.items() if v}, "data/skipped_samples": float(sum(summary.values()))}
 
 
 def _record(run: Run, metrics: dict[str, float]) -> None:
