@@ -161,6 +161,7 @@ def _signed(optimum: fit.CurveOptimum, sign: float) -> fit.CurveOptimum:
 # --- trends and verdicts ----------------------------------------------------------------------------------
 TOLERANCE_PER_DOUBLING = 0.5 / 3  # 0.5 log2 over x8 (three doublings): the bar a parametrization must meet
 AXES = ("width", "depth")
+AXIS_INDEX = {"width": 1, "depth": 2}  # where each axis sits in a Shape (parametrization, width, depth)
 
 
 @dataclass(frozen=True)
@@ -230,10 +231,8 @@ def observations(fits: list[ShapeFit], pick) -> tuple[list[dict[str, float]], li
     return sizes, ys
 
 
-def _verdicts(trend: fit.Trend, fits: list[ShapeFit]) -> dict[str, AxisVerdict]:
-    index = {"width": 1, "depth": 2}
-    return {axis: judge(axis, trend.slopes[axis], trend.errors[axis],
-                        math.log2(max(f.shape[index[axis]] for f in fits) / min(f.shape[index[axis]] for f in fits)))
+def _verdicts(trend: fit.Trend, sizes: dict[str, tuple[float, float]]) -> dict[str, AxisVerdict]:
+    return {axis: judge(axis, trend.slopes[axis], trend.errors[axis], math.log2(sizes[axis][1] / sizes[axis][0]))
             for axis in trend.axes}
 
 
@@ -245,11 +244,10 @@ def trend_of(parametrization: str, fits: list[ShapeFit]) -> ParamTrend:
     if all(f.momentum for f in fits):
         momentum = fit.fit_trend(*observations(fits, lambda f: [o.x for o in f.momentum.per_seed]))
     loss = fit.fit_trend(*observations(fits, lambda f: [o.value for o in f.lr.per_seed]))
-    index = {"width": 1, "depth": 2}
+    sizes = {a: (min(f.shape[AXIS_INDEX[a]] for f in fits), max(f.shape[AXIS_INDEX[a]] for f in fits)) for a in AXES}
     return ParamTrend(
-        parametrization, lr, momentum, loss, _verdicts(lr, fits), _verdicts(momentum, fits) if momentum else {},
-        edge_optima=sum(1 for f in fits for o in f.lr.per_seed if o.edge), observations=len(lr_ys),
-        sizes={a: (min(f.shape[index[a]] for f in fits), max(f.shape[index[a]] for f in fits)) for a in AXES},
+        parametrization, lr, momentum, loss, _verdicts(lr, sizes), _verdicts(momentum, sizes) if momentum else {},
+        edge_optima=sum(1 for f in fits for o in f.lr.per_seed if o.edge), observations=len(lr_ys), sizes=sizes,
     )
 
 

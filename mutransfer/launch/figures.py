@@ -14,9 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .analysis import AXES, ParamTrend, Point, Shape, ShapeFit
-
-AXIS_INDEX = {"width": 1, "depth": 2}
+from .analysis import AXES, AXIS_INDEX, ParamTrend, Point, Shape, ShapeFit
 
 
 def _size_colours(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:

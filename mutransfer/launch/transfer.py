@@ -93,9 +93,9 @@ def target_shape(cfg: RunConfig) -> tuple[str, dict[str, float]]:
     return label, {"width": float(width), "depth": float(depth)}
 
 
-def _extrapolation(fits: list[analysis.ShapeFit], target: dict[str, float]) -> dict[str, float]:
-    largest = {"width": max(f.shape[1] for f in fits), "depth": max(f.shape[2] for f in fits)}
-    return {axis: math.log2(target[axis] / largest[axis]) for axis in analysis.AXES}
+def _extrapolation(trend: analysis.ParamTrend, target: dict[str, float]) -> dict[str, float]:
+    """Doublings from the largest proxy to the target, per axis."""
+    return {axis: math.log2(target[axis] / trend.sizes[axis][1]) for axis in analysis.AXES}
 
 
 def _predict_trend(fits: list[analysis.ShapeFit], full: fit.Trend, target: dict[str, float]
@@ -147,7 +147,7 @@ def predict(trials: list[Trial], metric: str, label: str, target: dict[str, floa
         x, error, flat = _predict_trend(fits, trend.lr, target)
         momentum = _predict_momentum(fits, target)
     prediction = Prediction(rule, label, target, x, error, momentum, largest.weight_decay,
-                            _extrapolation(fits, target), trend, flat)
+                            _extrapolation(trend, target), trend, flat)
     prediction.warnings = _warnings(prediction)
     return prediction
 
