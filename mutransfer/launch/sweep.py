@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from mutransfer.train.config import RunConfig, apply_overrides, config_from_dict, load_yaml
+from mutransfer.train.signals import StopRequest
 from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
 
 from .store import (
@@ -70,31 +71,15 @@ class SweepSummary:
         return 1 if self.failed else 0
 
 
-class SweepStop:
+class SweepStop(StopRequest):
     """SIGINT / SIGTERM while the sweep runs: remember the first, start no further trial. (In-process, the
     trainer's own handlers take over while a trial trains; it stops that trial at its next step.)"""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> SweepStop:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal is None:
             print(f"\nmutransfer sweep: {signal.Signals(signum).name}: stopping after the running trial(s) close",
                   file=sys.stderr, flush=True)
         self.signal = self.signal or signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def ensure_study_run(client, cfg: StudyConfig) -> str:
