@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from mutransfer.models import create_model
-from mutransfer.train.optim import build_optimizer
+from mutransfer.models.optim import build_optimizer
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images, labels, device: str):

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from mutransfer.errors import UsageError
+
 # command -> (module that registers it, one-line help shown by `mutransfer --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "models": ("mutransfer.models.cli", "list the model zoo"),
@@ -18,17 +20,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "shards": ("mutransfer.data.cli", "write and inspect webdataset shard sets"),
     "train": ("mutransfer.train.cli", "train one run (one process; `deepspeed --module mutransfer.train` for many)"),
     "export": ("mutransfer.train.cli", "write a run's consolidated fp32 weights as safetensors or timm"),
-    "sweep": ("mutransfer.launch.cli", "run (or resume) every trial of a proxy study, recorded in MLflow"),
-    "transfer": ("mutransfer.launch.cli", "carry a study's best lr and momentum to the target run"),
-    "report": ("mutransfer.launch.report", "plots and the optimum table of a study"),
-    "ui": ("mutransfer.launch.ui", "the MLflow UI on 127.0.0.1 over our store, opened at a study"),
+    "sweep": ("mutransfer.study.cli", "run (or resume) every trial of a proxy study, recorded in MLflow"),
+    "transfer": ("mutransfer.study.cli", "carry a study's best lr and momentum to the target run"),
+    "report": ("mutransfer.study.cli", "plots and the optimum table of a study"),
+    "ui": ("mutransfer.study.cli", "the MLflow UI on 127.0.0.1 over our store, opened at a study"),
     "launch": ("mutransfer.launch.cli", "multi-node deepspeed command or SLURM script for a run"),
-    "demo": ("mutransfer.launch.cli", "the whole proxy-to-target workflow on CPU"),
+    "demo": ("mutransfer.study.cli", "the whole proxy-to-target workflow on CPU"),
 }
 
 
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mutransfer.launch.study import load_study
+from mutransfer.study.config import load_study
 from mutransfer.train.config import load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))

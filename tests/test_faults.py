@@ -22,9 +22,9 @@ from train_helpers import BIN, losses, python_command, result, run, run_env, wri
 
 from mutransfer.data import DataConfig, build_eval_loader, write_synthetic_shards
 from mutransfer.data.writer import sample_key
-from mutransfer.launch.store import load_trials
-from mutransfer.launch.ui import start_server
 from mutransfer.netutil import free_port
+from mutransfer.study.store import load_trials
+from mutransfer.study.ui import start_server
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import complete_checkpoints
 from mutransfer.train.config import load_config

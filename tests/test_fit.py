@@ -8,10 +8,10 @@ import zlib
 import numpy as np
 import pytest
 
-from mutransfer.launch import analysis, fit
-from mutransfer.launch.store import Trial
-from mutransfer.launch.transfer import predict
 from mutransfer.models.parametrization import Parametrization, parse_label
+from mutransfer.study import analysis, fit
+from mutransfer.study.store import Trial
+from mutransfer.study.transfer import predict
 
 GRID = [float(x) for x in range(-10, -2)]  # log2 lr, one step apart
 
@@ -201,7 +201,7 @@ def test_parametrization_labels_round_trip() -> None:
 
 
 def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_drifts() -> None:
-    from mutransfer.launch.demo import verdict_lines
+    from mutransfer.study.demo import verdict_lines
 
     trials = planted_trials("mup", -0.5) + planted_trials("completep", 0.0)
     lines = verdict_lines(analysis.trends(analysis.fit_shapes(trials, "final/eval_loss")))
@@ -211,7 +211,7 @@ def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_
 
 
 def test_a_study_label_becomes_typed_model_overrides_of_the_trial() -> None:
-    from mutransfer.launch.study import TrialSpec
+    from mutransfer.study.config import TrialSpec
 
     overrides = TrialSpec("depth_mup+fle0.5", 32, 4, 2.0**-7, 0.9, 0.0, 1).overrides("adamw")
     assert overrides[:2] == ["model.parametrization=depth_mup", "model.first_layer_lr_exponent=0.5"]
@@ -219,7 +219,7 @@ def test_a_study_label_becomes_typed_model_overrides_of_the_trial() -> None:
 
 
 def test_demo_verdict_counts_a_flat_but_noisy_slope_as_steady_and_says_so_when_nothing_separates() -> None:
-    from mutransfer.launch.demo import verdict_lines
+    from mutransfer.study.demo import verdict_lines
 
     noisy = planted_trials("depth_mup+fle0.5", 0.0, seeds=2, noise=0.15)
     trends = analysis.trends(analysis.fit_shapes(planted_trials("depth_mup", 1.0, seeds=2) + noisy,

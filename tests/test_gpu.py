@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from train_helpers import write_config
 
 from mutransfer.models import create_model
-from mutransfer.train.optim import build_optimizer, param_groups
+from mutransfer.models.optim import build_optimizer, param_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

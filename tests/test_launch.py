@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from train_helpers import BIN, losses, run, write_config
 
 from mutransfer.data import write_synthetic_shards
-from mutransfer.launch.store import latest_per_key, load_trials
+from mutransfer.study.store import latest_per_key, load_trials
 from mutransfer.train.config import load_config
 
 pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)

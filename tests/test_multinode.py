@@ -25,8 +25,8 @@ from train_helpers import BIN, deepspeed_command, free_port, losses, result, run
 from mutransfer.cli import main as cli_main
 from mutransfer.data import DataConfig, build_train_loader, write_synthetic_shards
 from mutransfer.launch.slurm import array_spec
-from mutransfer.launch.store import latest_per_key, load_trials
-from mutransfer.launch.study import load_study
+from mutransfer.study.config import load_study
+from mutransfer.study.store import latest_per_key, load_trials
 from mutransfer.train.checkpoint import complete_checkpoints, read_state
 from mutransfer.train.config import load_config
 
@@ -336,7 +336,7 @@ def test_slurm_training_script(workspace, tmp_path) -> None:
 def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
     """`sweep --slurm` needs an MLflow server: it creates the study's parent run before any task starts, and
     the array holds the trials not yet done. A task (`--trial-index I`) runs trial I alone under that parent."""
-    from mutransfer.launch.ui import start_server
+    from mutransfer.study.ui import start_server
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = write_config(tmp_path / "proxy.yaml", workspace["shards"], tmp_path / "unused", uri,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mutransfer.models import Parametrization, Role, create_model
-from mutransfer.train.optim import build_optimizer, param_groups
+from mutransfer.models.optim import build_optimizer, param_groups
 
 BASE_WIDTH, BASE_DEPTH = 32, 2
 M_N, M_L = 4, 4  # the shape the issue asks the rules to be checked at

@@ -16,11 +16,11 @@ from train_helpers import TINY_MODEL, losses, write_config
 
 from mutransfer.data import write_synthetic_shards
 from mutransfer.models import create_model
+from mutransfer.models.optim import build_optimizer, param_groups
 from mutransfer.train import trainer
 from mutransfer.train.checkpoint import complete_checkpoints, read_state
 from mutransfer.train.config import ConfigError, RunConfig, load_config
 from mutransfer.train.engine import build_model, deepspeed_config, merge_config
-from mutransfer.train.optim import build_optimizer, param_groups
 from mutransfer.train.schedule import build_scheduler
 
 TINY = {k: v for k, v in TINY_MODEL.items() if k != "name"}

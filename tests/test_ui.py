@@ -18,7 +18,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mutransfer.cli import main
-from mutransfer.launch import ui
+from mutransfer.study import ui
 
 pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
 

@@ -23,8 +23,8 @@ from test_ui import EXIT_WAIT_S, MUTRANSFER, descendants, kill_all, read_lines, 
 from train_helpers import BIN, run, run_env, write_config
 
 from mutransfer.data import write_synthetic_shards
-from mutransfer.launch.store import latest_per_key, load_trials
 from mutransfer.netutil import free_port
+from mutransfer.study.store import latest_per_key, load_trials
 
 STUDY = "browser"
 LRS = [1e-3, 1e-2]

@@ -57,10 +57,10 @@ def _print_help(parser: argparse.ArgumentParser) -> int:
 
 
 def run_write(args: argparse.Namespace) -> int:
-    from mutransfer.cli import UsageError
     from mutransfer.data.sources import SyntheticSource, open_source
     from mutransfer.data.synthetic import SyntheticSpec
     from mutransfer.data.writer import write_shards
+    from mutransfer.errors import UsageError
 
     synthetic_flags = {"--classes": args.classes, "--samples": args.samples, "--image-size": args.image_size,
                        "--seed": args.seed}
@@ -107,8 +107,8 @@ def run_write(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from mutransfer.cli import UsageError
     from mutransfer.data.info import info_location, read_info, shard_pattern
+    from mutransfer.errors import UsageError
 
     try:
         info = read_info(args.location)

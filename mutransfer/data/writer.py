@@ -226,18 +226,7 @@ def write_shards(
     to write into a folder holding anything but other splits' shards unless `force`. `workers` processes
     write whole shards in parallel; the output does not depend on their number.
     """
-    from mutransfer.data.config import SPLIT_NAME
-
-    if not SPLIT_NAME.match(split):
-        raise ValueError(f"split {split!r} must be letters, digits, '_' or '-'")
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
-    if resize_short is not None and resize_short < 1:
-        raise ValueError(f"resize_short={resize_short} must be >= 1")
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality={quality} must be between 1 and 100")
-    if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1")
+    _check_write_args(split, samples_per_shard, resize_short, quality, workers)
     total = len(source)
     if total == 0:
         raise ValueError("the source has no images")
@@ -257,23 +246,26 @@ def write_shards(
         raise ValueError(f"none of the {total} images could be decoded; nothing was written")
 
     info.name = info.name or dataset_name or getattr(source, "name", "") or os.path.basename(os.path.abspath(out_dir))
-    info.splits[split] = SplitInfo(
-        name=split,
-        filenames=[r.filename for r in results],
-        shard_lengths=[r.length for r in results],
-        num_classes=source.num_classes,
-        class_names=source.class_names,
-    )
-    info_path = write_info(out_dir, info)
-    summary = WriteSummary(
-        out_dir=out_dir,
-        split=split,
-        filenames=[r.filename for r in results],
-        shard_lengths=[r.length for r in results],
-        skipped=[s for r in results for s in r.skipped],
-        info_path=info_path,
-    )
-    return summary
+    filenames, lengths = [r.filename for r in results], [r.length for r in results]
+    info.splits[split] = SplitInfo(name=split, filenames=filenames, shard_lengths=lengths,
+                                   num_classes=source.num_classes, class_names=source.class_names)
+    return WriteSummary(out_dir=out_dir, split=split, filenames=filenames, shard_lengths=lengths,
+                        skipped=[s for r in results for s in r.skipped], info_path=write_info(out_dir, info))
+
+
+def _check_write_args(split: str, samples_per_shard: int, resize_short: int | None, quality: int, workers: int) -> None:
+    from mutransfer.data.config import SPLIT_NAME
+
+    if not SPLIT_NAME.match(split):
+        raise ValueError(f"split {split!r} must be letters, digits, '_' or '-'")
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+    if resize_short is not None and resize_short < 1:
+        raise ValueError(f"resize_short={resize_short} must be >= 1")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality={quality} must be between 1 and 100")
+    if workers < 1:
+        raise ValueError(f"workers={workers} must be >= 1")
 
 
 def _run_shards(source: ImageSource, job: _ShardJob, num_shards: int, workers: int, bar: tqdm) -> Iterator[ShardResult]:

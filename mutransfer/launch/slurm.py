@@ -16,6 +16,7 @@ Preemption, as the scripts handle it:
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -188,3 +189,22 @@ def write_script(path: Path, text: str, log_dir: Path) -> Path:
     path.write_text(text)
     path.chmod(0o755)
     return path
+
+
+def add_sbatch_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sbatch settings (with --slurm)")
+    group.add_argument("--job-name", default=None)
+    group.add_argument("--partition", default=None)
+    group.add_argument("--account", default=None)
+    group.add_argument("--time", default=None, help="time limit, e.g. 24:00:00")
+    group.add_argument("--cpus-per-task", type=int, default=None)
+    group.add_argument("--signal-seconds", type=int, default=120,
+                       help="SIGTERM this long before the time limit, to checkpoint and requeue")
+    group.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                       help="a further sbatch option, e.g. --sbatch=--qos=high (repeatable)")
+
+
+def sbatch_options(args: argparse.Namespace, default_name: str):
+    return SlurmOptions(job_name=args.job_name or default_name, partition=args.partition, account=args.account,
+                        time=args.time, cpus_per_task=args.cpus_per_task, signal_seconds=args.signal_seconds,
+                        extra=list(args.sbatch))

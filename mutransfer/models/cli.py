@@ -49,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def coord_check_command(args: argparse.Namespace) -> int:
-    from mutransfer.cli import UsageError
+    from mutransfer.errors import UsageError
 
     from .coord_check import last_block_growth, plot, run_coord_check, write_csv
     from .zoo import zoo_entry

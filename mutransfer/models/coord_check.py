@@ -102,7 +102,7 @@ def run_coord_check(
     **model_kwargs: Any,
 ) -> list[CoordRecord]:
     """Train one model per size for `steps` steps on one batch; record each layer's coordinates per step."""
-    from mutransfer.train.optim import build_optimizer  # models must not import train at module load
+    from .optim import build_optimizer
 
     resolve_parametrization(parametrization)  # a bad name fails before any work
     if vary not in VARY:
@@ -119,35 +119,36 @@ def run_coord_check(
         torch.manual_seed(seed)
         net = create_model(model, parametrization=parametrization, **{**model_kwargs, vary: size})
         opt = build_optimizer(net, optimizer, lr=lr, momentum=momentum)
-        images, labels = _fixed_batch(net, batch_size, seed)
-        outputs: dict[str, torch.Tensor] = {}
-        own_updates: dict[str, torch.Tensor] = {}
-        modules = coordinate_modules(net, first_layers)
-        hooks = [module.register_forward_hook(_recorder(outputs, name)) for name, module in modules.items()]
-        hooks += [module.register_forward_hook(_own_update_recorder(own_updates, name, module))
-                  for name, module in modules.items() if name.startswith("first_layer.")]
-        first: dict[str, torch.Tensor] = {}
-        try:
-            for step in range(steps):
-                loss = F.cross_entropy(net(images), labels)
-                for name, out in outputs.items():
-                    first.setdefault(name, out)
-                    records.append(
-                        CoordRecord(
-                            layer=name,
-                            step=step,
-                            size=size,
-                            mean_abs=out.abs().mean().item(),
-                            mean_abs_change=(own_updates[name] if name in own_updates
-                                             else out - first[name]).abs().mean().item(),
-                        )
-                    )
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        finally:
-            for hook in hooks:
-                hook.remove()
+        records += _train_and_record(net, opt, size, steps, batch_size, seed, first_layers)
+    return records
+
+
+def _train_and_record(net: torch.nn.Module, opt: torch.optim.Optimizer, size: int, steps: int, batch_size: int,
+                      seed: int, first_layers: bool) -> list[CoordRecord]:
+    """`steps` optimizer steps of one model on one fixed batch, recording every coordinate module per step."""
+    images, labels = _fixed_batch(net, batch_size, seed)
+    outputs: dict[str, torch.Tensor] = {}
+    own_updates: dict[str, torch.Tensor] = {}
+    modules = coordinate_modules(net, first_layers)
+    hooks = [module.register_forward_hook(_recorder(outputs, name)) for name, module in modules.items()]
+    hooks += [module.register_forward_hook(_own_update_recorder(own_updates, name, module))
+              for name, module in modules.items() if name.startswith("first_layer.")]
+    first: dict[str, torch.Tensor] = {}
+    records: list[CoordRecord] = []
+    try:
+        for step in range(steps):
+            loss = F.cross_entropy(net(images), labels)
+            for name, out in outputs.items():
+                first.setdefault(name, out)
+                change = own_updates[name] if name in own_updates else out - first[name]
+                records.append(CoordRecord(layer=name, step=step, size=size, mean_abs=out.abs().mean().item(),
+                                           mean_abs_change=change.abs().mean().item()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        for hook in hooks:
+            hook.remove()
     return records
 
 

@@ -30,7 +30,7 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from mutransfer.cli import UsageError
+    from mutransfer.errors import UsageError
 
     from .export import export
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from mutransfer.models import create_model
+from mutransfer.models.optim import build_optimizer
 
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
-from .optim import build_optimizer
 from .schedule import build_scheduler
 
 # run.compile -> torch.compile keyword arguments (engine.compile passes them on with the accelerator's backend)

@@ -17,7 +17,6 @@ The files are logged to the study's parent run under `report/`, and the fitted n
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import re
@@ -159,66 +158,86 @@ def _curve_figure(
 ) -> None:
     """One panel per (parametrization, depth), one curve per width; shared axes, clipped y."""
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
 
     parametrizations = sorted({s[0] for s in curves})
     depths = sorted({s[2] for s in curves})
-    widths = sorted({s[1] for s in curves})
-    colours = _width_colours(widths)
-    off_scale = "^" if y.minimised else "v"
-
+    colours = _width_colours(sorted({s[1] for s in curves}))
     fig_width = max(6.5, 4.2 * len(depths) + 0.6)
     fig = Figure(figsize=(fig_width, 3.3 * len(parametrizations) + 1.3), layout="constrained")
     axes = fig.subplots(len(parametrizations), len(depths), sharex=True, sharey=True, squeeze=False)
-    any_diverged = any_clipped = False
+    marks: set[str] = set()  # "diverged" / "clipped" where some panel shows them
     for row, param in enumerate(parametrizations):
         for col, depth in enumerate(depths):
             ax = axes[row][col]
-            ax.set_title(f"{param}, depth {depth}", fontsize=10)
-            ax.grid(alpha=0.3)
-            ax.set_ylim(y.low, y.high)
-            if y.clip_reason:  # only where something is actually clipped
-                ax.axhline(y.clip, color="0.6", linestyle=":", linewidth=1)
-            if row == len(parametrizations) - 1:
-                ax.set_xlabel(x_label)
-            if col == 0:
-                ax.set_ylabel(metric)
+            _panel_frame(ax, f"{param}, depth {depth}", y, x_label if row == len(parametrizations) - 1 else None,
+                         metric if col == 0 else None)
             panel = sorted((s for s in curves if s[0] == param and s[2] == depth), key=lambda s: s[1])
             if not panel:
                 ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="grey")
             for band_row, shape in enumerate(panel):
-                colour = colours[shape[1]]
                 points = [(x_of(x), value) for x, value in sorted(curves[shape].items())]
-                finite = [(x, value) for x, value in points if not _diverged(value)]
-                if finite:
-                    ax.plot([x for x, _ in finite], [y.clipped(v) for _, v in finite], "-o", color=colour,
-                            markersize=3.5, linewidth=1.4)
-                clipped = [(x, y.clip) for x, value in finite if y.clipped(value) != value]
-                if clipped:
-                    any_clipped = True
-                    ax.plot(*zip(*clipped), linestyle="none", marker=off_scale, markersize=7,
-                            markerfacecolor="white", color=colour)
-                diverged_x = [x for x, value in points if _diverged(value)]
-                if diverged_x:
-                    any_diverged = True
-                    ax.plot(diverged_x, [y.band_row(band_row)] * len(diverged_x), linestyle="none", marker="x",
-                            markersize=7, markeredgewidth=1.6, color=colour)
                 best_value = curves[shape].get(optimum_x.get(shape, math.nan))
-                if best_value is not None and not _diverged(best_value):
-                    ax.plot([x_of(optimum_x[shape])], [y.clipped(best_value)], marker="*", markersize=14,
-                            color=colour, markeredgecolor="black", linestyle="none", zorder=5)
-
-    handles = [Line2D([], [], color=colours[w], marker="o", markersize=4, label=f"width {w}") for w in widths]
-    handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="none", label="optimum"))
-    if any_diverged:
-        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="diverged (or failed)"))
-    if any_clipped:
-        handles.append(Line2D([], [], color="black", marker=off_scale, linestyle="none", markerfacecolor="white",
-                              label=f"clipped at {y.clip:.3g} ({y.clip_reason})"))
+                best = (x_of(optimum_x[shape]), best_value) if best_value is not None else None
+                marks |= _draw_curve(ax, points, best, colours[shape[1]], y, band_row)
+    handles = _curve_legend(colours, marks, y)
     columns = max(1, min(len(handles), int(fig_width // 2.2)))  # about 2.2 inches per legend entry
     fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=9)
     fig.suptitle(title, fontsize=11)
     fig.savefig(path, dpi=110)
+
+
+def _panel_frame(ax: Any, title: str, y: ValueRange, x_label: str | None, y_label: str | None) -> None:
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.set_ylim(y.low, y.high)
+    if y.clip_reason:  # only where something is actually clipped
+        ax.axhline(y.clip, color="0.6", linestyle=":", linewidth=1)
+    if x_label:
+        ax.set_xlabel(x_label)
+    if y_label:
+        ax.set_ylabel(y_label)
+
+
+def _draw_curve(ax: Any, points: list[tuple[float, float]], best: tuple[float, float] | None, colour: Any,
+                y: ValueRange, band_row: int) -> set[str]:
+    """One curve: finite points joined, clipped ones as open triangles at the clip, diverged ones as crosses
+    in their own band, the optimum as a star. Returns the kinds of mark it drew."""
+    marks = set()
+    finite = [(x, value) for x, value in points if not _diverged(value)]
+    if finite:
+        ax.plot([x for x, _ in finite], [y.clipped(v) for _, v in finite], "-o", color=colour,
+                markersize=3.5, linewidth=1.4)
+    clipped = [(x, y.clip) for x, value in finite if y.clipped(value) != value]
+    if clipped:
+        marks.add("clipped")
+        ax.plot(*zip(*clipped), linestyle="none", marker=_off_scale(y), markersize=7, markerfacecolor="white",
+                color=colour)
+    diverged_x = [x for x, value in points if _diverged(value)]
+    if diverged_x:
+        marks.add("diverged")
+        ax.plot(diverged_x, [y.band_row(band_row)] * len(diverged_x), linestyle="none", marker="x",
+                markersize=7, markeredgewidth=1.6, color=colour)
+    if best is not None and not _diverged(best[1]):
+        ax.plot([best[0]], [y.clipped(best[1])], marker="*", markersize=14, color=colour, markeredgecolor="black",
+                linestyle="none", zorder=5)
+    return marks
+
+
+def _off_scale(y: ValueRange) -> str:
+    return "^" if y.minimised else "v"
+
+
+def _curve_legend(colours: dict[int, Any], marks: set[str], y: ValueRange) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=f"width {w}") for w, c in colours.items()]
+    handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="none", label="optimum"))
+    if "diverged" in marks:
+        handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="diverged (or failed)"))
+    if "clipped" in marks:
+        handles.append(Line2D([], [], color="black", marker=_off_scale(y), linestyle="none", markerfacecolor="white",
+                              label=f"clipped at {y.clip:.3g} ({y.clip_reason})"))
+    return handles
 
 
 def _heatmap(
@@ -429,7 +448,7 @@ def _file_name(text: str) -> str:
 
 def _study_trials(client, study: str, experiment: str | None, metric: str) -> tuple[Any, list[Trial]]:
     """(parent run, proxy trials with a valid lr and momentum); UsageError naming what is missing."""
-    from mutransfer.cli import UsageError
+    from mutransfer.errors import UsageError
 
     parent = find_study_run(client, study, experiment)
     where = f"the MLflow store at {client.tracking_uri}" + (f", experiment {experiment!r}" if experiment else "")
@@ -529,48 +548,3 @@ def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_
         _log_numbers(client, parent.info.run_id, analysed.fits, analysed.trends)
     return {"files": files, "optima": analysed.optima, "shifts": analysed.shifts, "fits": analysed.fits,
             "trends": analysed.trends, "parent_run_id": parent.info.run_id, "artifact_uri": artifact_uri}
-
-
-def _run(args: argparse.Namespace) -> int:
-    from mutransfer.cli import UsageError
-    from mutransfer.train.tracking import resolve_tracking_uri
-
-    from .store import client_for
-    from .ui import local_store_path
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    try:
-        _, store = local_store_path(uri)
-    except ValueError:  # a server or a database elsewhere: MLflow reports what is wrong with it
-        store = None
-    if store is not None and not store.exists():  # opening a missing sqlite file would create an empty store
-        raise UsageError(f"no MLflow store at {store} ({uri})")
-    client = client_for(uri)
-    result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
-                          log_to_parent=not args.no_log)
-    print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
-    for file in result["files"]:
-        print(f"  {file}")
-    for trend in result["trends"].values():
-        print("  " + analysis.summary_sentence(trend))
-        for axis, verdict in trend.verdicts.items():
-            print("    " + analysis.axis_sentence(verdict, trend.sizes[axis]))
-    if result["artifact_uri"]:
-        print(f"logged to run {result['parent_run_id']} under {ARTIFACT_PATH}/ ({result['artifact_uri']})")
-    return 0
-
-
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "report", help="plot a study's curves and optima, and judge whether the optimum transfers",
-        description="Write lr/momentum curves, per-shape heat maps, optima.csv/.md and trials.csv for a "
-                    "study, and log them to the study's parent run under report/.")
-    parser.add_argument("--study", required=True, help="study name (tag mutransfer.study)")
-    parser.add_argument("--out", required=True, help="directory for the plots and tables")
-    parser.add_argument("--metric", default=DEFAULT_METRIC, help=f"metric to compare (default {DEFAULT_METRIC})")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    parser.add_argument("--experiment", default=None, help="only look in this MLflow experiment")
-    parser.add_argument("--no-log", action="store_true", help="do not log the files to the study's parent run")
-    parser.set_defaults(func=_run)
-

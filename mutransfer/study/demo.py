@@ -91,9 +91,9 @@ def _train_target(cfg, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict
 
 
 def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: str | None = None) -> int:
+    from .config import load_study
     from .report import write_report
     from .store import client_for
-    from .study import load_study
 
     start = time.perf_counter()
     out_dir = Path(out)

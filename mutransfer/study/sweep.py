@@ -17,7 +17,6 @@ command exits 128 + the signal number. A sweep in which a trial failed exits 1.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -29,10 +28,12 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from mutransfer.launch.trials import LAUNCHERS, signal_group, trial_command
 from mutransfer.train.config import RunConfig, apply_overrides, config_from_dict, load_yaml
 from mutransfer.train.signals import StopRequest
 from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
 
+from .config import StudyConfig, TrialSpec
 from .store import (
     KEY_TAG,
     ROLE_TAG,
@@ -43,9 +44,7 @@ from .store import (
     latest_per_key,
     load_trials,
 )
-from .study import StudyConfig, TrialSpec
 
-LAUNCHERS = ("inprocess", "deepspeed", "torchrun")
 DONE = ("finished", "diverged")
 
 
@@ -148,28 +147,6 @@ def mark_study(client, parent_run_id: str, status: str) -> None:
     except Exception as err:
         print(f"mutransfer sweep: could not mark the study run {status} ({type(err).__name__}: {err})",
               file=sys.stderr, flush=True)
-
-
-def launch_command(launcher: str, config_path: Path, gpus: list[int], port: int) -> tuple[list[str], dict[str, str]]:
-    """The command that trains one trial on `gpus` (CPU: that many processes)."""
-    env = dict(os.environ)
-    bin_dir = Path(sys.executable).parent
-    count = max(1, len(gpus))
-    if launcher == "deepspeed":
-        import torch
-
-        where = ["--include", "localhost:" + ",".join(map(str, gpus))] if torch.cuda.is_available() else \
-            ["--num_gpus", str(count)]
-        cmd = [str(bin_dir / "deepspeed"), *where, "--master_port", str(port), "--module", "mutransfer.train",
-               "--config", str(config_path)]
-    elif launcher == "torchrun":
-        if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", str(count), "--master_port", str(port),
-               "-m", "mutransfer.train", "--config", str(config_path)]
-    else:
-        raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
-    return cmd, env
 
 
 def select_trials(cfg: StudyConfig, trial_index: int | None = None) -> list[TrialSpec]:
@@ -300,13 +277,13 @@ def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str
             config_path = folder / "trial.yaml"
             trial_cfg = trial_config(cfg, trial, parent, uri, continued.get(trial.key))
             config_path.write_text(yaml.safe_dump(trial_cfg.to_dict(), sort_keys=False))
-            cmd, env = launch_command(launcher, config_path, gpus, free_port())
+            cmd, env = trial_command(launcher, config_path, gpus, free_port())
             with open(folder / "launch.log", "w") as log:
                 running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)] = (trial, gpus)
         if stop.signal is not None and not forwarded:
             for proc in running:
-                _signal_group(proc, signal.SIGTERM)  # each trial checkpoints (if it keeps any) and stops
+                signal_group(proc, signal.SIGTERM)  # each trial checkpoints (if it keeps any) and stops
             forwarded = True
         time.sleep(0.5)
         for proc in [p for p in running if p.poll() is not None]:
@@ -329,10 +306,3 @@ def _launched_status(folder: Path) -> str:
     except (OSError, ValueError, KeyError):
         return "finished"
     return "interrupted" if status == "preempted" else status
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:  # it has just ended
-        pass

@@ -12,7 +12,6 @@ root, so everything stays in one place.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import socket
@@ -299,39 +298,23 @@ def wait_for_stop_signal(handle: ServerHandle) -> int:
             signal.signal(sig, old)
 
 
-def _run(args: argparse.Namespace) -> int:
-    from mutransfer.cli import UsageError
-    from mutransfer.train.tracking import resolve_tracking_uri
-
-    from .store import client_for
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    try:
-        _, path = local_store_path(uri)
-    except ValueError as err:
-        raise UsageError(f"cannot serve {uri}: {err}") from None
-    if not path.exists():  # checked first: opening a missing sqlite file would create an empty store
-        raise UsageError(f"no MLflow store at {path} ({uri})")
-    client = client_for(uri)
-    if args.study and find_study_run(client, args.study, args.experiment) is None:
-        raise UsageError(f"no study named {args.study!r} in the MLflow store at {uri}"
-                         + (f", experiment {args.experiment!r}" if args.experiment else ""))
+def serve(uri: str, client, port: int | None, study: str | None, experiment: str | None) -> int:
+    """Serve the store until SIGINT / SIGTERM (0) or until the server dies (1), printing the study's URLs;
+    the server is stopped on every way out. ValueError for a port that is taken."""
     # Until the stop-signal wait takes over, SIGTERM interrupts like Ctrl-C, so the server is still stopped.
     previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
                 signal.SIGTERM: signal.signal(signal.SIGTERM, signal.default_int_handler)}
     handle: ServerHandle | None = None
     try:
         try:
-            handle = start_server(uri, args.port)
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+            handle = start_server(uri, port)
         except ServerError as err:
             print(f"mutransfer ui: {err}", file=sys.stderr)
             return 1
         print(f"MLflow UI for {uri} at {handle.url} (server pid {handle.pid})", flush=True)
-        if args.study:
-            print(f"study {args.study}: {study_url(handle, client, args.study, args.experiment)}", flush=True)
-            compare = compare_url(handle, client, args.study, args.experiment)
+        if study:
+            print(f"study {study}: {study_url(handle, client, study, experiment)}", flush=True)
+            compare = compare_url(handle, client, study, experiment)
             if compare:
                 print(f"compare proxies: {compare}", flush=True)
         print("press Ctrl-C to stop", flush=True)
@@ -351,16 +334,3 @@ def _run(args: argparse.Namespace) -> int:
             print("MLflow UI stopped", flush=True)
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser(
-        "ui", help="serve the MLflow UI over the local store, on 127.0.0.1, until Ctrl-C",
-        description="Start `mlflow server` on 127.0.0.1 over the local sqlite/file store, print the URLs of the "
-                    "study's runs table and of a comparison of its proxies, and stop the server on Ctrl-C or SIGTERM.")
-    parser.add_argument("--study", default=None, help="print the URLs of this study's runs and of its proxies' comparison")
-    parser.add_argument("--port", type=int, default=None, help="port (default: a free one)")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="local store URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
-    parser.add_argument("--experiment", default=None, help="the study's MLflow experiment")
-    parser.set_defaults(func=_run)

@@ -1,0 +1,24 @@
+"""The two errors a user sees as one line and exit code 2: a bad config value, and bad command-line use.
+
+A leaf module: every package may import it, it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key it is about (`optim.lr`, `data.batch_size`, `study.steps`)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+    def within(self, prefix: str) -> ConfigError:
+        """The same problem, keyed from the enclosing section (`batch_size` in `data` -> `data.batch_size`)."""
+        key = f"{prefix}.{self.key}" if prefix and self.key else prefix or self.key
+        return ConfigError(key, self.message)
+
+
+class UsageError(Exception):
+    """Bad input on the command line: printed as one line, exit code 2."""

@@ -1,0 +1,41 @@
+"""The processes of a sweep's launched trials: the `deepspeed` / `torchrun` command that trains one trial on its
+block of GPUs, and passing a stop signal on to its whole process group."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+LAUNCHERS = ("inprocess", "deepspeed", "torchrun")
+
+
+def trial_command(launcher: str, config_path: Path, gpus: list[int], port: int) -> tuple[list[str], dict[str, str]]:
+    """The command that trains one trial on `gpus` (CPU: that many processes)."""
+    env = dict(os.environ)
+    bin_dir = Path(sys.executable).parent
+    count = max(1, len(gpus))
+    if launcher == "deepspeed":
+        import torch
+
+        where = ["--include", "localhost:" + ",".join(map(str, gpus))] if torch.cuda.is_available() else \
+            ["--num_gpus", str(count)]
+        cmd = [str(bin_dir / "deepspeed"), *where, "--master_port", str(port), "--module", "mutransfer.train",
+               "--config", str(config_path)]
+    elif launcher == "torchrun":
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", str(count), "--master_port", str(port),
+               "-m", "mutransfer.train", "--config", str(config_path)]
+    else:
+        raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+    return cmd, env
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Signal the launch and every rank it started (they share its process group)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # it has just ended
+        pass

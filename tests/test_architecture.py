@@ -1,0 +1,78 @@
+"""The package's shape, enforced: imports only go down the layers of docs/architecture.md, and no function in
+`mutransfer/` is longer than 60 lines."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mutransfer"
+MAX_FUNCTION_LINES = 60
+LEAVES = {"errors", "typed_config", "tags", "netutil"}
+# what each part may import, besides itself and the leaf modules
+MAY_IMPORT = {
+    "models": set(),
+    "data": set(),
+    "train": {"models", "data"},
+    "launch": {"train", "models", "data"},
+    "study": {"launch", "train", "models", "data"},
+    "cli": {"models", "data", "train", "launch", "study"},
+}
+MAY_IMPORT.update({leaf: set() for leaf in LEAVES | {"__init__"}})
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def _part(path: Path) -> str:
+    return path.relative_to(PACKAGE).with_suffix("").parts[0]
+
+
+def _imported_parts(source: str, own: tuple[str, ...]) -> set[str]:
+    """The parts of mutransfer that the module `own` (its path parts below mutransfer/) imports, absolute or
+    relative, at module level or inside functions."""
+    parts = set()
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = list(own[:-1])[: max(0, len(own) - node.level)]
+            names = [".".join(base + [node.module or ""])]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mutransfer."):
+            names = [node.module.removeprefix("mutransfer.")]
+        elif isinstance(node, ast.Import):
+            names = [a.name.removeprefix("mutransfer.") for a in node.names if a.name.startswith("mutransfer.")]
+        parts.update(name.split(".")[0] for name in names if name.split(".")[0])
+    return parts
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_only_go_down(path: Path) -> None:
+    part = _part(path)
+    assert part in MAY_IMPORT, f"{part} is a new part of the package: place it in MAY_IMPORT and the docs"
+    upward = _imported_parts(path.read_text(), path.relative_to(PACKAGE).with_suffix("").parts) - MAY_IMPORT[part] - LEAVES - {part}
+    assert not upward, f"{path.relative_to(PACKAGE)} imports {sorted(upward)}, above {part} in the layers"
+
+
+def test_the_layer_check_sees_upward_imports_of_every_form() -> None:
+    source = ("import mutransfer.study.sweep\n"
+              "def f():\n    from mutransfer.train.engine import build_engine\n    from ..launch import slurm\n"
+              "from .layers import Attention\n")
+    assert _imported_parts(source, ("models", "vit")) == {"study", "train", "launch", "models"}
+
+
+def _long_functions() -> list[str]:
+    found = []
+    for path in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_60_lines() -> None:
+    assert not _long_functions(), "split these:\n" + "\n".join(_long_functions())
