@@ -31,6 +31,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mutransfer.typed_config import with_values
+
 PRESETS = {
     "tiny": dict(width=128, depth=4, head_dim=32, patch_size=8, img_size=32, batch_size=64),
     "vit_s16": dict(width=384, depth=12, head_dim=64, patch_size=16, img_size=224, batch_size=256),
@@ -106,7 +108,7 @@ def our_engine(cfg):
 
     ds_config = deepspeed_config(cfg, world_size=1)
     model = build_model(cfg, ds_config, num_classes=1000)
-    return build_engine(cfg, model, ds_config, total_steps=1000), model.flops_per_image()
+    return build_engine(cfg, model, ds_config, total_steps=1000, warmup_steps=0), model.flops_per_image()
 
 
 def engine_step(engine, cfg, next_batch):
@@ -155,7 +157,7 @@ def data_stall(args, shape: dict, batch_size: int, device: torch.device) -> tupl
         samples = batch_size * (args.warmup + args.steps + 2) * 2
         write_synthetic_shards(tmp, "train", 100, samples, image_size=int(shape["img_size"] * 1.15), seed=0,
                                samples_per_shard=max(64, samples // 8), workers=2)
-        cfg.data.shards_dir = tmp
+        cfg = with_values(cfg, {"data.shards_dir": tmp})
         batches = iter(build_train_loader(cfg.data, device=device))
         images, labels = next(batches)[:2]
         engine, _ = our_engine(cfg)

@@ -12,6 +12,9 @@ import torch
 from mutransfer.data import DataConfig, build_eval_loader, build_train_loader, read_info, train_loss
 from mutransfer.data.reader import PAD_TARGET, assign_shards, assigned_samples
 from mutransfer.data.writer import sample_key
+from mutransfer.errors import ConfigError
+from mutransfer.train.config import RunConfig
+from mutransfer.typed_config import build_section
 
 # The small_shards fixture (conftest.py): images of 16 px, 4 classes, 50 train and 23 validation samples.
 SIZE, CLASSES, TRAIN, EVAL, EVAL_PER_SHARD = 16, 4, 50, 23, 5
@@ -228,16 +231,19 @@ def test_a_failing_pipe_is_a_counted_bad_shard(small):
     ],
 )
 def test_bad_config_values_raise_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=rf"DataConfig\.{field}="):
+    with pytest.raises(ConfigError, match=rf"^{field}: ") as raised:
         DataConfig(**{field: value})
+    assert raised.value.key == field
+    with pytest.raises(ConfigError, match=rf"^data\.{field}: "):  # keyed from the run config's root
+        build_section(RunConfig, {"run": {"steps": 1}, "data": {field: list(value) if isinstance(value, tuple) else value}})
 
 
-def test_config_cross_field_checks_and_from_dict():
-    with pytest.raises(ValueError, match="batch_size=3 must be even"):
+def test_config_cross_field_checks_and_building_from_a_mapping():
+    with pytest.raises(ConfigError, match="^batch_size: must be even .* got 3"):
         DataConfig(batch_size=3, mixup_alpha=0.2)
-    with pytest.raises(ValueError, match="unknown field.*img_sz"):
-        DataConfig.from_dict({"img_sz": 3})
-    cfg = DataConfig.from_dict({"scale": [0.5, 1.0], "auto_augment": "rand-m9-mstd0.5-inc1"})
+    with pytest.raises(ConfigError, match="^img_sz: unknown key"):
+        build_section(DataConfig, {"img_sz": 3})
+    cfg = build_section(DataConfig, {"scale": [0.5, 1.0], "auto_augment": "rand-m9-mstd0.5-inc1"})
     assert cfg.scale == (0.5, 1.0)
 
 

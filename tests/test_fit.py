@@ -12,6 +12,7 @@ from mutransfer.models.parametrization import Parametrization, parse_label
 from mutransfer.study import analysis, fit
 from mutransfer.study.store import Trial
 from mutransfer.study.transfer import predict
+from mutransfer.typed_config import with_values
 
 GRID = [float(x) for x in range(-10, -2)]  # log2 lr, one step apart
 
@@ -210,12 +211,19 @@ def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_
     assert any("mup: optimal lr -0.50" in line and "drifts" in line for line in lines)
 
 
-def test_a_study_label_becomes_typed_model_overrides_of_the_trial() -> None:
+def test_a_study_label_becomes_typed_model_values_of_the_trial() -> None:
     from mutransfer.study.config import TrialSpec
+    from mutransfer.train.config import RunConfig, RunSection
 
-    overrides = TrialSpec("depth_mup+fle0.5", 32, 4, 2.0**-7, 0.9, 0.0, 1).overrides("adamw")
-    assert overrides[:2] == ["model.parametrization=depth_mup", "model.first_layer_lr_exponent=0.5"]
-    assert "model.width=32" in overrides and "run.seed=1" in overrides
+    base = RunConfig(run=RunSection(steps=1))
+    trial = TrialSpec("depth_mup+fle0.5", 128, 4, 2.0**-7, 0.8, 0.0, 1)
+    cfg = trial.run_config(base)
+    assert (cfg.model.parametrization, cfg.model.first_layer_lr_exponent) == ("depth_mup", 0.5)
+    assert (cfg.model.width, cfg.model.depth, cfg.optim.lr, cfg.run.seed) == (128, 4, 2.0**-7, 1)
+    assert (cfg.optim.beta1, cfg.optim.momentum) == (0.8, 0.9)  # AdamW tunes beta1
+    sgd = trial.run_config(with_values(base, {"optim.name": "sgd"}))
+    assert (sgd.optim.beta1, sgd.optim.momentum) == (0.9, 0.8)
+    assert base.model.width is None  # the base is not changed
 
 
 def test_demo_verdict_counts_a_flat_but_noisy_slope_as_steady_and_says_so_when_nothing_separates() -> None:

@@ -15,9 +15,10 @@ from train_helpers import deepspeed_command, python_command, result, run, write_
 from mutransfer.cli import main
 from mutransfer.data import write_synthetic_shards
 from mutransfer.models import load_model
+from mutransfer.tags import EXPERIMENT_KIND as EXPERIMENT_KIND_TAG
 from mutransfer.train.config import ConfigError, RunConfig, config_from_dict
 from mutransfer.train.mlflow_model import wants_model
-from mutransfer.train.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND, Tracker
+from mutransfer.train.tracking import MODEL_TRAINING_KIND, Tracker
 
 pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
 

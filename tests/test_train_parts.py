@@ -19,7 +19,7 @@ from mutransfer.models import create_model
 from mutransfer.models.optim import build_optimizer, param_groups
 from mutransfer.train import trainer
 from mutransfer.train.checkpoint import complete_checkpoints, read_state
-from mutransfer.train.config import ConfigError, RunConfig, load_config
+from mutransfer.train.config import ConfigError, RunConfig, RunSection, load_config, with_values
 from mutransfer.train.engine import build_model, deepspeed_config, merge_config
 from mutransfer.train.schedule import build_scheduler
 
@@ -77,11 +77,11 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_gradients() -> None:
 
 
 def test_grad_checkpointing_config_reaches_the_model_and_needs_a_vit() -> None:
-    cfg = RunConfig()
-    cfg.model.name, cfg.model.width, cfg.model.depth, cfg.model.grad_checkpointing = "vit", 32, 1, True
-    cfg.model.head_dim, cfg.model.patch_size, cfg.data.img_size = 16, 8, 32
+    cfg = with_values(RunConfig(run=RunSection(steps=1)), {
+        "model.name": "vit", "model.width": 32, "model.depth": 1, "model.grad_checkpointing": True,
+        "model.head_dim": 16, "model.patch_size": 8, "data.img_size": 32})
     assert build_model(cfg, deepspeed_config(cfg, 1), num_classes=10).grad_checkpointing
-    cfg.model.name, cfg.model.head_dim, cfg.model.patch_size = "resmlp", None, None
+    cfg = with_values(cfg, {"model.name": "resmlp", "model.head_dim": None, "model.patch_size": None})
     with pytest.raises(ConfigError, match="model.grad_checkpointing"):
         build_model(cfg, deepspeed_config(cfg, 1), num_classes=10)
 
@@ -91,8 +91,8 @@ def test_deepspeed_config_merge_and_bf16_without_overflow_sync(tmp_path: Path) -
                                                                                        "e": 6}
     extra = tmp_path / "ds.json"
     extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 7}, "train_batch_size": 1}))
-    cfg = RunConfig()
-    cfg.deepspeed.bf16, cfg.deepspeed.zero_stage, cfg.deepspeed.config = True, 2, str(extra)
+    cfg = with_values(RunConfig(run=RunSection(steps=1)),
+                      {"deepspeed.bf16": True, "deepspeed.zero_stage": 2, "deepspeed.config": str(extra)})
     config = deepspeed_config(cfg, world_size=4)
     assert config["bf16"] == {"enabled": True, "check_grad_overflow": False}
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 7}

@@ -1,5 +1,8 @@
 """Webdataset shards in timm's layout: write them (from an ImageFolder, a Hugging Face dataset or the
-synthetic generator), index them (`_info.json`) and read them for training and evaluation."""
+synthetic generator), index them (`_info.json`), read them for training and evaluation, and `DataConfig`.
+
+It imports only the leaf modules (`errors`, `typed_config`, `tags`, `netutil`), never `mutransfer.models` or
+anything above."""
 
 from mutransfer.data.config import DataConfig
 from mutransfer.data.info import DatasetInfo, SplitInfo, read_info, write_info

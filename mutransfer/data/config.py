@@ -1,14 +1,15 @@
-"""`DataConfig`: every knob of the input pipeline, with defaults and checks that name the bad field."""
+"""`DataConfig`: every knob of the input pipeline, with defaults and checks that raise ConfigError naming the field."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from mutransfer.errors import ConfigError
+from mutransfer.typed_config import Section
 
 # Interpolation names timm's transforms understand ('random' picks one per image, train only).
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "hamming", "box", "random")
@@ -16,7 +17,7 @@ SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the shards are and how they become batches. Per-rank values unless a field says otherwise.
 
     Shards are found either through `shards_dir` (a folder or URL prefix holding `_info.json`, which names
@@ -105,74 +106,60 @@ class DataConfig:
     workers send JPEG bytes; nvJPEG decodes them on the rank's GPU, which also crops, flips and normalises;
     see `mutransfer/data/gpu_decode.py`). 'gpu' takes no auto_augment, color_jitter or mixup / cutmix."""
 
-    def __post_init__(self) -> None:
-        for name in ("scale", "ratio", "mean", "std", "cutmix_minmax"):
-            value = getattr(self, name)
-            if isinstance(value, list):  # from YAML
-                setattr(self, name, tuple(value))
-        self.validate()
-
     @property
     def mixup_active(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Build from a plain mapping (a YAML section); unknown keys are an error that names them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"DataConfig: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
-        return cls(**values)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first field whose value cannot work."""
+    def check(self) -> None:
+        """Raise ConfigError naming the first field whose value cannot work (types are already checked)."""
         for name in ("train_split", "eval_split"):
             if not SPLIT_NAME.match(getattr(self, name)):
                 _bad(name, getattr(self, name), "must be letters, digits, '_' or '-'")
         for name in ("shards_dir", "train_shards", "eval_shards"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not value.strip()):
-                _bad(name, value, "must be a non-empty string or None")
-        for name in ("img_size", "batch_size", "prefetch_factor", "re_count"):
+            if value is not None and not value.strip():
+                _bad(name, value, "must be a non-empty string or null")
+        for name in ("img_size", "batch_size", "prefetch_factor", "re_count", "eval_batch_size",
+                     "batches_per_epoch", "train_num_samples", "num_classes"):
             _check_int(name, getattr(self, name), minimum=1)
-        _check_int("num_workers", self.num_workers, minimum=0)
-        _check_int("shuffle_buffer", self.shuffle_buffer, minimum=0)
-        _check_int("seed", self.seed, minimum=0)
-        for name in ("eval_batch_size", "batches_per_epoch", "train_num_samples", "num_classes"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), minimum=1)
+        for name in ("num_workers", "shuffle_buffer", "seed"):
+            _check_int(name, getattr(self, name), minimum=0)
+        self._check_augmentation()
+        self._check_mixup()
+        self._check_decode()
+
+    def _check_augmentation(self) -> None:
         _check_range("scale", self.scale, low=0.0, high=1.0)
         _check_range("ratio", self.ratio, low=0.0, high=math.inf)
-        for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+        for name in ("hflip", "re_prob"):
             _check_probability(name, getattr(self, name))
-        for name in ("color_jitter", "mixup_alpha", "cutmix_alpha"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0:
-                _bad(name, value, "must be a number >= 0")
-        if not isinstance(self.label_smoothing, (int, float)) or not 0 <= self.label_smoothing < 1:
+        if not self.color_jitter >= 0:
+            _bad("color_jitter", self.color_jitter, "must be a number >= 0")
+        if not 0 <= self.label_smoothing < 1:
             _bad("label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        if not isinstance(self.crop_pct, (int, float)) or not 0 < self.crop_pct <= 1:
+        if not 0 < self.crop_pct <= 1:
             _bad("crop_pct", self.crop_pct, "must be in (0, 1]")
         if self.interpolation not in INTERPOLATIONS:
             _bad("interpolation", self.interpolation, f"must be one of {', '.join(INTERPOLATIONS)}")
-        for name in ("mean", "std"):
-            value = getattr(self, name)
-            if not isinstance(value, tuple) or len(value) != 3 or not all(isinstance(v, (int, float)) for v in value):
-                _bad(name, value, "must be three numbers (R, G, B)")
         if not all(v > 0 for v in self.std):
             _bad("std", self.std, "must be positive")
         if self.re_mode not in ("const", "rand", "pixel"):
             _bad("re_mode", self.re_mode, "must be 'const', 'rand' or 'pixel'")
+        if self.auto_augment is not None:
+            self._check_auto_augment()
+
+    def _check_mixup(self) -> None:
+        for name in ("mixup_prob", "mixup_switch_prob"):
+            _check_probability(name, getattr(self, name))
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if not getattr(self, name) >= 0:
+                _bad(name, getattr(self, name), "must be a number >= 0")
         if self.mixup_mode not in ("batch", "pair", "elem"):
             _bad("mixup_mode", self.mixup_mode, "must be 'batch', 'pair' or 'elem'")
         if self.cutmix_minmax is not None:
             _check_range("cutmix_minmax", self.cutmix_minmax, low=0.0, high=1.0)
         if self.mixup_active and self.batch_size % 2:
             _bad("batch_size", self.batch_size, "must be even when mixup or cutmix is on (timm mixes pairs)")
-        if self.auto_augment is not None:
-            self._check_auto_augment()
-        self._check_decode()
 
     def _check_decode(self) -> None:
         if self.decode not in ("cpu", "gpu"):
@@ -188,34 +175,28 @@ class DataConfig:
     def _check_auto_augment(self) -> None:
         from timm.data import create_transform
 
-        if not isinstance(self.auto_augment, str) or not self.auto_augment:
+        if not self.auto_augment:
             _bad("auto_augment", self.auto_augment, "must be a timm policy string such as 'rand-m9-mstd0.5-inc1'")
         try:  # timm parses the policy string while building the transform
             create_transform(self.img_size, is_training=True, auto_augment=self.auto_augment)
         except Exception as err:
-            raise ValueError(f"DataConfig.auto_augment={self.auto_augment!r} is not a timm policy: {err}") from err
+            raise ConfigError("auto_augment", f"{self.auto_augment!r} is not a timm policy: {err}") from None
 
 
 def _bad(name: str, value: object, why: str) -> None:
-    raise ValueError(f"DataConfig.{name}={value!r} {why}")
+    raise ConfigError(name, f"{why}, got {value!r}")
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+def _check_int(name: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
         _bad(name, value, f"must be an integer >= {minimum}")
 
 
-def _check_probability(name: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+def _check_probability(name: str, value: float) -> None:
+    if not 0 <= value <= 1:
         _bad(name, value, "must be a probability in [0, 1]")
 
 
-def _check_range(name: str, value: object, low: float, high: float) -> None:
-    ok = (
-        isinstance(value, tuple)
-        and len(value) == 2
-        and all(isinstance(v, (int, float)) for v in value)
-        and low < value[0] <= value[1] <= high
-    )
-    if not ok:
+def _check_range(name: str, value: tuple[float, float], low: float, high: float) -> None:
+    if not low < value[0] <= value[1] <= high:
         _bad(name, value, f"must be a pair (lo, hi) with {low} < lo <= hi <= {high}")

@@ -1,4 +1,8 @@
-"""Parametrizations, the ViT zoo, the residual-MLP testbed and coordinate checks."""
+"""Single-device model code: parametrizations (the RULES table), per-role optimizer param groups (`optim`),
+the ViT zoo (registered in timm too), the residual-MLP testbed, timm export and coordinate checks.
+
+It imports only the leaf modules (`errors`, `typed_config`, `tags`, `netutil`); DeepSpeed, compile and
+checkpoints wrap it from `mutransfer.train`."""
 
 from .layers import collect_param_info
 from .parametrization import (

@@ -15,15 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mutransfer.train.config import ConfigError, RunConfig, build_section, load_config, load_yaml
+from mutransfer.errors import ConfigError
+from mutransfer.models.parametrization import parse_label
+from mutransfer.train.config import RunConfig, load_config
+from mutransfer.typed_config import Section, apply_overrides, build_section, read_yaml_mapping, with_values
 
 from .store import DEFAULT_METRIC
 
 
 @dataclass
-class StudySection:
+class StudySection(Section):
+    """What the study is called, where it is recorded, and what every trial starts from."""
+
     name: str = ""
+    """The study's name: its MLflow tag mutransfer.study and its default output folder."""
     experiment: str = "mutransfer"
+    """MLflow experiment of the study's parent run and its trials."""
     base_config: str = ""
     """Run config every trial starts from (path relative to the study file or the working directory)."""
     overrides: list[str] = field(default_factory=list)
@@ -33,45 +40,107 @@ class StudySection:
     steps: int = 100
     """Budget of every trial, in optimizer steps."""
     metric: str = DEFAULT_METRIC
+    """The metric whose optimum the study looks for (minimised, or maximised for top-1/top-5)."""
     target: str | None = None
     """Default target run config for `mutransfer transfer`."""
 
+    def check(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError("name", f"must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not self.base_config:
+            raise ConfigError("base_config", "is required: the run config every trial starts from")
+        if self.steps < 1:
+            raise ConfigError("steps", f"must be at least 1, got {self.steps}")
+
 
 @dataclass
-class ShapeSection:
+class ShapeSection(Section):
+    """The proxy shapes: parametrization labels x widths x depths, or an explicit list."""
+
     parametrizations: list[str] = field(default_factory=lambda: ["mup"])
+    """Parametrization labels: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75."""
     widths: list[int] = field(default_factory=list)
+    """Proxy widths (every label x width x depth is a shape)."""
     depths: list[int] = field(default_factory=list)
+    """Proxy depths."""
     list: list[dict[str, Any]] = field(default_factory=list)
+    """Explicit shapes, each {parametrization, width, depth}, instead of the product above."""
+
+    def shapes(self) -> list[tuple[str, int, int]]:
+        if self.list:
+            return [(str(s["parametrization"]), int(s["width"]), int(s["depth"])) for s in self.list]
+        return list(itertools.product(self.parametrizations, self.widths, self.depths))
+
+    def check(self) -> None:
+        for item in self.list:
+            if not isinstance(item, dict) or set(item) != {"parametrization", "width", "depth"}:
+                raise ConfigError("list", f"each shape needs parametrization, width and depth, got {item!r}")
+        if not self.shapes():
+            raise ConfigError("widths", "no proxy shapes: give widths and depths, or a list")
+        for label, width, depth in self.shapes():
+            try:
+                parse_label(label)
+            except ValueError as err:
+                raise ConfigError("parametrizations", str(err)) from None
+            if width < 1 or depth < 1:
+                raise ConfigError("widths" if width < 1 else "depths",
+                                  f"width and depth must be positive, got {width}x{depth}")
 
 
 @dataclass
-class GridSection:
-    lr: Any = None
+class GridSection(Section):
+    """The hyperparameters every shape is swept over."""
+
+    lr: list[float] | dict[str, float] | None = None
     """A list of learning rates, or {min_log2, max_log2, step} for 2**k, k = min_log2 .. max_log2."""
     momentum: list[float] = field(default_factory=lambda: [0.9])
+    """SGD momentum or Adam beta1 values (whichever the base config's optimizer uses)."""
     weight_decay: list[float] = field(default_factory=lambda: [0.0])
+    """Weight-decay values."""
+
+    def lrs(self) -> list[float]:
+        return lr_grid(self.lr)
+
+    def check(self) -> None:
+        self.lrs()
+        for m in self.momentum:
+            if not 0 <= m < 1:
+                raise ConfigError("momentum", f"must lie in [0, 1), got {m}")
+        for wd in self.weight_decay:
+            if wd < 0:
+                raise ConfigError("weight_decay", f"must be >= 0, got {wd}")
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(Section):
+    """A proxy study. `load_study` reads it and its base run config (once); `trials()` lists its trials."""
+
     study: StudySection = field(default_factory=StudySection)
+    """Name, recording, base config and budget (`StudySection`)."""
     shapes: ShapeSection = field(default_factory=ShapeSection)
+    """The proxy shapes (`ShapeSection`)."""
     grid: GridSection = field(default_factory=GridSection)
+    """The hyperparameter grid (`GridSection`)."""
     seeds: list[int] = field(default_factory=lambda: [0])
-    source: str = ""  # the file it came from
+    """Seeds of every grid point (run.seed)."""
+    source: str = field(default="", init=False)
+    """The file it was read from."""
+    base: RunConfig | None = field(default=None, init=False, repr=False)
+    """The base run config with the study's overrides, read once by `load_study`."""
+
+    def check(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds", "needs at least one seed")
 
     @property
     def output_dir(self) -> Path:
         return Path(self.study.output_dir or f"runs/studies/{self.study.name}")
 
     def lrs(self) -> list[float]:
-        return lr_grid(self.grid.lr)
+        return self.grid.lrs()
 
     def shape_list(self) -> list[tuple[str, int, int]]:
-        if self.shapes.list:
-            return [(str(s["parametrization"]), int(s["width"]), int(s["depth"])) for s in self.shapes.list]
-        return list(itertools.product(self.shapes.parametrizations, self.shapes.widths, self.shapes.depths))
+        return self.shapes.shapes()
 
     def trials(self) -> list[TrialSpec]:
         return [TrialSpec(p, w, d, lr, m, wd, seed)
@@ -80,11 +149,15 @@ class StudyConfig:
                 for seed in self.seeds]
 
     def base_run_config(self) -> RunConfig:
-        return load_config(resolve_path(self.study.base_config, self.source), self.study.overrides, check=False)
+        if self.base is None:
+            raise ValueError("the study's base run config is read by load_study")
+        return self.base
 
 
 @dataclass(frozen=True)
 class TrialSpec:
+    """One trial of a study: a shape and a grid point."""
+
     parametrization: str
     width: int
     depth: int
@@ -98,30 +171,31 @@ class TrialSpec:
         return (f"{self.parametrization}_w{self.width}_d{self.depth}_lr{self.lr:.6g}_m{self.momentum:g}"
                 f"_wd{self.weight_decay:g}_s{self.seed}")
 
-    def overrides(self, optimizer: str) -> list[str]:
-        from mutransfer.models.parametrization import parse_label
+    def values(self, base: RunConfig) -> dict[str, Any]:
+        """The trial's own settings as typed dotted values over `base` (see `typed_config.with_values`)."""
+        model = {f"model.{key}": value for key, value in parse_label(self.parametrization).items()}
+        return {**model, "model.width": self.width, "model.depth": self.depth, "optim.lr": self.lr,
+                f"optim.{base.optim.momentum_key}": self.momentum, "optim.weight_decay": self.weight_decay,
+                "run.seed": self.seed}
 
-        momentum_key = "optim.momentum" if optimizer == "sgd" else "optim.beta1"
-        model = [f"model.{key}={value!r}" if isinstance(value, float) else f"model.{key}={value}"
-                 for key, value in parse_label(self.parametrization).items()]
-        return [*model, f"model.width={self.width}",
-                f"model.depth={self.depth}", f"optim.lr={self.lr!r}", f"{momentum_key}={self.momentum!r}",
-                f"optim.weight_decay={self.weight_decay!r}", f"run.seed={self.seed}"]
+    def run_config(self, base: RunConfig, extra: dict[str, Any] | None = None) -> RunConfig:
+        """`base` with this trial's values (and `extra` ones), checked once more as a whole."""
+        return with_values(base, {**self.values(base), **(extra or {})})
 
 
 def lr_grid(spec: Any) -> list[float]:
     if isinstance(spec, dict):
         unknown = set(spec) - {"min_log2", "max_log2", "step"}
         if unknown or not {"min_log2", "max_log2"} <= set(spec):
-            raise ConfigError("grid.lr", "a range needs min_log2 and max_log2 (and optionally step)")
+            raise ConfigError("lr", "a range needs min_log2 and max_log2 (and optionally step)")
         step = float(spec.get("step", 1))
         if step <= 0 or spec["max_log2"] < spec["min_log2"]:
-            raise ConfigError("grid.lr", "needs step > 0 and max_log2 >= min_log2")
+            raise ConfigError("lr", "needs step > 0 and max_log2 >= min_log2")
         count = int(round((spec["max_log2"] - spec["min_log2"]) / step)) + 1
         return [2.0 ** (spec["min_log2"] + i * step) for i in range(count)]
-    if isinstance(spec, list) and spec and all(isinstance(v, int | float) and v > 0 for v in spec):
+    if isinstance(spec, list) and spec and all(v > 0 for v in spec):
         return sorted(float(v) for v in spec)
-    raise ConfigError("grid.lr", f"must be a list of positive learning rates or a log2 range, got {spec!r}")
+    raise ConfigError("lr", f"must be a list of positive learning rates or a log2 range, got {spec!r}")
 
 
 def resolve_path(path: str, relative_to: str) -> str:
@@ -133,43 +207,13 @@ def resolve_path(path: str, relative_to: str) -> str:
 
 
 def load_study(path: str | os.PathLike, overrides: list[str] = ()) -> StudyConfig:
-    from mutransfer.train.config import apply_overrides
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError("--config", f"no such file: {path}")
-    raw = load_yaml(path.read_text(), f"--config {path}") or {}
-    if not isinstance(raw, dict):
-        raise ConfigError("--config", f"{path} must hold a mapping")
-    raw = apply_overrides(raw, list(overrides))
-    cfg = build_section(StudyConfig, raw, "")
+    """A study from YAML with the command line's dotted overrides; its base run config is read and checked
+    here, once."""
+    raw = apply_overrides(read_yaml_mapping(path), list(overrides))
+    cfg = build_section(StudyConfig, raw)
     cfg.source = str(path)
-    validate_study(cfg)
-    return cfg
-
-
-def validate_study(cfg: StudyConfig) -> None:
-    if not cfg.study.name or not all(c.isalnum() or c in "-_." for c in cfg.study.name):
-        raise ConfigError("study.name", f"must be letters, digits, '-', '_' or '.', got {cfg.study.name!r}")
-    if not cfg.study.base_config or not Path(resolve_path(cfg.study.base_config, cfg.source)).is_file():
+    base_path = resolve_path(cfg.study.base_config, cfg.source)
+    if not Path(base_path).is_file():
         raise ConfigError("study.base_config", f"no such run config: {cfg.study.base_config!r}")
-    if cfg.study.steps < 1:
-        raise ConfigError("study.steps", "must be at least 1")
-    cfg.lrs()
-    if not cfg.shape_list():
-        raise ConfigError("shapes", "no proxy shapes: give widths and depths, or a list")
-    from mutransfer.models.parametrization import parse_label
-
-    for p, w, d in cfg.shape_list():
-        try:
-            parse_label(p)
-        except ValueError as err:
-            raise ConfigError("shapes.parametrizations", str(err)) from None
-        if w < 1 or d < 1:
-            raise ConfigError("shapes", f"width and depth must be positive, got {w}x{d}")
-    for m in cfg.grid.momentum:
-        if not 0 <= m < 1:
-            raise ConfigError("grid.momentum", f"must lie in [0, 1), got {m}")
-    if not cfg.seeds:
-        raise ConfigError("seeds", "needs at least one seed")
-    cfg.base_run_config()  # the base config itself must be valid
+    cfg.base = load_config(base_path, cfg.study.overrides, check=False)
+    return cfg

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mutransfer.data import read_info, write_synthetic_shards
 from mutransfer.train.tracking import resolve_tracking_uri
+from mutransfer.typed_config import with_values
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TRAIN_SAMPLES, EVAL_SAMPLES, IMAGE_SIZE, CLASSES = 6000, 2000, 32, 10
@@ -66,7 +67,6 @@ def verdict_lines(trends: dict) -> list[str]:
 def _sweep(cfg, shards: Path, uri: str):
     from .sweep import run_sweep
 
-    cfg.study.overrides = [*cfg.study.overrides, f"data.shards_dir={shards}"]
     print(f"[demo] study {cfg.study.name}: {len(cfg.trials())} proxy trials "
           f"({', '.join(sorted(set(cfg.shapes.parametrizations)))}; widths {cfg.shapes.widths}, depths "
           f"{cfg.shapes.depths}; {len(cfg.lrs())} learning rates; seeds {cfg.seeds}), {cfg.study.steps} steps each",
@@ -101,6 +101,7 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
     shards = out_dir / "shards"
     ensure_shards(shards)
     cfg = load_study(study_config or str(CONFIGS / "demo_study.yaml"), [f"study.output_dir={out_dir / 'trials'}"])
+    cfg.base = with_values(cfg.base, {"data.shards_dir": str(shards)})
     summary = _sweep(cfg, shards, uri)
     print(f"[demo] sweep done after {time.perf_counter() - start:.0f} s", flush=True)
     report_dir = out_dir / "report"

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mutransfer.tags import RunStatus
+
 from . import analysis, figures
 from .analysis import Optimum, ParamTrend, Point, Shape, ShapeFit
 from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, latest_per_key, load_trials
@@ -433,7 +435,7 @@ def _chance_loss(client, trials: list[Trial], metric: str) -> float | None:
     if "loss" not in metric or metric in MAXIMISED:
         return None
     for trial in trials:
-        if trial.status == "finished":
+        if trial.status == RunStatus.FINISHED:
             classes = client.get_run(trial.run_id).data.params.get("data.num_classes")
             try:
                 return math.log(int(classes)) if classes and int(classes) > 1 else None
@@ -459,7 +461,7 @@ def _study_trials(client, study: str, experiment: str | None, metric: str) -> tu
     if not trials:
         raise UsageError(f"study {study!r} in {where} has no proxy trials with a valid lr and momentum yet")
     logged = {name for t in trials for name in t.metrics}
-    if any(t.status == "finished" for t in trials) and metric not in logged:
+    if any(t.status == RunStatus.FINISHED for t in trials) and metric not in logged:
         raise UsageError(f"no trial of study {study!r} logged {metric!r}; metrics logged: "
                          + ", ".join(sorted(n for n in logged if n.startswith("final/")) or sorted(logged)))
     return parent, trials

@@ -16,10 +16,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-STUDY_TAG = "mutransfer.study"
-ROLE_TAG = "mutransfer.role"
-KEY_TAG = "mutransfer.trial_key"
-STATUS_TAG = "mutransfer.status"
+from mutransfer import tags
+from mutransfer.tags import RunStatus
+
 DEFAULT_METRIC = "final/eval_loss"
 # metrics where larger is better; everything else is minimised
 MAXIMISED = frozenset({"final/eval_top1", "final/eval_top5", "eval/top1", "eval/top5"})
@@ -47,7 +46,7 @@ class Trial:
     def value(self, metric: str) -> float:
         """The metric, or inf (-inf when maximised) for trials that diverged or lack it: never best."""
         bad = -math.inf if metric in MAXIMISED else math.inf
-        if self.status != "finished":
+        if self.status != RunStatus.FINISHED:
             return bad
         value = self.metrics.get(metric)
         return bad if value is None or not math.isfinite(value) else value
@@ -66,8 +65,8 @@ def find_study_run(client, study: str, experiment: str | None = None):
     experiments = _experiment_ids(client, experiment)
     if not experiments:
         return None
-    runs = client.search_runs(experiments, filter_string=f"tags.`{STUDY_TAG}` = '{study}' and "
-                              f"tags.`{ROLE_TAG}` = 'study'", max_results=10)
+    runs = client.search_runs(experiments, filter_string=f"tags.`{tags.STUDY}` = '{study}' and "
+                              f"tags.`{tags.ROLE}` = 'study'", max_results=10)
     return runs[0] if runs else None
 
 
@@ -90,9 +89,9 @@ def load_trials(client, study: str, experiment: str | None = None, role: str | N
     experiments = _experiment_ids(client, experiment)
     if not experiments:
         return []
-    flt = f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` != 'study'"
+    flt = f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` != 'study'"
     if role:
-        flt = f"tags.`{STUDY_TAG}` = '{study}' and tags.`{ROLE_TAG}` = '{role}'"
+        flt = f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` = '{role}'"
     runs = []
     token = None
     while True:
@@ -104,19 +103,19 @@ def load_trials(client, study: str, experiment: str | None = None, role: str | N
             break
     trials = []
     for run in runs:
-        tags = run.data.tags
+        found = run.data.tags
         trials.append(Trial(
             run_id=run.info.run_id,
-            key=tags.get(KEY_TAG, run.info.run_id),
-            role=tags.get(ROLE_TAG, ""),
-            parametrization=tags.get("mutransfer.variant") or tags.get("mutransfer.parametrization", ""),
-            width=int(_as_float(tags.get("mutransfer.width"), 0)),
-            depth=int(_as_float(tags.get("mutransfer.depth"), 0)),
-            lr=_as_float(tags.get("mutransfer.lr")),
-            momentum=_as_float(tags.get("mutransfer.momentum")),
-            weight_decay=_as_float(tags.get("mutransfer.weight_decay"), 0.0),
-            seed=int(_as_float(tags.get("mutransfer.seed"), 0)),
-            status=tags.get(STATUS_TAG, "unknown"),
+            key=found.get(tags.TRIAL_KEY, run.info.run_id),
+            role=found.get(tags.ROLE, ""),
+            parametrization=found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION, ""),
+            width=int(_as_float(found.get(tags.WIDTH), 0)),
+            depth=int(_as_float(found.get(tags.DEPTH), 0)),
+            lr=_as_float(found.get(tags.LR)),
+            momentum=_as_float(found.get(tags.MOMENTUM)),
+            weight_decay=_as_float(found.get(tags.WEIGHT_DECAY), 0.0),
+            seed=int(_as_float(found.get(tags.SEED), 0)),
+            status=found.get(tags.STATUS, "unknown"),
             metrics=dict(run.data.metrics),
         ))
     return trials
@@ -127,7 +126,7 @@ def latest_per_key(trials: list[Trial]) -> list[Trial]:
     chosen: dict[str, Trial] = {}
     for trial in trials:  # newest first
         current = chosen.get(trial.key)
-        if current is None or (current.status not in ("finished", "diverged")
-                               and trial.status in ("finished", "diverged")):
+        if current is None or (current.status not in (RunStatus.FINISHED, RunStatus.DIVERGED)
+                               and trial.status in (RunStatus.FINISHED, RunStatus.DIVERGED)):
             chosen[trial.key] = trial
     return list(chosen.values())

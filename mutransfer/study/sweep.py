@@ -25,27 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
+from mutransfer import tags
 from mutransfer.launch.trials import LAUNCHERS, signal_group, trial_command
-from mutransfer.train.config import RunConfig, apply_overrides, config_from_dict, load_yaml
+from mutransfer.tags import DONE, RunStatus
+from mutransfer.train.config import RunConfig, save_config
 from mutransfer.train.signals import StopRequest
 from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
 
 from .config import StudyConfig, TrialSpec
-from .store import (
-    KEY_TAG,
-    ROLE_TAG,
-    STATUS_TAG,
-    STUDY_TAG,
-    client_for,
-    find_study_run,
-    latest_per_key,
-    load_trials,
-)
-
-DONE = ("finished", "diverged")
+from .store import client_for, find_study_run, latest_per_key, load_trials
 
 
 @dataclass
@@ -60,7 +50,7 @@ class SweepSummary:
 
     @property
     def failed(self) -> list[str]:
-        return [key for key, status in self.statuses.items() if status == "failed"]
+        return [key for key, status in self.statuses.items() if status == RunStatus.FAILED]
 
     @property
     def exit_code(self) -> int:
@@ -88,30 +78,28 @@ def ensure_study_run(client, cfg: StudyConfig) -> str:
     if found is not None:
         return found.info.run_id
     run = client.create_run(experiment_id, run_name=f"study {cfg.study.name}",
-                            tags={STUDY_TAG: cfg.study.name, ROLE_TAG: "study"})
+                            tags={tags.STUDY: cfg.study.name, tags.ROLE: tags.RunRole.STUDY.value})
     from mlflow.entities import Param
 
-    raw = load_yaml(Path(cfg.source).read_text()) if cfg.source else {}
-    params = [Param(k, v[:6000]) for k, v in flatten(raw).items()]
-    params.append(Param("trials", str(len(cfg.trials()))))
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
+    params = {**flatten(cfg.to_dict()), "trials": str(len(cfg.trials()))}
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])  # MLflow batches, truncates
     return run.info.run_id
 
 
 def trial_config(cfg: StudyConfig, trial: TrialSpec, parent_run_id: str, tracking_uri: str,
                  continue_run_id: str | None = None) -> RunConfig:
-    base = cfg.base_run_config().to_dict()
-    raw = apply_overrides(base, trial.overrides(base["optim"]["name"]) + [
-        f"run.steps={cfg.study.steps}", "run.epochs=null", f"run.output_dir={cfg.output_dir / trial.key}",
-        "run.progress=false",
-    ])
-    raw["tracking"].update(uri=tracking_uri, experiment=cfg.study.experiment, parent_run_id=parent_run_id,
-                           run_name=trial.key, continue_run_id=continue_run_id)
-    raw["tracking"]["tags"] = {**raw["tracking"].get("tags", {}), STUDY_TAG: cfg.study.name, KEY_TAG: trial.key,
-                               ROLE_TAG: "proxy", "mutransfer.weight_decay": repr(trial.weight_decay),
-                               "mutransfer.seed": str(trial.seed)}
-    return config_from_dict(raw)
+    """The trial's RunConfig: the study's base config with the trial's values, budget, folder and MLflow
+    placement, built and checked as typed values."""
+    base = cfg.base_run_config()
+    run_tags = {**base.tracking.tags, tags.STUDY: cfg.study.name, tags.TRIAL_KEY: trial.key,
+                tags.ROLE: tags.RunRole.PROXY.value, tags.WEIGHT_DECAY: repr(trial.weight_decay),
+                tags.SEED: str(trial.seed)}
+    return trial.run_config(base, {
+        "run.steps": cfg.study.steps, "run.epochs": None, "run.output_dir": str(cfg.output_dir / trial.key),
+        "run.progress": False, "tracking.uri": tracking_uri, "tracking.experiment": cfg.study.experiment,
+        "tracking.parent_run_id": parent_run_id, "tracking.run_name": trial.key,
+        "tracking.continue_run_id": continue_run_id, "tracking.tags": run_tags,
+    })
 
 
 def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
@@ -123,7 +111,7 @@ def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
     for trial in trials:  # newest first
         if trial.key not in keys or trial.status in DONE:
             continue
-        if trial.status != "failed" and trial.key not in keep:
+        if trial.status != RunStatus.FAILED and trial.key not in keep:
             keep[trial.key] = trial.run_id
             continue
         client.delete_run(trial.run_id)
@@ -137,13 +125,12 @@ def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
 def mark_study(client, parent_run_id: str, status: str) -> None:
     """The parent run's state: running while a sweep works on it, then finished (every trial done),
     incomplete (a trial failed) or interrupted. Tracking trouble here must not hide the sweep's outcome."""
-    mlflow_status = {"running": "RUNNING", "finished": "FINISHED", "incomplete": "FAILED", "interrupted": "KILLED"}
     try:
-        client.set_tag(parent_run_id, STATUS_TAG, status)
+        client.set_tag(parent_run_id, tags.STATUS, status)
         if status == "running":
             client.update_run(parent_run_id, status="RUNNING")
         else:
-            client.set_terminated(parent_run_id, mlflow_status[status])
+            client.set_terminated(parent_run_id, RunStatus(status).mlflow)
     except Exception as err:
         print(f"mutransfer sweep: could not mark the study run {status} ({type(err).__name__}: {err})",
               file=sys.stderr, flush=True)
@@ -226,11 +213,11 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
         summary.interrupted = stop.signal
     bar.close()
     if summary.interrupted is not None:
-        left = len(todo) - sum(1 for key in summary.ran if summary.statuses[key] != "interrupted")
+        left = len(todo) - sum(1 for key in summary.ran if summary.statuses[key] != RunStatus.INTERRUPTED)
         print(f"study {cfg.study.name}: stopped by {signal.Signals(summary.interrupted).name}; {left} trial(s) "
               f"left: run the same command again to continue", file=sys.stderr, flush=True)
     if whole_study:
-        status = "interrupted" if summary.interrupted is not None else "incomplete" if summary.failed else "finished"
+        status = RunStatus.INTERRUPTED if summary.interrupted is not None else RunStatus.INCOMPLETE if summary.failed else RunStatus.FINISHED
         mark_study(client, parent, status)
     return summary
 
@@ -246,10 +233,10 @@ def _run_in_process(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: s
         bar.set_postfix_str(trial.key)
         try:
             result = train(trial_config(cfg, trial, parent, uri, continued.get(trial.key)))
-            status = "interrupted" if result.status == "preempted" else result.status
+            status = RunStatus.INTERRUPTED if result.status == RunStatus.PREEMPTED else result.status
         except Exception as err:  # one broken trial must not end the study
             print(f"trial {trial.key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            status = "failed"
+            status = RunStatus.FAILED
         if status == "interrupted":  # the trainer's own handlers caught the signal
             stop.signal = stop.signal or signal.SIGINT
         summary.ran.append(trial.key)
@@ -276,7 +263,7 @@ def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str
             folder.mkdir(parents=True, exist_ok=True)
             config_path = folder / "trial.yaml"
             trial_cfg = trial_config(cfg, trial, parent, uri, continued.get(trial.key))
-            config_path.write_text(yaml.safe_dump(trial_cfg.to_dict(), sort_keys=False))
+            save_config(trial_cfg, config_path)
             cmd, env = trial_command(launcher, config_path, gpus, free_port())
             with open(folder / "launch.log", "w") as log:
                 running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -289,9 +276,9 @@ def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str
         for proc in [p for p in running if p.poll() is not None]:
             trial, gpus = running.pop(proc)
             free_slots.append(gpus)
-            status = {0: _launched_status(cfg.output_dir / trial.key), EXIT_DIVERGED: "diverged"}.get(
-                proc.returncode, "interrupted" if forwarded else "failed")
-            if status == "failed":
+            status = {0: _launched_status(cfg.output_dir / trial.key), EXIT_DIVERGED: RunStatus.DIVERGED}.get(
+                proc.returncode, RunStatus.INTERRUPTED if forwarded else RunStatus.FAILED)
+            if status == RunStatus.FAILED:
                 print(f"trial {trial.key} failed (exit {proc.returncode}); see "
                       f"{cfg.output_dir / trial.key / 'launch.log'}", file=sys.stderr, flush=True)
             summary.ran.append(trial.key)
@@ -304,5 +291,5 @@ def _launched_status(folder: Path) -> str:
     try:
         status = json.loads((folder / "result.json").read_text())["status"]
     except (OSError, ValueError, KeyError):
-        return "finished"
-    return "interrupted" if status == "preempted" else status
+        return RunStatus.FINISHED
+    return RunStatus.INTERRUPTED if status == RunStatus.PREEMPTED else status

@@ -21,30 +21,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from mutransfer.train.config import (
-    ConfigError,
-    RunConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    load_yaml,
-)
+from mutransfer import tags
+from mutransfer.errors import ConfigError
+from mutransfer.tags import RunStatus
+from mutransfer.train.config import RunConfig, load_config, save_config, with_values
 from mutransfer.train.tracking import resolve_tracking_uri
 
 from . import analysis, fit
-from .store import (
-    DEFAULT_METRIC,
-    KEY_TAG,
-    ROLE_TAG,
-    STUDY_TAG,
-    Trial,
-    client_for,
-    find_study_run,
-    latest_per_key,
-    load_trials,
-)
+from .store import DEFAULT_METRIC, Trial, client_for, find_study_run, latest_per_key, load_trials
 
 RULES = ("trend", "largest")
 FAR_DOUBLINGS = 3.0  # a target further than this beyond the largest proxy (x8) is warned about
@@ -181,30 +165,29 @@ def plan_transfer(study: str, target: str, out: str | None = None, metric: str =
         raise ValueError(f"the target uses {label!r} but study {study!r} tuned only {known}")
     prediction = predict(trials, metric, label, shape, rule)
     experiment_name = client.get_experiment(parent.info.experiment_id).name
-    out_path = _write_target(study, target, target_cfg, overrides, out, prediction, metric,
+    out_path = _write_target(study, target, target_cfg, out, prediction, metric,
                              {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.info.run_id})
     command = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "mutransfer.train", "--config", str(out_path)]
     return TransferPlan(study, parent.info.run_id, prediction, fits, out_path, command)
 
 
-def _write_target(study: str, target: str, target_cfg: RunConfig, overrides: list[str], out: str | None,
-                  prediction: Prediction, metric: str, tracking_fields: dict[str, str]) -> Path:
-    """The target config with the transferred settings, validated once as a RunConfig, then written."""
-    momentum_key = "momentum" if target_cfg.optim.name == "sgd" else "beta1"
-    raw = apply_overrides(load_yaml(Path(target).read_text(), f"--target {target}") or {}, list(overrides))
-    raw.setdefault("optim", {}).update({"lr": prediction.lr, momentum_key: prediction.momentum,
-                                        "weight_decay": prediction.weight_decay})
-    tracking = raw.setdefault("tracking", {})
-    tracking.update(tracking_fields)
-    tracking["tags"] = {**(tracking.get("tags") or {}), STUDY_TAG: study, ROLE_TAG: "target",
-                        KEY_TAG: f"target_{Path(target).stem}", "mutransfer.transfer_rule": prediction.rule}
-    tracking["params"] = {**(tracking.get("params") or {}), **prediction.params()}
-    config_from_dict(raw)  # the result must be a valid run config
-    out_path = Path(out) if out else Path(raw.get("run", {}).get("output_dir", "runs/target")) / "target.yaml"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(f"# written by: mutransfer transfer --study {study} --target {target} --from {prediction.rule}\n"
-                        f"# lr {prediction.lr:.4g} (log2 {prediction.log2_lr:.2f} +- {prediction.log2_lr_error:.2f}) "
-                        f"from the {prediction.label} proxies' {metric}\n" + yaml.safe_dump(raw, sort_keys=False))
+def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | None, prediction: Prediction,
+                  metric: str, tracking_fields: dict[str, str]) -> Path:
+    """The target config with the transferred settings and the study's MLflow placement, built as typed values
+    (checked once more) and written in full."""
+    run_tags = {**target_cfg.tracking.tags, tags.STUDY: study, tags.ROLE: tags.RunRole.TARGET.value,
+                tags.TRIAL_KEY: f"target_{Path(target).stem}", tags.TRANSFER_RULE: prediction.rule}
+    cfg = with_values(target_cfg, {
+        "optim.lr": prediction.lr, f"optim.{target_cfg.optim.momentum_key}": prediction.momentum,
+        "optim.weight_decay": prediction.weight_decay, "tracking.tags": run_tags,
+        "tracking.params": {**target_cfg.tracking.params, **prediction.params()},
+        **{f"tracking.{key}": value for key, value in tracking_fields.items()},
+    })
+    out_path = Path(out) if out else Path(cfg.run.output_dir) / "target.yaml"
+    save_config(cfg, out_path, header=(
+        f"# written by: mutransfer transfer --study {study} --target {target} --from {prediction.rule}\n"
+        f"# lr {prediction.lr:.4g} (log2 {prediction.log2_lr:.2f} +- {prediction.log2_lr_error:.2f}) "
+        f"from the {prediction.label} proxies' {metric}\n"))
     return out_path
 
 
@@ -237,7 +220,7 @@ def launch_target(plan: TransferPlan, launcher: str = "inprocess") -> int:
         from mutransfer.train.trainer import EXIT_DIVERGED, train
 
         result = train(load_config(plan.target_config))
-        return EXIT_DIVERGED if result.status == "diverged" else 0
+        return EXIT_DIVERGED if result.status == RunStatus.DIVERGED else 0
     import subprocess
 
     command = list(plan.command)

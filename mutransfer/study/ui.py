@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mutransfer import tags
 from mutransfer.netutil import free_port
 
-from .store import ROLE_TAG, STUDY_TAG, find_study_run
+from .store import find_study_run
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 180.0  # a cold start on a busy 2-core machine takes tens of seconds
@@ -225,7 +226,7 @@ def start_server(tracking_uri: str, port: int | None = None,
 
 
 def study_filter(study: str) -> str:
-    return f"tags.`{STUDY_TAG}` = '{study}'"
+    return f"tags.`{tags.STUDY}` = '{study}'"
 
 
 # MLflow 3.17's UI opens every experiment as GenAI (traces) unless the workflow switch says otherwise; the
@@ -249,7 +250,7 @@ def study_url(handle: ServerHandle, client, study: str, experiment: str | None =
     parent = find_study_run(client, study, experiment)
     if parent is None:
         return None
-    trials = f"{study_filter(study)} and tags.`{ROLE_TAG}` != 'study'"
+    trials = f"{study_filter(study)} and tags.`{tags.ROLE}` != 'study'"
     return (f"{handle.url}/#/experiments/{parent.info.experiment_id}/runs?{TRAINING_WORKFLOW}"
             f"&searchFilter={_quoted(trials)}&orderByKey={_quoted(f'metrics.`{RANKING_METRIC}`')}&orderByAsc=true")
 

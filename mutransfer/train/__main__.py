@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mutransfer.tags import RunStatus
+
 from .config import ConfigError, load_config
 
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         leave_after_error()
         raise
     shutdown_distributed()
-    return EXIT_DIVERGED if result.status == "diverged" else 0
+    return EXIT_DIVERGED if result.status == RunStatus.DIVERGED else 0
 
 
 def leave_after_error() -> None:

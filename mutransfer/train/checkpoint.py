@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mutransfer.tags import RunStatus
+
 STATE_FILE = "mutransfer_state.json"
 TAG_PREFIX = "step_"
 
@@ -38,7 +40,7 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of that epoch already consumed
     samples_seen: int = 0  # images trained on, all ranks
     mlflow_run_id: str | None = None
-    status: str = "running"
+    status: str = RunStatus.RUNNING
 
 
 def checkpoint_root(output_dir: str | os.PathLike) -> Path:

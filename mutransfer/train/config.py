@@ -1,20 +1,17 @@
-"""Run configuration: YAML files validated into typed sections, with dotted command-line overrides.
+"""Run configuration: the typed sections of one training run, read from YAML with dotted command-line overrides.
 
     cfg = load_config("configs/cpu_demo.yaml", ["optim.lr=3e-3", "deepspeed.zero_stage=2"])
+    trial = with_values(cfg, {"optim.lr": 2 ** -6, "model.depth": 16})    # typed, checked again
 
-Unknown keys, wrong types and missing paths raise ConfigError naming the dotted key, before any work starts
-(the entry point turns it into one line on stderr and exit code 2). Numbers read as people write them:
-`3e-3`, `1e-05` and `.5` are floats in files and overrides alike (YAML 1.2; PyYAML's 1.1 rules read them
-as strings).
+Every section checks itself when it is made (`typed_config.Section`); unknown keys, wrong types and bad
+values raise ConfigError naming the dotted key, before any work starts (the entry point turns it into one
+line on stderr and exit code 2). Paths are checked apart (`check_paths`), where the run starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,48 +20,39 @@ import yaml
 
 from mutransfer.data import DataConfig
 from mutransfer.data.info import DataError
+from mutransfer.errors import ConfigError
+from mutransfer.typed_config import (
+    Section,
+    apply_overrides,
+    build_section,
+    load_yaml,
+    read_yaml_mapping,
+    with_values,
+)
 
-FLOAT_TAG = "tag:yaml.org,2002:float"
-# YAML 1.2's floats (a dot or an exponent; the exponent's sign optional), as well as .inf and .nan
-YAML12_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X)
-
-
-class NumberLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that reads floats by YAML 1.2's rules (its int, bool and null rules are unchanged)."""
-
-
-NumberLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != FLOAT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-NumberLoader.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))  # after int: "3" stays an int
+__all__ = ["ConfigError", "DataConfig", "DeepSpeedSection", "ModelSection", "OptimSection", "RunConfig",
+           "RunSection", "TrackingSection", "apply_overrides", "check_paths", "config_from_dict", "load_config",
+           "load_yaml", "save_config", "with_values"]
 
 
-def load_yaml(text: str, where: str = "--config") -> Any:
-    """YAML text to Python values with `NumberLoader`; a syntax error is a one-line ConfigError naming
-    `where`, the line and the column."""
-    try:
-        return yaml.load(text, Loader=NumberLoader)  # NumberLoader is a SafeLoader
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(where, f"not valid YAML{at}: {problem}") from None
+def _at_least(key: str, value: float | None, minimum: float) -> None:
+    if value is not None and not value >= minimum:
+        raise ConfigError(key, f"must be at least {minimum:g}, got {value}")
 
 
-class ConfigError(ValueError):
-    """A config problem, with the dotted key it is about."""
+def _in_unit_interval(key: str, value: float, closed: bool = False) -> None:
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+        raise ConfigError(key, f"must lie in [0, 1{']' if closed else ')'}, got {value}")
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}")
-        self.key = key
+
+DEPTH_AWARE = ("depth_mup", "completep")
 
 
 @dataclass
-class ModelSection:
+class ModelSection(Section):
+    """Which zoo model, its shape, and its parametrization (docs/parametrizations.md); None keeps the zoo
+    entry's or the parametrization's default."""
+
     name: str = "vit"
     """Zoo name (`mutransfer models` lists them)."""
     width: int | None = None
@@ -72,15 +60,23 @@ class ModelSection:
     depth: int | None = None
     """Number of residual blocks; None keeps the zoo entry's default."""
     head_dim: int | None = None
+    """Width of one attention head (heads = width / head_dim); None keeps the zoo entry's default."""
     patch_size: int | None = None
+    """Side of the square image patches a ViT embeds; None keeps the zoo entry's default."""
     mlp_ratio: float | None = None
+    """Hidden width of each MLP block over the embedding width; None keeps the zoo entry's default (4)."""
     parametrization: Literal["sp", "mup", "depth_mup", "completep"] = "depth_mup"
-    """The recommended default for ViTs is depth_mup with first_layer_lr_exponent 0.5 (docs/results.md)."""
+    """How init, multipliers and per-role LRs scale with width and depth. The recommended default for ViTs
+    is depth_mup with first_layer_lr_exponent 0.5 (docs/results.md)."""
     alpha: float | None = None
-    """Residual exponent; None: 1/2 for depth_mup, 1 for completep."""
+    """Residual exponent in [1/2, 1] (branches are multiplied by m_L ** -alpha); None: 1/2 for depth_mup,
+    1 for completep. Only for depth_mup and completep."""
     base_width: int | None = None
+    """Width at which every multiplier is 1 (the proxies' tuning width); None: the parametrization's (256)."""
     base_depth: int | None = None
+    """Depth at which every multiplier is 1; None: the parametrization's default."""
     readout_multiplier: float | None = None
+    """alpha_out in the readout's alpha_out / m_N; None: 1."""
     first_layer_lr_exponent: float | None = None
     """LR of qkv / fc1 times m_L ** this (docs/parametrizations.md); None: 0.5 for depth_mup, else 0."""
     zero_init: bool | None = None
@@ -93,6 +89,30 @@ class ModelSection:
     recomputed in the backward pass instead of kept, for about one more forward of compute. For ViT-L/H
     at large batches; `benchmarks/grad_checkpointing.py` measures the memory it saves."""
 
+    def check(self) -> None:
+        from mutransfer.models import zoo_entry
+
+        try:
+            entry = zoo_entry(self.name)
+        except ValueError as err:
+            raise ConfigError("name", str(err)) from None
+        for key in ("width", "depth", "head_dim", "patch_size", "base_width", "base_depth"):
+            _at_least(key, getattr(self, key), 1)
+        for key in ("mlp_ratio", "readout_multiplier", "init_std"):
+            value = getattr(self, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(key, f"must be a positive number, got {value}")
+        if self.first_layer_lr_exponent is not None and not math.isfinite(self.first_layer_lr_exponent):
+            raise ConfigError("first_layer_lr_exponent", f"must be finite, got {self.first_layer_lr_exponent}")
+        if self.alpha is not None and self.parametrization not in DEPTH_AWARE:
+            raise ConfigError("alpha", f"only applies to {' and '.join(DEPTH_AWARE)}, not {self.parametrization}")
+        if self.alpha is not None and not 0.5 <= self.alpha <= 1:
+            raise ConfigError("alpha", f"must lie in [1/2, 1], got {self.alpha}")
+        width, head_dim = (self.width or entry.defaults.get("width"), self.head_dim or entry.defaults.get("head_dim"))
+        if width and head_dim and width % head_dim:
+            raise ConfigError("width" if self.width else "head_dim", f"width {width} is not divisible by head_dim "
+                              f"{head_dim}")
+
     def create_kwargs(self, img_size: int, num_classes: int) -> dict[str, Any]:
         kwargs = {k: getattr(self, k) for k in (
             "width", "depth", "head_dim", "patch_size", "mlp_ratio", "alpha", "base_width", "base_depth",
@@ -103,18 +123,29 @@ class ModelSection:
 
 
 @dataclass
-class OptimSection:
+class OptimSection(Section):
+    """The optimizer, its base hyperparameters (scaled per role by the parametrization) and the LR schedule."""
+
     name: Literal["adamw", "sgd"] = "adamw"
+    """AdamW, or SGD with momentum."""
     lr: float = 1e-3
     """Base learning rate eta; each role group gets eta * its lr_scale."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD momentum (the momentum a study tunes under SGD)."""
     beta1: float = 0.9
+    """Adam's first-moment decay (the momentum a study tunes under AdamW)."""
     beta2: float = 0.999
+    """Adam's second-moment decay."""
     weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW) or L2 (SGD), scaled per role; norms and biases get none."""
     eps: float = 1e-8
+    """Adam's epsilon, scaled per role by the parametrization."""
     warmup_steps: int = 0
+    """Linear warmup over this many optimizer steps; give this or warmup_epochs."""
+    warmup_epochs: float | None = None
+    """Linear warmup over this many epochs, turned into steps once the data's epoch length is known."""
     schedule: Literal["cosine", "constant"] = "cosine"
+    """After warmup: cosine decay to min_lr_ratio at the last step, or constant."""
     min_lr_ratio: float = 0.0
     """Cosine floor as a fraction of each group's own LR."""
     grad_clip: float = 0.0
@@ -123,38 +154,81 @@ class OptimSection:
     """Micro-batches per optimizer step."""
 
     @property
+    def momentum_key(self) -> str:
+        """The field a study's momentum sets: `momentum` under SGD, `beta1` under AdamW."""
+        return "momentum" if self.name == "sgd" else "beta1"
+
+    @property
     def momentum_value(self) -> float:
         """The momentum a sweep tunes: SGD momentum or Adam beta1."""
-        return self.momentum if self.name == "sgd" else self.beta1
+        return getattr(self, self.momentum_key)
+
+    def warmup_steps_for(self, steps_per_epoch: int) -> int:
+        """Warmup in optimizer steps, from warmup_epochs when given."""
+        if self.warmup_epochs is None:
+            return self.warmup_steps
+        return round(self.warmup_epochs * steps_per_epoch)
+
+    def check(self) -> None:
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError("lr", f"must be a positive number, got {self.lr}")
+        for key in ("momentum", "beta1", "beta2"):
+            _in_unit_interval(key, getattr(self, key))
+        for key in ("weight_decay", "eps", "grad_clip", "warmup_steps", "warmup_epochs"):
+            _at_least(key, getattr(self, key), 0)
+        if self.warmup_steps and self.warmup_epochs is not None:
+            raise ConfigError("warmup_epochs", "give warmup_steps or warmup_epochs, not both")
+        _in_unit_interval("min_lr_ratio", self.min_lr_ratio, closed=True)
+        _at_least("accumulation", self.accumulation, 1)
 
 
 @dataclass
-class DeepSpeedSection:
-    zero_stage: int = 0
+class DeepSpeedSection(Section):
+    """How DeepSpeed shards and runs the model: ZeRO stage, bf16, offload, and a JSON to merge over ours."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 data parallel, 1 shards optimizer states, 2 also gradients, 3 also parameters."""
     bf16: bool = False
+    """Train in bfloat16 with fp32 master weights (DeepSpeed's bf16 mode)."""
     offload_optimizer: bool = False
+    """Keep optimizer states in host memory and step there (ZeRO-Offload); ZeRO 1-3."""
     offload_param: bool = False
+    """Keep parameters in host memory between uses; ZeRO-3 only."""
     zero3_init: bool = True
     """Build the model under deepspeed.zero.Init at stage 3 (parameters born partitioned)."""
     config: str | None = None
     """Path to a DeepSpeed JSON merged over the generated one (its keys win, except batch sizes)."""
 
+    def check(self) -> None:
+        if self.offload_param and self.zero_stage != 3:
+            raise ConfigError("offload_param", "needs deepspeed.zero_stage=3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3")
+
 
 @dataclass
-class RunSection:
+class RunSection(Section):
+    """How long to train, when to evaluate, checkpoint and log, and where the run's files go."""
+
     steps: int | None = None
     """Optimizer steps to train; exactly one of steps and epochs."""
     epochs: int | None = None
+    """Epochs to train (passes over the training split, counted in optimizer steps per epoch)."""
     eval_interval: int = 0
     """Evaluate every N steps (0: only at the end)."""
     checkpoint_interval: int = 0
     """Checkpoint every N steps (0: only at the end and on SIGTERM/SIGINT)."""
     keep_checkpoints: int = 2
+    """Complete checkpoints kept in output_dir/checkpoints; older ones are deleted."""
     log_interval: int = 10
+    """Log metrics (and check for divergence and stop signals) every N steps."""
     seed: int = 0
+    """Seed of the model's init and of in-process augmentation (data order has data.seed)."""
     output_dir: str = "runs/default"
+    """Folder of the run: config.yaml, metrics.jsonl, result.json and checkpoints."""
     resume: str = "auto"
-    """auto: continue from the newest checkpoint in output_dir; never: start fresh (refuses a used dir)."""
+    """auto: continue from the newest checkpoint in output_dir; never: start fresh (refuses a used dir); or a
+    checkpoint directory to start from."""
     divergence_loss: float = 1e3
     """A training loss above this (or NaN/inf) stops the run as diverged."""
     save_checkpoints: bool = True
@@ -173,15 +247,37 @@ class RunSection:
     """Debugging aid: every rank appends the keys of each batch it trains on (with step, epoch and batch
     index) and of each eval batch to output_dir/samples_rank<R>.jsonl. Costs a line per batch."""
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run, from epochs when given."""
+        return self.steps if self.steps is not None else self.epochs * steps_per_epoch
+
+    def check(self) -> None:
+        if (self.steps is None) == (self.epochs is None):
+            raise ConfigError("steps", "set exactly one of run.steps and run.epochs")
+        for key in ("steps", "epochs", "keep_checkpoints", "log_interval"):
+            _at_least(key, getattr(self, key), 1)
+        for key in ("eval_interval", "checkpoint_interval"):
+            _at_least(key, getattr(self, key), 0)
+        if not self.divergence_loss > 0:
+            raise ConfigError("divergence_loss", f"must be positive, got {self.divergence_loss}")
+        if not self.resume.strip():
+            raise ConfigError("resume", "must be auto, never or a checkpoint directory")
+
 
 @dataclass
-class TrackingSection:
+class TrackingSection(Section):
+    """Where and how the run is recorded in MLflow."""
+
     enabled: bool = True
+    """Record the run in MLflow (rank 0 only); false leaves metrics.jsonl and result.json alone."""
     uri: str | None = None
     """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory."""
     experiment: str = "mutransfer"
+    """MLflow experiment, created (tagged as model training) when missing."""
     run_name: str | None = None
+    """MLflow run name; None: the output folder's name."""
     parent_run_id: str | None = None
+    """Nest the run under this MLflow run (a sweep's trials under the study's run)."""
     tags: dict[str, str] = field(default_factory=dict)
     """Extra MLflow tags of the run."""
     params: dict[str, str] = field(default_factory=dict)
@@ -204,138 +300,34 @@ class TrackingSection:
     """How long the end of a run waits for a tracking server that stopped answering (what it could not
     record is held and retried meanwhile); after that it says what is missing in MLflow."""
 
+    def check(self) -> None:
+        if self.log_model is False and self.registered_model_name:
+            raise ConfigError("registered_model_name", "is set, but tracking.log_model=false logs no model")
+        if not self.wait_at_end_s >= 0:
+            raise ConfigError("wait_at_end_s", f"must be >= 0, got {self.wait_at_end_s}")
+
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
+    """One training run: every section, and the checks that span sections."""
+
     model: ModelSection = field(default_factory=ModelSection)
+    """The model (`ModelSection`)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """The input pipeline (`mutransfer.data.DataConfig`)."""
     optim: OptimSection = field(default_factory=OptimSection)
+    """Optimizer and schedule (`OptimSection`)."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    """ZeRO and precision (`DeepSpeedSection`)."""
     run: RunSection = field(default_factory=RunSection)
+    """Length, intervals and output (`RunSection`)."""
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    """MLflow (`TrackingSection`)."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
-
-
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    return value
-
-
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check `value` against a type hint; convert lists to tuples and ints to floats where the hint says."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(key, "must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, list | tuple) or len(value) != len(args):
-            raise ConfigError(key, f"must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        (arg,) = typing.get_args(hint) or (Any,)
-        if not isinstance(value, list):
-            raise ConfigError(key, f"must be a list, got {value!r}")
-        return [_coerce(f"{key}[{i}]", v, arg) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a mapping, got {value!r}")
-        _, value_hint = typing.get_args(hint) or (str, Any)
-        return {str(k): str(v) if value_hint is str else v for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def build_section(cls: type, values: Any, prefix: str) -> Any:
-    """A dataclass from a mapping, every value checked against its type hint; errors name the dotted key."""
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(prefix, f"must be a mapping of keys, got {values!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise ConfigError(_join(prefix, key), f"unknown key (known: {', '.join(sorted(known))})")
-    kwargs = {}
-    for name, value in values.items():
-        hint = hints[name]
-        if dataclasses.is_dataclass(hint):
-            kwargs[name] = build_section(hint, value, _join(prefix, name))
-        else:
-            kwargs[name] = _coerce(_join(prefix, name), value, hint)
-    try:
-        return cls(**kwargs)
-    except ValueError as err:  # a section's own checks (DataConfig.validate) name their field
-        message = str(err)
-        field_name = next((n for n in sorted(known, key=len, reverse=True) if n in message), None)
-        raise ConfigError(_join(prefix, field_name) if field_name else prefix or "config", message) from err
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    if "=" not in text:
-        raise ConfigError(text, "an override must look like section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = load_yaml(raw, key) if raw.strip() else None
-    except ConfigError as err:
-        raise ConfigError(key, f"cannot parse value {raw!r}") from err
-    return key.strip().split("."), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for text in overrides:
-        path, value = parse_override(text)
-        node = raw
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(".".join(path), f"{part} is not a section")
-        node[path[-1]] = value
-    return raw
+    def check(self) -> None:
+        if self.run.compile != "off" and self.deepspeed.zero_stage == 3:
+            raise ConfigError("run.compile", f"{self.run.compile} is not supported at deepspeed.zero_stage=3 "
+                              "(dynamo breaks the graph at ZeRO-3's parameter hooks); use run.compile=off or ZeRO 0-2")
 
 
 def _local(path: str) -> bool:
@@ -376,78 +368,23 @@ def check_shard_sets(data: DataConfig) -> None:
             raise ConfigError(f"data.{pattern_key if pattern is not None else 'shards_dir'}", str(err)) from None
 
 
-def validate(cfg: RunConfig) -> None:
-    run, optim, ds = cfg.run, cfg.optim, cfg.deepspeed
-    if (run.steps is None) == (run.epochs is None):
-        raise ConfigError("run.steps", "set exactly one of run.steps and run.epochs")
-    for key, value in (("run.steps", run.steps), ("run.epochs", run.epochs)):
-        if value is not None and value < 1:
-            raise ConfigError(key, f"must be at least 1, got {value}")
-    for key, value in (("run.eval_interval", run.eval_interval), ("run.checkpoint_interval", run.checkpoint_interval),
-                       ("optim.warmup_steps", optim.warmup_steps)):
-        if value < 0:
-            raise ConfigError(key, f"must be >= 0, got {value}")
-    for key, value in (("run.keep_checkpoints", run.keep_checkpoints), ("run.log_interval", run.log_interval),
-                       ("optim.accumulation", optim.accumulation)):
-        if value < 1:
-            raise ConfigError(key, f"must be at least 1, got {value}")
-    if not optim.lr > 0:
-        raise ConfigError("optim.lr", f"must be positive, got {optim.lr}")
-    for key in ("momentum", "beta1", "beta2"):
-        if not 0 <= getattr(optim, key) < 1:
-            raise ConfigError(f"optim.{key}", f"must lie in [0, 1), got {getattr(optim, key)}")
-    for key in ("weight_decay", "eps", "grad_clip"):
-        if getattr(optim, key) < 0:
-            raise ConfigError(f"optim.{key}", f"must be >= 0, got {getattr(optim, key)}")
-    if not 0 <= optim.min_lr_ratio <= 1:
-        raise ConfigError("optim.min_lr_ratio", f"must lie in [0, 1], got {optim.min_lr_ratio}")
-    if ds.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError("deepspeed.zero_stage", f"must be 0, 1, 2 or 3, got {ds.zero_stage}")
-    if ds.offload_param and ds.zero_stage != 3:
-        raise ConfigError("deepspeed.offload_param", "needs deepspeed.zero_stage=3")
-    if ds.offload_optimizer and ds.zero_stage == 0:
-        raise ConfigError("deepspeed.offload_optimizer", "needs deepspeed.zero_stage 1, 2 or 3")
-    if run.compile != "off" and ds.zero_stage == 3:
-        raise ConfigError("run.compile", f"{run.compile} is not supported at deepspeed.zero_stage=3 (dynamo "
-                          "breaks the graph at ZeRO-3's parameter hooks); use run.compile=off or ZeRO 0-2")
-    if cfg.tracking.log_model is False and cfg.tracking.registered_model_name:
-        raise ConfigError("tracking.registered_model_name", "is set, but tracking.log_model=false logs no model")
-    if not cfg.tracking.wait_at_end_s >= 0:
-        raise ConfigError("tracking.wait_at_end_s", f"must be >= 0, got {cfg.tracking.wait_at_end_s}")
-    if not run.divergence_loss > 0:
-        raise ConfigError("run.divergence_loss", f"must be positive, got {run.divergence_loss}")
-    from mutransfer.models import zoo_entry
-
-    try:
-        zoo_entry(cfg.model.name)
-    except ValueError as err:
-        raise ConfigError("model.name", str(err)) from err
-
-
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:
-    """A validated RunConfig from a plain mapping (as saved with a run); paths are not checked."""
-    cfg = build_section(RunConfig, raw, "")
-    validate(cfg)
-    return cfg
+    """A RunConfig from a plain mapping (as saved with a run), every value checked; paths are not checked."""
+    return build_section(RunConfig, raw)
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = (),
                 check: bool = True) -> RunConfig:
-    """Read a YAML run config, apply dotted overrides, validate types, values and paths."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("--config", f"no such file: {path}")
-        raw = load_yaml(path.read_text(), f"--config {path}") or {}
-        if not isinstance(raw, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping of sections")
+    """Read a YAML run config, apply the command line's dotted overrides, check values and (with `check`)
+    paths."""
+    raw = read_yaml_mapping(path) if path is not None else {}
     cfg = config_from_dict(apply_overrides(raw, list(overrides)))
     if check:
         check_paths(cfg)
     return cfg
 
 
-def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+def save_config(cfg: RunConfig, path: str | os.PathLike, header: str = "") -> None:
+    """The config in full as YAML (`header`: comment lines written above it)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -93,7 +93,8 @@ def seed_rngs(seed: int, rank: int) -> None:
     torch.manual_seed(int(state[0]) ^ int(state[1]))
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, Any], total_steps: int) -> Any:
+def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, Any], total_steps: int,
+                 warmup_steps: int) -> Any:
     """deepspeed.initialize with our optimizer over the model's per-role groups and our LR schedule (which
     multiplies each group's own LR), compiled as run.compile asks; checkpoints load with weights_only."""
     import deepspeed
@@ -105,7 +106,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, An
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt: build_scheduler(opt, total_steps, optim.warmup_steps, optim.schedule,
+        lr_scheduler=lambda opt: build_scheduler(opt, total_steps, warmup_steps, optim.schedule,
                                                  optim.min_lr_ratio),
     )
     ckpt.make_safe_checkpoint_engine(engine.checkpoint_engine)

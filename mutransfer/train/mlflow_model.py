@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 
+from mutransfer import tags
 from mutransfer.models import create_model
 
 from .config import RunConfig
 
-ROLE_TAG = "mutransfer.role"
 EXAMPLE_BATCH = 2  # torch.export specialises a batch of 1: two keeps the batch dimension dynamic
 
 
@@ -34,7 +34,7 @@ def wants_model(cfg: RunConfig) -> bool:
         return False
     if tracking.log_model is not None:
         return tracking.log_model
-    return tracking.tags.get(ROLE_TAG) == "target" or bool(tracking.registered_model_name)
+    return tracking.tags.get(tags.ROLE) == "target" or bool(tracking.registered_model_name)
 
 
 def full_weights(engine: Any, zero_stage: int, rank: int) -> dict[str, torch.Tensor] | None:

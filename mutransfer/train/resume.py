@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mutransfer.tags import RunStatus
+
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
 from .distributed import barrier
@@ -34,7 +36,7 @@ def load_checkpoint(engine: Any, folder: Path | None) -> ckpt.TrainState:
         return ckpt.TrainState()
     engine.load_checkpoint(str(folder.parent), tag=folder.name)
     state, _ = ckpt.read_state(folder)
-    state.status = "running"
+    state.status = RunStatus.RUNNING
     return state
 
 

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from mutransfer import tags
+
 from .config import RunConfig
 from .tracking import flatten
 
@@ -80,17 +82,16 @@ def run_params(cfg: RunConfig, model: torch.nn.Module, world_size: int) -> dict[
 
 def run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
     """MLflow tags a study and the UI search by."""
-    tags = {
-        "mutransfer.role": "run",
-        "mutransfer.model": cfg.model.name,
-        "mutransfer.parametrization": model.parametrization.name,
-        "mutransfer.variant": model.parametrization.label,
-        "mutransfer.width": str(model.width),
-        "mutransfer.depth": str(model.depth),
-        "mutransfer.optimizer": cfg.optim.name,
-        "mutransfer.lr": repr(cfg.optim.lr),
-        "mutransfer.momentum": repr(cfg.optim.momentum_value),
-        "mutransfer.status": "running",
+    names = {
+        tags.ROLE: tags.RunRole.RUN.value,
+        tags.MODEL: cfg.model.name,
+        tags.PARAMETRIZATION: model.parametrization.name,
+        tags.VARIANT: model.parametrization.label,
+        tags.WIDTH: str(model.width),
+        tags.DEPTH: str(model.depth),
+        tags.OPTIMIZER: cfg.optim.name,
+        tags.LR: repr(cfg.optim.lr),
+        tags.MOMENTUM: repr(cfg.optim.momentum_value),
+        tags.STATUS: tags.RunStatus.RUNNING.value,
     }
-    tags.update(cfg.tracking.tags)
-    return tags
+    return {**names, **cfg.tracking.tags}

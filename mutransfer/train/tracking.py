@@ -26,17 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mutransfer import tags
+from mutransfer.tags import RunStatus
+
 # Fail fast against a dead server instead of retrying for minutes (MLflow's default backoff): we retry
 # ourselves, without holding up training.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
-TAG_PREFIX = "mutransfer."
-STATUS_TAG = "mutransfer.status"
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "preempted": "KILLED"}
 # MLflow 3 shows an experiment as model training (runs table, charts) rather than GenAI (traces) by this tag;
 # the value is the UI's ExperimentKind.CUSTOM_MODEL_DEVELOPMENT ("Machine learning").
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 RETRY_FIRST_S = 1.0
@@ -72,9 +71,9 @@ def training_experiment_id(client, name: str) -> str:
     """
     found = client.get_experiment_by_name(name)
     if found is None:
-        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
-    if not found.tags.get(EXPERIMENT_KIND_TAG):
-        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        return client.create_experiment(name, tags={tags.EXPERIMENT_KIND: MODEL_TRAINING_KIND})
+    if not found.tags.get(tags.EXPERIMENT_KIND):
+        client.set_experiment_tag(found.experiment_id, tags.EXPERIMENT_KIND, MODEL_TRAINING_KIND)
     return found.experiment_id
 
 
@@ -218,7 +217,7 @@ class Tracker:
     def _experiment_id(self) -> str:
         return training_experiment_id(self.client, self.experiment)
 
-    def start(self, run_name: str | None, tags: Mapping[str, str], parent_run_id: str | None = None,
+    def start(self, run_name: str | None, run_tags: Mapping[str, str], parent_run_id: str | None = None,
               run_id: str | None = None) -> str | None:
         """Start a new run, or continue `run_id` (a resumed training run keeps its MLflow run, and does not
         record again the steps it already holds)."""
@@ -227,11 +226,11 @@ class Tracker:
         try:
             if run_id:
                 self.client.update_run(run_id, status="RUNNING")
-                self.client.set_tag(run_id, STATUS_TAG, "running")
+                self.client.set_tag(run_id, tags.STATUS, RunStatus.RUNNING)
                 self._recorded = {m.key: m.step for m in self.client.get_run(run_id).data.to_proto().metrics}
                 self.run_id = run_id
             else:
-                all_tags = dict(tags)
+                all_tags = dict(run_tags)
                 if parent_run_id:
                     all_tags["mlflow.parentRunId"] = parent_run_id
                 run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=all_tags)
@@ -245,10 +244,8 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            batch = items[i:i + 100]
-            self._submit(_Request("log_params", lambda b=batch: self.client.log_batch(self.run_id, params=b)))
+        items = [Param(k, str(v)) for k, v in params.items()]  # MLflow's client batches and truncates them
+        self._submit(_Request("log_params", lambda: self.client.log_batch(self.run_id, params=items)))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if not self.active:  # inactive ranks must not open the store (two ranks migrating one sqlite file race)
@@ -262,10 +259,10 @@ class Tracker:
             self._submit(_Request("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items),
                                   values=len(items), step=step))
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
+    def set_tags(self, values: Mapping[str, str]) -> None:
         if not self.active:  # before `self.client`: an inactive rank must not open the store
             return
-        for key, value in tags.items():
+        for key, value in values.items():
             self._submit(_Request(f"set_tag {key}", lambda k=key, v=str(value): self.client.set_tag(self.run_id, k, v)))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
@@ -276,9 +273,9 @@ class Tracker:
         if it does not come back, say what was not recorded. True when everything was recorded."""
         if not self.active or self.run_id is None:
             return True
-        self.set_tags({STATUS_TAG: status})
+        self.set_tags({tags.STATUS: status})
         self._submit(_Request(f"the end of the run ({status})", lambda: self.client.set_terminated(
-            self.run_id, MLFLOW_STATUS.get(status, "FINISHED"))))
+            self.run_id, RunStatus(status).mlflow)))
         deadline = time.monotonic() + self.wait_at_end_s
         if self._held:
             print(f"mutransfer: waiting up to {self.wait_at_end_s:g} s for the MLflow server at {self.uri} to "

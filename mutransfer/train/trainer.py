@@ -40,10 +40,11 @@ import torch
 from tqdm import tqdm
 
 from mutransfer.data import build_train_loader, train_loss
+from mutransfer.tags import RunStatus
 
 from . import checkpoint as ckpt
 from .batches import BatchStream
-from .config import ConfigError, RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config, with_values
 from .distributed import (
     all_reduce_,
     all_reduce_floats,
@@ -94,7 +95,7 @@ class Run:
     last_loss: float = math.nan
     message: str = ""
     stop_signal: int | None = None
-    outcome: str = "failed"  # how the MLflow run ends; set last, once the run's end is written
+    outcome: str = RunStatus.FAILED  # how the MLflow run ends; set last, once the run's end is written
     data_summary: dict[str, int] | None = None  # what the data skipped, computed once at the end (collective)
 
     @property
@@ -131,7 +132,7 @@ def train_loop(run: Run) -> str:
                 _excluded(run, run_evaluation)
             if save_now:
                 _excluded(run, lambda r: save_checkpoint(r.engine, r.state, r.cfg, r.rank))
-    return "finished"
+    return RunStatus.FINISHED
 
 
 def train_step(run: Run) -> None:
@@ -178,11 +179,11 @@ def sync(run: Run, stop: StopRequest) -> str | None:
         if not math.isfinite(loss) or loss > bound:
             run.last_loss = loss
             run.message = f"diverged: training loss {loss:.4g} at step {step} (bound run.divergence_loss={bound:g})"
-            return "diverged"
+            return RunStatus.DIVERGED
     run.last_loss = losses[-1]
     if reduced[0] > 0 and run.state.step < run.total_steps:  # at the last step, finishing is as quick
         run.stop_signal = stop.signal or signal.SIGTERM
-        return "preempted"
+        return RunStatus.PREEMPTED
     return None
 
 
@@ -207,11 +208,11 @@ def finish(run: Run, status: str) -> RunResult:
     divergence; then result.json. The ExitStack of `train()` tears down after this."""
     run.pbar.close()
     run.state.status = status
-    if status == "diverged":
+    if status == RunStatus.DIVERGED:
         run.tracker.log_metrics({"train/loss_at_divergence": run.last_loss if math.isfinite(run.last_loss)
                                  else 1e30}, run.state.step)
         _say(run, f"run {run.output_dir} {run.message}; stopping")
-    elif status == "preempted":
+    elif status == RunStatus.PREEMPTED:
         if run.cfg.run.save_checkpoints:
             save_checkpoint(run.engine, run.state, run.cfg, run.rank)
         run.message = (f"stopped by {signal.Signals(run.stop_signal).name} at step {run.state.step}; " + (
@@ -229,7 +230,7 @@ def finish(run: Run, status: str) -> RunResult:
         log_final_model(run.engine, run.cfg, run.tracker, run.rank)
     result = RunResult(status=status, step=run.state.step, output_dir=str(run.output_dir),
                        mlflow_run_id=run.mlflow_run_id, final_train_loss=run.last_loss, eval=run.eval_metrics,
-                       message=run.message, skipped=_data_summary(run) if status != "diverged" else {})
+                       message=run.message, skipped=_data_summary(run) if status != RunStatus.DIVERGED else {})
     write_result(result, run.output_dir, run.rank)
     run.outcome = status
     return result
@@ -244,17 +245,18 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
     resume_from = resume_point(cfg)
     ds_config = deepspeed_config(cfg, world_size)
     loader = build_train_loader(cfg.data, rank, world_size, device=device, with_keys=cfg.run.record_samples)
-    cfg.data.num_classes = cfg.data.num_classes or loader.num_classes
-    if not cfg.data.num_classes:
+    if not (cfg.data.num_classes or loader.num_classes):
         raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
+    cfg = with_values(cfg, {"data.num_classes": cfg.data.num_classes or loader.num_classes})
     if rank == 0:  # saved resolved (num_classes included), so that export and resume need no shards
         _write_run_files(cfg, ds_config)
     model = build_model(cfg, ds_config, cfg.data.num_classes)  # seeds torch with run.seed: the same everywhere
     # Augmentation done in this process (num_workers=0, random erasing) draws from the global RNGs: seed them
     # per (seed, rank) so that a run does not depend on what ran before it in the process (sweeps).
     seed_rngs(cfg.run.seed, rank)
-    total_steps = cfg.run.steps or cfg.run.epochs * max(1, len(loader) // cfg.optim.accumulation)
-    engine = build_engine(cfg, model, ds_config, total_steps)
+    steps_per_epoch = max(1, len(loader) // cfg.optim.accumulation)
+    total_steps = cfg.run.total_steps(steps_per_epoch)
+    engine = build_engine(cfg, model, ds_config, total_steps, cfg.optim.warmup_steps_for(steps_per_epoch))
     teardown.callback(engine.destroy)
     state = load_checkpoint(engine, resume_from)
     run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, engine=engine,

@@ -1,0 +1,70 @@
+"""The names under which mutransfer records runs in MLflow, and the statuses a run or a study can end in.
+
+Every run the trainer records carries the `mutransfer.*` tags below (the trainer sets the shape and
+hyperparameter tags; a sweep adds the study, trial key, weight decay and seed; `transfer` adds the rule).
+`study.store` reads them back. A leaf module: it imports nothing of ours.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+STUDY = "mutransfer.study"
+"""The study a run belongs to (on the study's parent run, its trials and its target)."""
+ROLE = "mutransfer.role"
+"""What the run is to its study: a `RunRole`."""
+TRIAL_KEY = "mutransfer.trial_key"
+"""A trial's key (shape and grid point), unique within its study."""
+STATUS = "mutransfer.status"
+"""The run's `RunStatus`, finer than MLflow's own run status."""
+MODEL = "mutransfer.model"
+PARAMETRIZATION = "mutransfer.parametrization"
+VARIANT = "mutransfer.variant"
+"""The parametrization label with its knobs (depth_mup+fle0.5): what a study groups proxies by."""
+WIDTH = "mutransfer.width"
+DEPTH = "mutransfer.depth"
+OPTIMIZER = "mutransfer.optimizer"
+LR = "mutransfer.lr"
+MOMENTUM = "mutransfer.momentum"
+"""SGD momentum or Adam beta1, whichever the optimizer uses."""
+WEIGHT_DECAY = "mutransfer.weight_decay"
+SEED = "mutransfer.seed"
+TRANSFER_RULE = "mutransfer.transfer_rule"
+"""How `mutransfer transfer` chose the target's lr (trend or largest)."""
+EXPERIMENT_KIND = "mlflow.experimentKind"
+"""MLflow's experiment tag that tells its UI an experiment is model training, not GenAI."""
+
+
+class RunRole(StrEnum):
+    RUN = "run"
+    """A training run of its own."""
+    STUDY = "study"
+    """A study's parent run."""
+    PROXY = "proxy"
+    """A trial of a study."""
+    TARGET = "target"
+    """The run a study's settings were transferred to."""
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    DIVERGED = "diverged"
+    """The loss went above run.divergence_loss or non-finite: an answer for a sweep, not a failure."""
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    """A training run stopped by SIGTERM / SIGINT after saving a checkpoint."""
+    INTERRUPTED = "interrupted"
+    """A trial or study stopped by a signal; the same sweep command continues it."""
+    INCOMPLETE = "incomplete"
+    """A study whose sweep ended with failed trials."""
+
+    @property
+    def mlflow(self) -> str:
+        """MLflow's own run status for this one."""
+        return {"running": "RUNNING", "finished": "FINISHED", "preempted": "KILLED", "interrupted": "KILLED"}.get(
+            self.value, "FAILED")
+
+
+DONE = frozenset({RunStatus.FINISHED, RunStatus.DIVERGED})
+"""Trials a sweep does not run again."""
