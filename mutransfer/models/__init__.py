@@ -10,9 +10,9 @@ from .parametrization import (
     RULES,
     Parametrization,
     ParamInfo,
+    Powers,
     Role,
     RoleRule,
-    Scale,
     resolve_parametrization,
 )
 from .resmlp import ResidualMLP
@@ -28,7 +28,7 @@ __all__ = [
     "ResidualMLP",
     "Role",
     "RoleRule",
-    "Scale",
+    "Powers",
     "VisionTransformer",
     "collect_param_info",
     "create_model",

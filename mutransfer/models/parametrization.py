@@ -1,7 +1,7 @@
 """Parametrizations that make hyperparameters transfer across width and depth.
 
 Every scaling rule lives in ONE table, `RULES`, keyed by the role a parameter plays (see `Role`). A rule
-entry is a `Scale`: the product m_N ** width * m_L ** (depth + depth_per_alpha * alpha), where
+entry is a `Powers`: the product m_N ** width * m_L ** (depth + depth_per_alpha * alpha), where
 m_N = width / base_width, m_L = depth / base_depth and alpha is the residual-branch exponent (each branch is
 x <- x + m_L ** -alpha * F(x)). The table of docs/parametrizations.md written as data:
 
@@ -43,8 +43,9 @@ IN_BLOCK_ROLES = frozenset({Role.HIDDEN, Role.BLOCK_VECTOR})
 
 
 @dataclass(frozen=True)
-class Scale:
-    """m_N ** width * m_L ** (depth + depth_per_alpha * alpha)."""
+class Powers:
+    """A rule's factor as the powers of the width and depth multipliers it is made of:
+    m_N ** width * m_L ** (depth + depth_per_alpha * alpha). `Powers(width=-1)` is 1 / m_N."""
 
     width: float = 0.0
     depth: float = 0.0
@@ -54,20 +55,20 @@ class Scale:
         return m_width**self.width * m_depth ** (self.depth + self.depth_per_alpha * alpha)
 
 
-ONE = Scale()
+ONE = Powers()
 
 
 @dataclass(frozen=True)
 class RoleRule:
     """One row of the table. Each entry multiplies the base value (sigma, 1, eta, lambda, eps)."""
 
-    init_std: Scale
-    multiplier: Scale
-    adamw_lr: Scale
-    adamw_weight_decay: Scale
-    adamw_eps: Scale
-    sgd_lr: Scale
-    sgd_weight_decay: Scale
+    init_std: Powers
+    multiplier: Powers
+    adamw_lr: Powers
+    adamw_weight_decay: Powers
+    adamw_eps: Powers
+    sgd_lr: Powers
+    sgd_weight_decay: Powers
 
 
 # Weight decay (torch's coupled form, applied as lr * wd * w): AdamW's hidden weights get
@@ -82,26 +83,26 @@ RULES: dict[Role, RoleRule] = {
         adamw_lr=ONE,
         adamw_weight_decay=ONE,
         adamw_eps=ONE,
-        sgd_lr=Scale(width=1),
-        sgd_weight_decay=Scale(width=-1),
+        sgd_lr=Powers(width=1),
+        sgd_weight_decay=Powers(width=-1),
     ),
     Role.HIDDEN: RoleRule(
-        init_std=Scale(width=-0.5),
+        init_std=Powers(width=-0.5),
         multiplier=ONE,
-        adamw_lr=Scale(width=-1, depth=-1, depth_per_alpha=1),
-        adamw_weight_decay=Scale(width=1),
-        adamw_eps=Scale(width=-1, depth_per_alpha=-1),
-        sgd_lr=Scale(depth=-1, depth_per_alpha=2),
+        adamw_lr=Powers(width=-1, depth=-1, depth_per_alpha=1),
+        adamw_weight_decay=Powers(width=1),
+        adamw_eps=Powers(width=-1, depth_per_alpha=-1),
+        sgd_lr=Powers(depth=-1, depth_per_alpha=2),
         sgd_weight_decay=ONE,
     ),
     Role.BLOCK_VECTOR: RoleRule(
         init_std=ONE,
         multiplier=ONE,
-        adamw_lr=Scale(depth=-1, depth_per_alpha=1),
+        adamw_lr=Powers(depth=-1, depth_per_alpha=1),
         adamw_weight_decay=ONE,
-        adamw_eps=Scale(width=-1, depth_per_alpha=-1),
-        sgd_lr=Scale(width=1, depth=-1, depth_per_alpha=2),
-        sgd_weight_decay=Scale(width=-1),
+        adamw_eps=Powers(width=-1, depth_per_alpha=-1),
+        sgd_lr=Powers(width=1, depth=-1, depth_per_alpha=2),
+        sgd_weight_decay=Powers(width=-1),
     ),
     Role.VECTOR: RoleRule(
         init_std=ONE,
@@ -109,17 +110,17 @@ RULES: dict[Role, RoleRule] = {
         adamw_lr=ONE,
         adamw_weight_decay=ONE,
         adamw_eps=ONE,
-        sgd_lr=Scale(width=1),
-        sgd_weight_decay=Scale(width=-1),
+        sgd_lr=Powers(width=1),
+        sgd_weight_decay=Powers(width=-1),
     ),
     Role.READOUT: RoleRule(
         init_std=ONE,  # used only when the readout is not zero-initialised
-        multiplier=Scale(width=-1),  # times alpha_out
+        multiplier=Powers(width=-1),  # times alpha_out
         adamw_lr=ONE,
         adamw_weight_decay=ONE,
         adamw_eps=ONE,
-        sgd_lr=Scale(width=1),
-        sgd_weight_decay=Scale(width=-1),
+        sgd_lr=Powers(width=1),
+        sgd_weight_decay=Powers(width=-1),
     ),
     Role.READOUT_BIAS: RoleRule(
         init_std=ONE,

@@ -168,12 +168,12 @@ def _curve_figure(
     fig = Figure(figsize=(fig_width, 3.3 * len(parametrizations) + 1.3), layout="constrained")
     axes = fig.subplots(len(parametrizations), len(depths), sharex=True, sharey=True, squeeze=False)
     marks: set[str] = set()  # "diverged" / "clipped" where some panel shows them
-    for row, param in enumerate(parametrizations):
+    for row, label in enumerate(parametrizations):
         for col, depth in enumerate(depths):
             ax = axes[row][col]
-            _panel_frame(ax, f"{param}, depth {depth}", y, x_label if row == len(parametrizations) - 1 else None,
+            _panel_frame(ax, f"{label}, depth {depth}", y, x_label if row == len(parametrizations) - 1 else None,
                          metric if col == 0 else None)
-            panel = sorted((s for s in curves if s[0] == param and s[2] == depth), key=lambda s: s[1])
+            panel = sorted((s for s in curves if s[0] == label and s[2] == depth), key=lambda s: s[1])
             if not panel:
                 ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="grey")
             for band_row, shape in enumerate(panel):
@@ -294,8 +294,8 @@ def _heatmap(
     ax.set_yticks(range(len(momentum_grid)), [f"{m:g}" for m in momentum_grid])
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("momentum")
-    param, width, depth = shape
-    ax.set_title(f"{study}: {param}, width {width}, depth {depth}\n{metric} (grey x = diverged or failed, "
+    label, width, depth = shape
+    ax.set_title(f"{study}: {label}, width {width}, depth {depth}\n{metric} (grey x = diverged or failed, "
                  f"red = optimum, best over weight decay)", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric, extend="max" if minimised else "min")
     fig.savefig(path, dpi=110)
@@ -506,8 +506,8 @@ def _write_figures(a: _Analysed, out: Path) -> list[Path]:
         a.metric, "momentum", float, f"{a.study}: {a.metric} vs momentum, at each shape's best lr"
         + ("" if len(momentum_grid) > 1 else " (the study used a single momentum)"), files[2])
     for shape, points in sorted(a.per_shape.items()) if several else ():
-        param, width, depth = shape
-        files.append(out / f"heatmap_{_file_name(param)}_w{width}_d{depth}.png")
+        label, width, depth = shape
+        files.append(out / f"heatmap_{_file_name(label)}_w{width}_d{depth}.png")
         _heatmap(shape, lr_momentum_grid(points, a.metric), a.optima.get(shape), lr_grid, momentum_grid, a.metric,
                  y_range, a.study, files[-1])
     return files

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from mutransfer.tags import RunStatus
 
 STATE_FILE = "mutransfer_state.json"
-TAG_PREFIX = "step_"
+STEP_FOLDER_PREFIX = "step_"
 
 
 @dataclass
@@ -48,7 +48,7 @@ def checkpoint_root(output_dir: str | os.PathLike) -> Path:
 
 
 def tag_for(step: int) -> str:
-    return f"{TAG_PREFIX}{step:08d}"
+    return f"{STEP_FOLDER_PREFIX}{step:08d}"
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -56,7 +56,7 @@ def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(TAG_PREFIX) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(STEP_FOLDER_PREFIX) and (p / STATE_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -107,7 +107,7 @@ def prune(output_dir: str | os.PathLike, keep: int) -> None:
     complete = complete_checkpoints(output_dir)
     keep_names = {p.name for p in complete[-keep:]}
     newest = complete[-1].name if complete else ""
-    for folder in checkpoint_root(output_dir).glob(f"{TAG_PREFIX}*"):
+    for folder in checkpoint_root(output_dir).glob(f"{STEP_FOLDER_PREFIX}*"):
         stale_incomplete = folder.name < newest and not (folder / STATE_FILE).exists()
         if (folder in complete and folder.name not in keep_names) or stale_incomplete:
             shutil.rmtree(folder, ignore_errors=True)
