@@ -1,4 +1,5 @@
-"""Fixtures for the data tests: small shard sets written by our own writer."""
+"""Shared fixtures: synthetic shard sets written by our own writer (any size, cached per session), and
+images for the data tests."""
 
 from __future__ import annotations
 
@@ -11,6 +12,27 @@ import pytest
 from PIL import Image
 
 from mutransfer.data import write_synthetic_shards
+
+
+@pytest.fixture(scope="session")
+def shard_set(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """A factory of synthetic shard sets (train and validation splits, seed 0) written by our own writer, once
+    per session for each set of arguments: modules that ask for the same set share one directory, so it is
+    read-only (copy it to damage it). `validation_per_shard=None` writes the validation split as one shard."""
+    made: dict[tuple[int, ...], Path] = {}
+
+    def make(train: int, validation: int, train_per_shard: int = 128, validation_per_shard: int | None = None,
+             classes: int = 10, size: int = 32) -> Path:
+        validation_per_shard = validation_per_shard or validation
+        key = (train, validation, train_per_shard, validation_per_shard, classes, size)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"shards_{classes}c_{size}px_{train}_{validation}")
+            write_synthetic_shards(str(out), "train", classes, train, size, 0, train_per_shard)
+            write_synthetic_shards(str(out), "validation", classes, validation, size, 0, validation_per_shard)
+            made[key] = out
+        return made[key]
+
+    return make
 
 
 @dataclass(frozen=True)
@@ -28,12 +50,10 @@ class SmallShards:
 
 
 @pytest.fixture(scope="session")
-def small_shards(tmp_path_factory: pytest.TempPathFactory) -> SmallShards:
-    shards = SmallShards(tmp_path_factory.mktemp("small_shards"))
-    out = str(shards.path)
-    write_synthetic_shards(out, "train", shards.classes, shards.train_samples, shards.size, 0, shards.train_per_shard)
-    write_synthetic_shards(out, "validation", shards.classes, shards.eval_samples, shards.size, 0, shards.eval_per_shard)
-    return shards
+def small_shards(shard_set: Callable[..., Path]) -> SmallShards:
+    s = SmallShards  # the dataclass's defaults
+    return SmallShards(shard_set(s.train_samples, s.eval_samples, s.train_per_shard, s.eval_per_shard,
+                                 classes=s.classes, size=s.size))
 
 
 def gradient_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -34,14 +34,8 @@ LOSS_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    from mutransfer.data import write_synthetic_shards
-
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(str(out), "train", classes=10, samples=512, image_size=32, seed=0, samples_per_shard=128)
-    write_synthetic_shards(str(out), "validation", classes=10, samples=64, image_size=32, seed=0,
-                           samples_per_shard=64)
-    return out
+def shards(shard_set) -> Path:
+    return shard_set(512, 64)
 
 
 def compile_config(tmp_path: Path, shards: Path, name: str, stage: int, **run_values) -> Path:

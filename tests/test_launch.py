@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from train_helpers import BIN, losses, run, write_config
+from train_helpers import BIN, PROXY_MODEL, losses, run, write_config, write_proxy_config, write_study
 
-from mutransfer.data import write_synthetic_shards
 from mutransfer.study.store import latest_per_key, load_trials
 from mutransfer.train.config import load_config
 
@@ -21,31 +20,16 @@ LRS = [1e-3, 1e-2, 30.0]  # the last one diverges (Adam at lr 30 on a ViT)
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> dict:
+def workspace(tmp_path_factory, shard_set) -> dict:
     root = tmp_path_factory.mktemp("study")
-    shards = root / "shards"
-    write_synthetic_shards(str(shards), "train", classes=10, samples=512, image_size=32, seed=0, samples_per_shard=128)
-    write_synthetic_shards(str(shards), "validation", classes=10, samples=100, image_size=32, seed=0,
-                           samples_per_shard=50)
+    shards = shard_set(512, 100, validation_per_shard=50)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    base = write_config(root / "proxy.yaml", shards, root / "unused", uri,
-                        model=dict(parametrization="mup", base_width=16, base_depth=1, first_layer_lr_exponent=None),
-                        optim=dict(lr=1e-3, warmup_steps=0, grad_clip=0.0),
-                        run=dict(steps=6, log_interval=2, save_checkpoints=False, divergence_loss=20.0),
-                        deepspeed=dict(zero_stage=0))
+    base = write_proxy_config(root, shards, uri, steps=6, divergence_loss=20.0)
     return {"root": root, "shards": shards, "uri": uri, "base": base}
 
 
 def study_file(workspace: dict, lrs: list[float]) -> Path:
-    path = workspace["root"] / "study.yaml"
-    path.write_text(yaml.safe_dump({
-        "study": {"name": STUDY, "experiment": "tests", "base_config": str(workspace["base"]),
-                  "output_dir": str(workspace["root"] / "trials"), "steps": 6},
-        "shapes": {"parametrizations": ["mup"], "widths": [16, 32], "depths": [1]},
-        "grid": {"lr": lrs, "momentum": [0.9]},
-        "seeds": [0],
-    }))
-    return path
+    return write_study(workspace["root"], workspace["base"], STUDY, "tests", lrs, steps=6)
 
 
 def mutransfer(*args: str, cwd: Path) -> object:
@@ -92,8 +76,7 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     largest = [t for t in trials if t.width == 32 and t.status == "finished"]
     best = min(largest, key=lambda t: t.metrics["final/eval_loss"])
     target = write_config(root / "target.yaml", workspace["shards"], root / "target_run", uri,
-                          model=dict(width=64, depth=2, parametrization="mup", base_width=16, base_depth=1,
-                                     first_layer_lr_exponent=None),
+                          model=dict(PROXY_MODEL, width=64, depth=2),
                           optim=dict(lr=0.5, beta1=0.5, warmup_steps=0),
                           run=dict(steps=4, log_interval=2), deepspeed=dict(zero_stage=1))
     out = root / "transferred.yaml"

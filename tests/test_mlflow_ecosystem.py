@@ -13,7 +13,6 @@ from mlflow.tracking import MlflowClient
 from train_helpers import deepspeed_command, python_command, result, run, write_config
 
 from mutransfer.cli import main
-from mutransfer.data import write_synthetic_shards
 from mutransfer.models import load_model
 from mutransfer.tags import EXPERIMENT_KIND as EXPERIMENT_KIND_TAG
 from mutransfer.train.config import ConfigError, RunConfig, config_from_dict
@@ -26,12 +25,8 @@ SYSTEM_METRICS = ("system/cpu_utilization_percentage", "system/system_memory_usa
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(str(out), "train", classes=10, samples=256, image_size=32, seed=0, samples_per_shard=64)
-    write_synthetic_shards(str(out), "validation", classes=10, samples=32, image_size=32, seed=0,
-                           samples_per_shard=32)
-    return out
+def shards(shard_set) -> Path:
+    return shard_set(256, 32, train_per_shard=64)
 
 
 def test_experiments_are_marked_as_model_training(tmp_path: Path) -> None:

@@ -25,7 +25,7 @@ from train_helpers import (
     write_config,
 )
 
-from mutransfer.data import DataConfig, build_eval_loader, write_synthetic_shards
+from mutransfer.data import DataConfig, build_eval_loader
 from mutransfer.models import load_model
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
@@ -34,12 +34,8 @@ pytestmark = pytest.mark.slow  # integration: real processes, engines or servers
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(str(out), "train", classes=10, samples=768, image_size=32, seed=0, samples_per_shard=128)
-    write_synthetic_shards(str(out), "validation", classes=10, samples=200, image_size=32, seed=0,
-                           samples_per_shard=64)
-    return out
+def shards(shard_set) -> Path:
+    return shard_set(768, 200, validation_per_shard=64)
 
 
 @pytest.fixture(scope="module")

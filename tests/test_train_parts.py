@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from train_helpers import TINY_MODEL, losses, write_config
 
-from mutransfer.data import write_synthetic_shards
 from mutransfer.models import create_model
 from mutransfer.models.optim import build_optimizer, param_groups
 from mutransfer.train import trainer
@@ -101,12 +100,8 @@ def test_deepspeed_config_merge_and_bf16_without_overflow_sync(tmp_path: Path) -
 
 # --- the loop's sync points, on real in-process runs -------------------------------------------------------------
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_synthetic_shards(str(out), "train", classes=10, samples=256, image_size=32, seed=0, samples_per_shard=128)
-    write_synthetic_shards(str(out), "validation", classes=10, samples=32, image_size=32, seed=0,
-                           samples_per_shard=32)
-    return out
+def shards(shard_set) -> Path:
+    return shard_set(256, 32)
 
 
 def in_process_config(tmp_path: Path, shards: Path, **sections) -> RunConfig:

@@ -17,12 +17,10 @@ import threading
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from test_ui import EXIT_WAIT_S, MUTRANSFER, descendants, kill_all, read_lines, wait_for_line
-from train_helpers import BIN, run, run_env, write_config
+from train_helpers import BIN, run, run_env, write_proxy_config, write_study
 
-from mutransfer.data import write_synthetic_shards
 from mutransfer.netutil import free_port
 from mutransfer.study.store import latest_per_key, load_trials
 
@@ -36,24 +34,12 @@ RENDER_TRIES = 3  # a page still loading on a busy machine gets a longer virtual
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
+def study(tmp_path_factory, shard_set) -> dict:
     """A real proxy study: 2 widths x 2 learning rates of tiny mup ViTs, 4 steps each, in a sqlite store."""
     root = tmp_path_factory.mktemp("browser")
-    shards = root / "shards"
-    write_synthetic_shards(str(shards), "train", classes=10, samples=256, image_size=32, seed=0, samples_per_shard=128)
-    write_synthetic_shards(str(shards), "validation", classes=10, samples=64, image_size=32, seed=0,
-                           samples_per_shard=64)
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    base = write_config(root / "proxy.yaml", shards, root / "unused", uri,
-                        model=dict(parametrization="mup", base_width=16, base_depth=1, first_layer_lr_exponent=None),
-                        optim=dict(lr=1e-3, warmup_steps=0), deepspeed=dict(zero_stage=0),
-                        run=dict(steps=4, log_interval=2, save_checkpoints=False))
-    config = root / "study.yaml"
-    config.write_text(yaml.safe_dump({
-        "study": {"name": STUDY, "experiment": "browser", "base_config": str(base),
-                  "output_dir": str(root / "trials"), "steps": 4},
-        "shapes": {"parametrizations": ["mup"], "widths": [16, 32], "depths": [1]},
-        "grid": {"lr": LRS, "momentum": [0.9]}, "seeds": [0]}))
+    base = write_proxy_config(root, shard_set(256, 64), uri, steps=4)
+    config = write_study(root, base, STUDY, "browser", LRS, steps=4)
     proc = run([str(BIN / "mutransfer"), "sweep", "--config", str(config), "--tracking-uri", uri], root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trials = latest_per_key(load_trials(MlflowClient(uri), STUDY))

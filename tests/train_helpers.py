@@ -53,6 +53,31 @@ def write_config(path: Path, shards: Path, output_dir: Path, mlflow_uri: str, **
     return path
 
 
+# the proxies of the study tests: mup ViTs at base width 16 and depth 1, swept at widths 16 and 32
+PROXY_MODEL = dict(parametrization="mup", base_width=16, base_depth=1, first_layer_lr_exponent=None)
+
+
+def write_proxy_config(root: Path, shards: Path, mlflow_uri: str, steps: int, **run_values: Any) -> Path:
+    """root/proxy.yaml, the base config of a tiny proxy study: ZeRO-0, no warmup, no checkpoints."""
+    return write_config(root / "proxy.yaml", shards, root / "unused", mlflow_uri, model=dict(PROXY_MODEL),
+                        optim=dict(lr=1e-3, warmup_steps=0, grad_clip=0.0), deepspeed=dict(zero_stage=0),
+                        run=dict(steps=steps, log_interval=2, save_checkpoints=False, **run_values))
+
+
+def write_study(root: Path, base: Path, name: str, experiment: str, lrs: list[float], steps: int) -> Path:
+    """root/study.yaml: widths 16 and 32 at depth 1 over `lrs` (momentum 0.9, seed 0) from the base config
+    `base`, trials under root/trials. Writing it again with other `lrs` changes the grid."""
+    path = root / "study.yaml"
+    path.write_text(yaml.safe_dump({
+        "study": {"name": name, "experiment": experiment, "base_config": str(base),
+                  "output_dir": str(root / "trials"), "steps": steps},
+        "shapes": {"parametrizations": ["mup"], "widths": [16, 32], "depths": [1]},
+        "grid": {"lr": list(lrs), "momentum": [0.9]},
+        "seeds": [0],
+    }))
+    return path
+
+
 def deepspeed_command(config: Path, *overrides: str, procs: int = 2) -> list[str]:
     return [DEEPSPEED, "--num_gpus", str(procs), "--master_port", str(free_port()), "--module", "mutransfer.train",
             "--config", str(config), *overrides]
