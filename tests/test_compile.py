@@ -88,6 +88,7 @@ def _json(line: str) -> dict:
     return json.loads(line)
 
 
+@pytest.mark.slow  # starts a training process
 def test_compile_at_zero3_exits_2_naming_the_key(shards, tmp_path) -> None:
     config = compile_config(tmp_path, shards, "z3", 3, steps=2)
     proc = run(python_command(config, "run.compile=model"), tmp_path, timeout=120)

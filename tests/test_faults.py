@@ -116,6 +116,7 @@ def rows(output_dir: Path) -> list[dict]:
 
 
 # --- 1. a run that fails while its loader workers are alive exits --------------------------------------------
+@pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_zero_byte_shards_exit_2_with_one_clear_error_and_no_worker_left(shards, tmp_path) -> None:
     broken = copy_shards(shards, tmp_path / "zero")
     for tar in broken.glob("train-*.tar"):
@@ -185,6 +186,7 @@ def test_damaged_tars_keep_the_rest_of_the_shard_and_count_the_loss_by_shard(dam
         == EVAL_SAMPLES, (good, skipped)
 
 
+@pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_eval_states_its_coverage_and_the_run_summary_counts_skips_by_kind(damaged, tmp_path) -> None:
     """A one-epoch run over the damaged shards: console and MLflow show samples evaluated against
     _info.json, the shortfall names the shards, and the per-run summary counts what was skipped by kind."""
@@ -223,6 +225,7 @@ def test_numbers_in_files_and_overrides_are_floats(shards, tmp_path) -> None:
     assert isinstance(cfg.run.steps, int)
 
 
+@pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_sweep_reads_1e_05_and_exits_1_when_a_trial_fails(shards, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = write_config(tmp_path / "proxy.yaml", shards, tmp_path / "unused", uri,
@@ -286,6 +289,7 @@ def test_a_run_whose_server_restarts_ends_with_its_final_status_and_every_metric
         server.stop()
 
 
+@pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_a_server_that_stays_away_is_reported_at_the_end(mlflow_store, tmp_path, capsys) -> None:
     server = start_server(mlflow_store)
     try:
@@ -354,6 +358,7 @@ def test_ctrl_c_stops_the_sweep_and_the_rerun_continues_its_trial(shards, tmp_pa
 
 
 # --- 6. a damaged newest checkpoint: resume falls back to the newest intact one -------------------------------
+@pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_damaged_checkpoints_are_passed_over_and_replayed_steps_logged_once(shards, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "run"

@@ -67,6 +67,8 @@ def test_unknown_schedule_raises_naming_it() -> None:
         lr_factor(0, 10, 0, "linear", 0.0)
     with pytest.raises(ValueError, match="'step_decay'"):
         lr_factor(5, 10, 3, "step_decay", 0.0)  # past the warmup
+    with pytest.raises(ValueError, match="'cosin'"):
+        lr_factor(0, 10, 3, "cosin", 0.0)  # during the warmup too: a typo must not pass for 3 steps
 
 
 # --- build_scheduler ---------------------------------------------------------------------------------------------

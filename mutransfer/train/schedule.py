@@ -11,15 +11,17 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+SCHEDULES = ("cosine", "constant")
+
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
     """Multiplier of every group's base LR after `step` optimizer steps."""
+    if schedule not in SCHEDULES:  # at every step, warmup included: a typo must not pass for `warmup_steps` steps
+        raise ValueError(f"unknown schedule {schedule!r}; choose {' or '.join(SCHEDULES)}")
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    if schedule != "cosine":
-        raise ValueError(f"unknown schedule {schedule!r}; choose cosine or constant")
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
