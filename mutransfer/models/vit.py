@@ -48,8 +48,6 @@ class VisionTransformer(nn.Module):
         super().__init__()
         require_positive_ints(width=width, depth=depth, head_dim=head_dim, patch_size=patch_size,
                               img_size=img_size, num_classes=num_classes)
-        if width % head_dim:
-            raise ValueError(f"width {width} is not divisible by head_dim {head_dim}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if not mlp_ratio > 0:
