@@ -158,7 +158,7 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
         return _coerce_union(key, value, hint)
     if origin is Literal:
         choices = typing.get_args(hint)
-        if value not in choices:
+        if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):  # True == 1
             raise ConfigError(key, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
     if origin in (tuple, list, dict):

@@ -10,6 +10,7 @@ import inspect
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -73,6 +74,7 @@ def test_coercion_widens_and_converts_where_the_hint_says(value, hint, expected)
     ("3e-3", float, "must be a number"), (True, int, "must be an integer"), (1.5, int, "must be an integer"),
     (1, bool, "must be true or false"), (None, int, "must be an integer"), (None, float | int, "must not be null"),
     ([1], tuple[int, int], "must be a list of 2"), ("x", dict[str, str], "must be a mapping"),
+    (True, Literal[0, 1, 2, 3], "must be one of 0, 1, 2, 3"), (2, Literal["off", "model"], "must be one of off, model"),
 ])
 def test_coercion_refuses_wrong_types_naming_the_key(value, hint, message) -> None:
     with pytest.raises(ConfigError, match=f"^a.b: {message}") as raised:
