@@ -5,9 +5,9 @@ experiment. Each trial is a child run (`mlflow.parentRunId`) tagged with:
 
     mutransfer.study, mutransfer.trial_key, mutransfer.role=proxy (target for the transferred run),
     mutransfer.width, mutransfer.depth, mutransfer.parametrization, mutransfer.lr, mutransfer.momentum,
-    mutransfer.weight_decay, mutransfer.seed, mutransfer.status (running | finished | diverged | failed)
+    mutransfer.weight_decay, mutransfer.seed, mutransfer.status (a `tags.RunStatus`)
 
-and holds the trainer's metrics, among them `final/eval_loss`, `final/eval_top1`, `final/train_loss`.
+(the names are those of `mutransfer.tags`) and holds the trainer's metrics, among them `final/eval_loss`, `final/eval_top1`, `final/train_loss`.
 """
 
 from __future__ import annotations
