@@ -168,3 +168,4 @@ def test_overrides_from_the_command_line_are_the_only_text() -> None:
     assert (cfg.optim.lr, cfg.data.scale, cfg.tracking.tags) == (0.003, (0.5, 1.0), {"a": "1"})
     with pytest.raises(ConfigError, match="^optim.lr: "):
         load_config(None, ["run.steps=3", "optim.lr=fast"])
+

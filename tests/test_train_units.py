@@ -173,3 +173,12 @@ def test_user_json_wins_except_for_batch_sizes(tmp_path: Path) -> None:
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"],
             config["train_batch_size"]) == (8, 2, 8 * 2 * 3)  # ... but batch sizes follow the data config
     assert json.loads(path.read_text()) == user  # the user's file is only read
+
+
+def test_a_sqlite_stores_artifacts_go_beside_it_and_other_stores_keep_mlflows_default(tmp_path: Path) -> None:
+    from mutransfer.train.tracking import artifact_location_beside
+
+    db = tmp_path / "runs" / "mlflow.db"
+    assert artifact_location_beside(f"sqlite:///{db}", "a b/c") == (tmp_path / "runs" / "mlruns" / "a-b-c").as_uri()
+    assert artifact_location_beside("http://127.0.0.1:5000", "x") is None
+    assert artifact_location_beside(f"file://{tmp_path}", "x") is None

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mutransfer.cli import main
 from mutransfer.study import ui
+from mutransfer.train.tracking import training_experiment_id
 
 pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
 
@@ -193,3 +194,25 @@ def test_ui_names_an_unknown_study(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert main(["ui", "--study", "no-such-study", "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert "no-such-study" in err and uri in err
+
+
+def test_artifacts_of_a_sqlite_store_stay_beside_it_and_the_server_lists_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a run started from another directory
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.create_run(training_experiment_id(client, "my experiment"))
+    note = tmp_path / "note.txt"
+    note.write_text("beside the store")
+    client.log_artifact(run.info.run_id, str(note), "report")
+    assert not (elsewhere / "mlruns").exists()
+    assert (tmp_path / "store" / "mlruns" / "my-experiment" / run.info.run_id / "artifacts" / "report" / "note.txt").is_file()
+    handle = ui.start_server(uri, startup_timeout=STARTUP_WAIT_S)
+    try:
+        listed = get_json(f"{handle.url}/ajax-api/2.0/mlflow/artifacts/list?run_id={run.info.run_id}&path=report")
+        assert [f["path"] for f in listed["files"]] == ["report/note.txt"]
+    finally:
+        handle.stop()

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -64,6 +66,37 @@ def server_reachable(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def local_store_path(tracking_uri: str) -> tuple[str, Path]:
+    """("sqlite" | "file", path) of a local store; ValueError for anything else (a server, a remote DB)."""
+    parsed = urllib.parse.urlparse(tracking_uri)
+    if parsed.scheme in ("http", "https"):
+        raise ValueError(f"{tracking_uri} is an MLflow server already: open it in a browser instead")
+    if parsed.scheme == "sqlite":
+        # sqlite:////abs/path.db and sqlite:///rel/path.db (relative to the working directory)
+        raw = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+        if not raw or raw == ":memory:":
+            raise ValueError(f"{tracking_uri} is not a sqlite file")
+        return "sqlite", Path(urllib.parse.unquote(raw)).resolve()
+    if parsed.scheme == "file":
+        return "file", Path(urllib.parse.unquote(parsed.path)).resolve()
+    if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
+        return "file", Path(tracking_uri).resolve()
+    raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
+
+
+def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
+    """For a local sqlite store, `<the database's folder>/mlruns/<experiment>`: the store's artifacts stay
+    beside it whichever directory a run starts in (MLflow's own default is ./mlruns of the directory that
+    happens to create the experiment). None, MLflow's default, for every other store."""
+    try:
+        kind, path = local_store_path(tracking_uri)
+    except ValueError:
+        return None
+    if kind != "sqlite":
+        return None
+    return (path.parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
+
+
 def training_experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created if missing, marked as a model-training experiment.
 
@@ -71,7 +104,8 @@ def training_experiment_id(client, name: str) -> str:
     """
     found = client.get_experiment_by_name(name)
     if found is None:
-        return client.create_experiment(name, tags={tags.EXPERIMENT_KIND: MODEL_TRAINING_KIND})
+        return client.create_experiment(name, artifact_location=artifact_location_beside(client.tracking_uri, name),
+                                        tags={tags.EXPERIMENT_KIND: MODEL_TRAINING_KIND})
     if not found.tags.get(tags.EXPERIMENT_KIND):
         client.set_experiment_tag(found.experiment_id, tags.EXPERIMENT_KIND, MODEL_TRAINING_KIND)
     return found.experiment_id
