@@ -113,3 +113,27 @@ def test_bad_study_config_names_the_key(workspace, tmp_path) -> None:
                                    "shapes": {"widths": [16], "depths": [1]}, "grid": {"lr": "fast"}}))
     proc = mutransfer("sweep", "--config", str(bad), "--tracking-uri", workspace["uri"], cwd=tmp_path)
     assert proc.returncode == 2 and "grid.lr" in proc.stderr
+
+
+def test_the_demo_runs_end_to_end_on_a_small_study(tmp_path: Path) -> None:
+    """`mutransfer demo` with the shipped demo study cut to 2 depths x 2 lrs x 1 seed of 5 steps: shards,
+    sweep, report, transfer to the shipped target, its training, and the verdict line."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    study = yaml.safe_load((configs / "demo_study.yaml").read_text())
+    study["study"].update(base_config=str(configs / "demo_proxy.yaml"), steps=5, target=str(configs / "demo_target.yaml"))
+    study["shapes"]["depths"] = [2, 4]
+    study["grid"]["lr"] = [2.0 ** -6, 2.0 ** -4]
+    study["seeds"] = [0]
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = mutransfer("demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "study.yaml"),
+                        "--tracking-uri", uri, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1].startswith("[demo] verdict: ")
+    assert any(line.startswith("[demo] done in") and "8 trials run" in line for line in lines)
+    for name in ("lr_curves.png", "trend.png", "optima.md", "optima.csv"):
+        assert (tmp_path / "demo" / "report" / name).is_file(), name
+    target = load_config(tmp_path / "demo" / "target" / "target.yaml", check=False)
+    assert target.tracking.tags["mutransfer.role"] == "target" and target.tracking.params["transfer.rule"] == "trend"
+    assert (tmp_path / "demo" / "target" / "result.json").is_file()
