@@ -214,5 +214,12 @@ def test_artifacts_of_a_sqlite_store_stay_beside_it_and_the_server_lists_them(
     try:
         listed = get_json(f"{handle.url}/ajax-api/2.0/mlflow/artifacts/list?run_id={run.info.run_id}&path=report")
         assert [f["path"] for f in listed["files"]] == ["report/note.txt"]
+        # a run logged through the server, in an experiment the server creates: its artifacts land beside the
+        # store too, not in the server's or this process's working directory
+        remote = MlflowClient(tracking_uri=handle.url)
+        served = remote.create_run(training_experiment_id(remote, "through the server"))
+        remote.log_artifact(served.info.run_id, str(note), "report")
+        assert [p.name for p in (tmp_path / "store" / "mlruns").rglob("note.txt")] == ["note.txt", "note.txt"]
     finally:
         handle.stop()
+    assert not (elsewhere / "mlruns").exists() and not (Path.cwd() / "mlruns").exists()

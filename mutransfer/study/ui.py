@@ -29,7 +29,7 @@ from typing import Any
 
 from mutransfer import tags
 from mutransfer.netutil import free_port
-from mutransfer.train.tracking import local_store_path
+from mutransfer.train.tracking import local_store_path, store_artifact_root
 
 from .store import find_study_run
 
@@ -53,25 +53,13 @@ def port_in_use(port: int) -> bool:
 
 
 def artifact_root(tracking_uri: str) -> Path:
-    """Where MLflow's local client puts artifacts for this store.
-
-    A file store keeps them inside itself. For sqlite, the client that created the database put them in its
-    working directory's ./mlruns and recorded it as the Default experiment's location; use that, or this
-    directory's ./mlruns as the local client here would.
-    """
-    kind, path = local_store_path(tracking_uri)
-    if kind == "file":
-        return path
-    from mlflow.tracking import MlflowClient
-
-    try:
-        location = MlflowClient(tracking_uri=tracking_uri).get_experiment("0").artifact_location
-    except Exception:  # no Default experiment (deleted, or an empty database): fall back
-        location = ""
-    parsed = urllib.parse.urlparse(location or "")
-    if location and parsed.scheme in ("", "file"):
-        return Path(urllib.parse.unquote(parsed.path)).parent
-    return Path.cwd() / "mlruns"
+    """The server's artifact root for a local store: inside a file store, `<folder>/mlruns` beside a sqlite
+    database, where the experiments we create keep their artifacts too (`tracking.store_artifact_root`).
+    Runs logged before keep their own absolute artifact locations, which the server reads as they are."""
+    root = store_artifact_root(tracking_uri)
+    if root is None:
+        raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
+    return root
 
 
 def _tail(path: Path, chars: int = 3000) -> str:

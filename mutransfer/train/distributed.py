@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +32,28 @@ def init_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    else:
+        release_shm_buffer(dist.get_rank(), dist.get_world_size())
     return dist.get_rank(), local_rank, dist.get_world_size()
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """The /dev/shm file of DeepSpeed's CPU all-reduce for this rank (its name as DeepSpeed's shm.cpp makes it)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int, world_size: int) -> None:
+    """DeepSpeed's CPU all-reduce gives each rank of a local multi-process run a 66 MB /dev/shm file that it
+    never unlinks: every such run leaked that much RAM until reboot. Once every rank has mapped its peers'
+    files (a barrier after init), each rank unlinks its own name; the mappings stay valid until the processes
+    exit, so even a killed run leaves nothing behind."""
+    import torch.distributed as dist
+
+    if world_size < 2:
+        return
+    dist.barrier()
+    shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 def device_for(local_rank: int) -> torch.device:

@@ -84,17 +84,23 @@ def local_store_path(tracking_uri: str) -> tuple[str, Path]:
     raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
 
 
-def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
-    """For a local sqlite store, `<the database's folder>/mlruns/<experiment>`: the store's artifacts stay
-    beside it whichever directory a run starts in (MLflow's own default is ./mlruns of the directory that
-    happens to create the experiment). None, MLflow's default, for every other store."""
+def store_artifact_root(tracking_uri: str) -> Path | None:
+    """Where a local store's artifacts belong: inside a file store, and beside a sqlite database
+    (`<its folder>/mlruns`), whichever directory a run or a server starts in. None for other stores."""
     try:
         kind, path = local_store_path(tracking_uri)
     except ValueError:
         return None
-    if kind != "sqlite":
+    return path if kind == "file" else path.parent / "mlruns"
+
+
+def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
+    """For a local sqlite store, `<the database's folder>/mlruns/<experiment>` (MLflow's own default is ./mlruns
+    of the directory that happens to create the experiment); None, MLflow's default, for other stores."""
+    if not urllib.parse.urlparse(tracking_uri).scheme == "sqlite":
         return None
-    return (path.parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
+    root = store_artifact_root(tracking_uri)
+    return None if root is None else (root / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
 
 
 def training_experiment_id(client, name: str) -> str:
