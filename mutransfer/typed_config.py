@@ -177,6 +177,11 @@ def join_key(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+def unknown_key(key: str, known: set[str] | dict[str, Any]) -> ConfigError:
+    """The error for a key no section field has, listing the ones it does have."""
+    return ConfigError(key, f"unknown key (known: {', '.join(sorted(known))})")
+
+
 def build_section(cls: type, values: Any, prefix: str = "") -> Any:
     """A section from a mapping (a YAML section): unknown keys, wrong types and bad values raise ConfigError
     naming the dotted key."""
@@ -188,7 +193,7 @@ def build_section(cls: type, values: Any, prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in values:
         if key not in known:
-            raise ConfigError(join_key(prefix, key), f"unknown key (known: {', '.join(sorted(known))})")
+            raise unknown_key(join_key(prefix, key), known)
     kwargs = {name: build_section(hints[name], values.get(name), join_key(prefix, name))  # missing ones too
               for name in known if _is_section_type(hints[name])}
     kwargs.update((name, value) for name, value in values.items() if name not in kwargs)
@@ -207,7 +212,7 @@ def with_values(section: Any, values: dict[str, Any], prefix: str = "") -> Any:
     for key, value in values.items():
         head, _, rest = key.partition(".")
         if head not in known:
-            raise ConfigError(join_key(prefix, key), f"unknown key (known: {', '.join(sorted(known))})")
+            raise unknown_key(join_key(prefix, key), known)
         if rest:
             nested.setdefault(head, {})[rest] = value
         else:
