@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu")
     args = parser.parse_args()
 
-    from mutransfer.train.distributed import init_distributed, shutdown_distributed
+    from mutransfer.train.distributed import exit_process, init_distributed, shutdown_distributed
     from mutransfer.train.hardware import peak_flops
 
     init_distributed()
@@ -202,6 +202,7 @@ def main() -> None:
         print(f"data-fed {fed:.1f} images/s vs synthetic-fed {fixed:.1f}: ratio {fed / fixed:.3f} "
               f"({args.workers} loader workers, decode={args.decode}; goal >= 0.95)")
     shutdown_distributed()
+    exit_process(0)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import deepspeed
 
 from mutransfer.train.config import load_config
-from mutransfer.train.distributed import init_distributed, shutdown_distributed
+from mutransfer.train.distributed import exit_process, init_distributed, shutdown_distributed
 from mutransfer.train.engine import build_model, deepspeed_config
 
 
@@ -32,3 +32,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -62,4 +62,6 @@ def leave_after_error() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .distributed import exit_process
+
+    exit_process(main())
