@@ -242,8 +242,8 @@ def test_sweep_reads_1e_05_and_exits_1_when_a_trial_fails(shards, tmp_path) -> N
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "2 failed, 2 finished" in proc.stdout and "trial(s) failed (exit 1)" in proc.stderr
     trials = load_trials(MlflowClient(uri), "numbers")
-    finished = sorted(t.lr for t in trials if t.status == "finished")
-    assert finished == [1e-5, 1e-3] and all(t.width == 16 for t in trials if t.status == "finished")
+    finished = sorted(t.spec.lr for t in trials if t.status == "finished")
+    assert finished == [1e-5, 1e-3] and all(t.spec.width == 16 for t in trials if t.status == "finished")
 
 
 # --- 4. tracking survives a server restart, or says what it could not record ---------------------------------

@@ -12,6 +12,7 @@ from mutransfer.models.parametrization import Parametrization, parse_label
 from mutransfer.study import analysis, fit
 from mutransfer.study.store import Trial
 from mutransfer.study.transfer import predict
+from mutransfer.study.trial import TrialSpec
 from mutransfer.typed_config import with_values
 
 GRID = [float(x) for x in range(-10, -2)]  # log2 lr, one step apart
@@ -129,8 +130,9 @@ def planted_trials(label: str, depth_slope: float, seeds: int = 3, noise: float 
         for seed in range(seeds):
             for lr in LR_GRID:
                 value = parabola(math.log2(lr), centre, 0.8 + loss_slope * math.log2(depth)) + rng.normal(0, noise)
-                trials.append(Trial(f"{label}-{depth}-{lr}-{seed}", f"k{depth}{lr}{seed}", "proxy", label, 32, depth,
-                                    lr, 0.9, 0.0, seed, "finished", {"final/eval_loss": value}))
+                trials.append(Trial(f"{label}-{depth}-{lr}-{seed}", f"k{depth}{lr}{seed}", "proxy",
+                                    TrialSpec(label, 32, depth, lr, 0.9, 0.0, seed), "finished",
+                                    {"final/eval_loss": value}))
     return trials
 
 
@@ -174,8 +176,8 @@ def test_transfer_of_a_flat_parametrization_uses_every_proxy_and_far_targets_are
 def test_largest_rule_keeps_the_best_grid_point_of_the_largest_proxy() -> None:
     trials = planted_trials("mup", -0.5)
     prediction = predict(trials, "final/eval_loss", "mup", {"width": 32.0, "depth": 64.0}, rule="largest")
-    deepest = [t for t in trials if t.depth == 16]
-    best_lr = min(LR_GRID, key=lambda lr: np.mean([t.metrics["final/eval_loss"] for t in deepest if t.lr == lr]))
+    deepest = [t for t in trials if t.spec.depth == 16]
+    best_lr = min(LR_GRID, key=lambda lr: np.mean([t.metrics["final/eval_loss"] for t in deepest if t.spec.lr == lr]))
     assert prediction.lr == best_lr and prediction.rule == "largest"
 
 
@@ -185,7 +187,7 @@ def test_momentum_is_fitted_in_log2_one_minus_beta() -> None:
         for lr in LR_GRID:
             for momentum in (0.5, 0.75, 0.875, 0.9375):
                 value = parabola(math.log2(lr), -5.0) + 0.2 * (math.log2(1 - momentum) + 2.6) ** 2
-                trials.append(Trial("r", f"{depth}{lr}{momentum}", "proxy", "sgdp", 32, depth, lr, momentum, 0.0, 0,
+                trials.append(Trial("r", f"{depth}{lr}{momentum}", "proxy", TrialSpec("sgdp", 32, depth, lr, momentum, 0.0, 0),
                                     "finished", {"final/eval_loss": value}))
     fits = analysis.fit_shapes(trials, "final/eval_loss")
     assert all(f.momentum.x == pytest.approx(-2.6, abs=1e-6) for f in fits.values())
@@ -226,7 +228,6 @@ def test_demo_verdict_prefers_the_one_without_significant_drift_only_when_the_sl
 
 
 def test_a_study_label_becomes_typed_model_values_of_the_trial() -> None:
-    from mutransfer.study.config import TrialSpec
     from mutransfer.train.config import RunConfig, RunSection
 
     base = RunConfig(run=RunSection(steps=1))

@@ -59,10 +59,10 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
         assert int(tags["mutransfer.width"]) in (16, 32) and tags["mutransfer.depth"] == "1"
         assert tags["mutransfer.parametrization"] == "mup" and float(tags["mutransfer.momentum"]) == 0.9
         assert float(tags["mutransfer.lr"]) in LRS
-        expected = "diverged" if trial.lr == LRS[-1] else "finished"
+        expected = "diverged" if trial.spec.lr == LRS[-1] else "finished"
         assert tags["mutransfer.status"] == expected, trial.key
     # a trial run in a sweep process (after other trials) equals the same trial run on its own
-    last = next(t for t in trials if t.width == 32 and t.lr == LRS[1])
+    last = next(t for t in trials if t.spec.width == 32 and t.spec.lr == LRS[1])
     trial_dir = root / "trials" / last.key
     alone = run([str(BIN / "python"), "-m", "mutransfer.train", "--config", str(trial_dir / "config.yaml"),
                  f"run.output_dir={root / 'alone'}", "tracking.enabled=false"], root)
@@ -73,7 +73,7 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     assert all(len(client.get_metric_history(t.run_id, "train/loss")) < 6 for t in diverged)  # stopped early
 
     # transfer: the argmin of final/eval_loss over the largest proxy's finished trials, computed here
-    largest = [t for t in trials if t.width == 32 and t.status == "finished"]
+    largest = [t for t in trials if t.spec.width == 32 and t.status == "finished"]
     best = min(largest, key=lambda t: t.metrics["final/eval_loss"])
     target = write_config(root / "target.yaml", workspace["shards"], root / "target_run", uri,
                           model=dict(PROXY_MODEL, width=64, depth=2),
@@ -85,15 +85,15 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     assert transfer.returncode == 0, transfer.stderr[-3000:]
     assert "by rule 'largest'" in transfer.stdout and "deepspeed --num_gpus" in transfer.stdout
     cfg = load_config(out, check=False)
-    assert cfg.optim.lr == best.lr and cfg.optim.beta1 == 0.9
+    assert cfg.optim.lr == best.spec.lr and cfg.optim.beta1 == 0.9
     target_runs = load_trials(client, STUDY, role="target")
     assert len(target_runs) == 1 and target_runs[0].status == "finished"
     target_tags = client.get_run(target_runs[0].run_id).data.tags
     assert target_tags["mlflow.parentRunId"] == parent[0].info.run_id
-    assert float(target_tags["mutransfer.lr"]) == best.lr and target_tags["mutransfer.width"] == "64"
+    assert float(target_tags["mutransfer.lr"]) == best.spec.lr and target_tags["mutransfer.width"] == "64"
     target_params = client.get_run(target_runs[0].run_id).data.params
     assert target_params["tracking.params.transfer.rule"] == "largest"
-    assert float(target_params["tracking.params.transfer.lr"]) == best.lr
+    assert float(target_params["tracking.params.transfer.lr"]) == best.spec.lr
     assert math.isfinite(target_runs[0].metrics["final/eval_loss"])
     # the target (and no proxy) logs its final model to MLflow by default
     models = client.search_logged_models([parent[0].info.experiment_id])

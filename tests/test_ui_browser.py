@@ -101,9 +101,9 @@ def test_the_printed_urls_show_the_study_in_a_browser(study: dict, tmp_path: Pat
         assert [text.index(name) for name in names] == sorted(text.index(name) for name in names)
         # compare view: every proxy's lr, momentum, width, depth and parametrization beside its final metrics,
         # one column per proxy, ordered by width and then learning rate
-        columns = sorted(study["trials"], key=lambda t: (t.width, t.lr))
-        rows = {"optim.lr": [f"{t.lr:g}" for t in columns], "optim.beta1": ["0.9"] * 4,
-                "model.width": [str(t.width) for t in columns], "model.depth": ["1"] * 4,
+        columns = sorted(study["trials"], key=lambda t: (t.spec.width, t.spec.lr))
+        rows = {"optim.lr": [f"{t.spec.lr:g}" for t in columns], "optim.beta1": ["0.9"] * 4,
+                "model.width": [str(t.spec.width) for t in columns], "model.depth": ["1"] * 4,
                 "parametrization": ["mup"] * 4}
         wanted = [" ".join([name, *values]) for name, values in rows.items()]
         text = render(compare_url, tmp_path / "ui_compare.png",

@@ -39,7 +39,7 @@ def mean_over_seeds(trials: list[Trial], metric: str) -> dict[Shape, dict[Point,
     """metric per shape and grid point, averaged over seeds; a diverged seed makes the point diverged."""
     values: dict[Shape, dict[Point, list[float]]] = defaultdict(lambda: defaultdict(list))
     for trial in trials:
-        values[trial.shape][(trial.lr, trial.momentum, trial.weight_decay)].append(trial.value(metric))
+        values[trial.shape][trial.spec.point].append(trial.value(metric))
     worst = -math.inf if metric in MAXIMISED else math.inf
 
     def mean(seeds: list[float]) -> float:
@@ -50,8 +50,8 @@ def mean_over_seeds(trials: list[Trial], metric: str) -> dict[Shape, dict[Point,
 
 def grids(trials: list[Trial]) -> tuple[list[float], list[float], list[float]]:
     """The sorted lr, momentum and weight-decay values the study used."""
-    return (sorted({t.lr for t in trials}), sorted({t.momentum for t in trials}),
-            sorted({t.weight_decay for t in trials}))
+    return (sorted({t.spec.lr for t in trials}), sorted({t.spec.momentum for t in trials}),
+            sorted({t.spec.weight_decay for t in trials}))
 
 
 def optimum_per_shape(trials: list[Trial], metric: str) -> dict[Shape, Optimum]:
@@ -142,7 +142,7 @@ def fit_shapes(trials: list[Trial], metric: str) -> dict[Shape, ShapeFit]:
     sign = -1.0 if metric in MAXIMISED else 1.0
     by_seed: dict[Shape, dict[int, dict[Point, float]]] = defaultdict(lambda: defaultdict(dict))
     for t in trials:
-        by_seed[t.shape][t.seed][(t.lr, t.momentum, t.weight_decay)] = sign * t.value(metric)
+        by_seed[t.shape][t.spec.seed][t.spec.point] = sign * t.value(metric)
     out = {}
     for shape, seeds in sorted(by_seed.items()):
         fits = [f for f in (_fit_seed(points, lr_grid, momentum_grid) for points in seeds.values()) if f]

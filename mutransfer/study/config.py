@@ -18,9 +18,10 @@ from typing import Any
 from mutransfer.errors import ConfigError
 from mutransfer.models.parametrization import parse_label
 from mutransfer.train.config import RunConfig, load_config
-from mutransfer.typed_config import Section, apply_overrides, build_section, read_yaml_mapping, with_values
+from mutransfer.typed_config import Section, apply_overrides, build_section, read_yaml_mapping
 
 from .store import DEFAULT_METRIC
+from .trial import TrialSpec
 
 
 @dataclass
@@ -152,35 +153,6 @@ class StudyConfig(Section):
         if self.base is None:
             raise ValueError("the study's base run config is read by load_study")
         return self.base
-
-
-@dataclass(frozen=True)
-class TrialSpec:
-    """One trial of a study: a shape and a grid point."""
-
-    parametrization: str
-    width: int
-    depth: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    seed: int
-
-    @property
-    def key(self) -> str:
-        return (f"{self.parametrization}_w{self.width}_d{self.depth}_lr{self.lr:.6g}_m{self.momentum:g}"
-                f"_wd{self.weight_decay:g}_s{self.seed}")
-
-    def values(self, base: RunConfig) -> dict[str, Any]:
-        """The trial's own settings as typed dotted values over `base` (see `typed_config.with_values`)."""
-        model = {f"model.{key}": value for key, value in parse_label(self.parametrization).items()}
-        return {**model, "model.width": self.width, "model.depth": self.depth, "optim.lr": self.lr,
-                f"optim.{base.optim.momentum_key}": self.momentum, "optim.weight_decay": self.weight_decay,
-                "run.seed": self.seed}
-
-    def run_config(self, base: RunConfig, extra: dict[str, Any] | None = None) -> RunConfig:
-        """`base` with this trial's values (and `extra` ones), checked once more as a whole."""
-        return with_values(base, {**self.values(base), **(extra or {})})
 
 
 def lr_grid(spec: Any) -> list[float]:

@@ -31,7 +31,7 @@ from mutransfer.tags import RunStatus
 from . import analysis, figures
 from .analysis import Optimum, ParamTrend, Point, Shape, ShapeFit
 from .grid_figures import curve_figure, heatmap, lr_momentum_grid, lr_profile, momentum_slice, value_range
-from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, latest_per_key, load_trials
+from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, grid_order, latest_per_key, load_trials
 
 ARTIFACT_PATH = "report"
 
@@ -130,7 +130,7 @@ def _write_markdown(path: Path, study: str, metric: str, fits: dict[Shape, Shape
         lines += ["", "## Target runs", ""]
         lines += _markdown_table(
             ["key", "parametrization", "width", "depth", "lr", "momentum", "status", metric],
-            [[t.key, t.parametrization, t.width, t.depth, f"{t.lr:.4g}", f"{t.momentum:g}", t.status,
+            [[t.key, *t.shape, f"{t.spec.lr:.4g}", f"{t.spec.momentum:g}", t.status,
               f"{t.metrics[metric]:.4g}" if metric in t.metrics else ""] for t in targets])
     path.write_text("\n".join(lines) + "\n")
 
@@ -188,7 +188,7 @@ def _study_trials(client, study: str, experiment: str | None, metric: str) -> tu
     if parent is None:
         raise UsageError(f"no study named {study!r} in {where}")
     trials = [t for t in latest_per_key(load_trials(client, study, experiment))
-              if math.isfinite(t.lr) and t.lr > 0 and math.isfinite(t.momentum)]
+              if math.isfinite(t.spec.lr) and t.spec.lr > 0 and math.isfinite(t.spec.momentum)]
     if not trials:
         raise UsageError(f"study {study!r} in {where} has no proxy trials with a valid lr and momentum yet")
     logged = {name for t in trials for name in t.metrics}
@@ -251,11 +251,11 @@ def _write_tables(a: _Analysed, out: Path, targets: list[Trial]) -> list[Path]:
     all_diverged = sorted(s for s in a.per_shape if s not in a.optima)
     _write_markdown(files[2], a.study, a.metric, a.fits, a.trends, all_diverged, a.trials, targets)
     _write_csv(files[3], TRIAL_COLUMNS, [{
-        "key": t.key, "parametrization": t.parametrization, "width": t.width, "depth": t.depth,
-        "lr": repr(t.lr), "log2_lr": f"{math.log2(t.lr):.4g}", "momentum": repr(t.momentum),
-        "weight_decay": repr(t.weight_decay), "seed": t.seed, "status": t.status, "metric": a.metric,
+        "key": t.key, "parametrization": s.parametrization, "width": s.width, "depth": s.depth,
+        "lr": repr(s.lr), "log2_lr": f"{math.log2(s.lr):.4g}", "momentum": repr(s.momentum),
+        "weight_decay": repr(s.weight_decay), "seed": s.seed, "status": t.status, "metric": a.metric,
         "value": repr(t.metrics[a.metric]) if a.metric in t.metrics else "", "run_id": t.run_id,
-    } for t in sorted(a.trials, key=lambda t: (t.shape, t.lr, t.momentum, t.weight_decay, t.seed, t.key))])
+    } for t in sorted(a.trials, key=grid_order) for s in [t.spec]])
     return files
 
 

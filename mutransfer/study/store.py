@@ -19,6 +19,8 @@ from typing import Any
 from mutransfer import tags
 from mutransfer.tags import RunStatus
 
+from .trial import TrialSpec
+
 DEFAULT_METRIC = "final/eval_loss"
 # metrics where larger is better; everything else is minimised
 MAXIMISED = frozenset({"final/eval_top1", "final/eval_top5", "eval/top1", "eval/top5"})
@@ -26,22 +28,19 @@ MAXIMISED = frozenset({"final/eval_top1", "final/eval_top5", "eval/top1", "eval/
 
 @dataclass
 class Trial:
+    """A run of a study as MLflow holds it: the trial it ran (`spec`), its status and its metrics. A target
+    run's key is `target_<name>`, not its spec's key."""
+
     run_id: str
     key: str
     role: str
-    parametrization: str
-    width: int
-    depth: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    seed: int
+    spec: TrialSpec
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[str, int, int]:
-        return (self.parametrization, self.width, self.depth)
+        return (self.spec.parametrization, self.spec.width, self.spec.depth)
 
     def value(self, metric: str) -> float:
         """The metric, or inf (-inf when maximised) for trials that diverged or lack it: never best."""
@@ -50,6 +49,11 @@ class Trial:
             return bad
         value = self.metrics.get(metric)
         return bad if value is None or not math.isfinite(value) else value
+
+
+def grid_order(trial: Trial) -> tuple[Any, ...]:
+    """Sort key for tables and comparisons: shape, grid point, seed, then key."""
+    return (trial.shape, trial.spec.point, trial.spec.seed, trial.key)
 
 
 def client_for(uri: str | None):
@@ -108,13 +112,15 @@ def load_trials(client, study: str, experiment: str | None = None, role: str | N
             run_id=run.info.run_id,
             key=found.get(tags.TRIAL_KEY, run.info.run_id),
             role=found.get(tags.ROLE, ""),
-            parametrization=found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION, ""),
-            width=int(_as_float(found.get(tags.WIDTH), 0)),
-            depth=int(_as_float(found.get(tags.DEPTH), 0)),
-            lr=_as_float(found.get(tags.LR)),
-            momentum=_as_float(found.get(tags.MOMENTUM)),
-            weight_decay=_as_float(found.get(tags.WEIGHT_DECAY), 0.0),
-            seed=int(_as_float(found.get(tags.SEED), 0)),
+            spec=TrialSpec(
+                parametrization=found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION, ""),
+                width=int(_as_float(found.get(tags.WIDTH), 0)),
+                depth=int(_as_float(found.get(tags.DEPTH), 0)),
+                lr=_as_float(found.get(tags.LR)),
+                momentum=_as_float(found.get(tags.MOMENTUM)),
+                weight_decay=_as_float(found.get(tags.WEIGHT_DECAY), 0.0),
+                seed=int(_as_float(found.get(tags.SEED), 0)),
+            ),
             status=found.get(tags.STATUS, "unknown"),
             metrics=dict(run.data.metrics),
         ))

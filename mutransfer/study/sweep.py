@@ -34,8 +34,9 @@ from mutransfer.train.config import RunConfig, save_config
 from mutransfer.train.signals import StopRequest
 from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
 
-from .config import StudyConfig, TrialSpec
+from .config import StudyConfig
 from .store import client_for, find_study_run, latest_per_key, load_trials
+from .trial import TrialSpec
 
 
 @dataclass

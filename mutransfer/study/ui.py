@@ -235,7 +235,7 @@ def compare_url(handle: ServerHandle, client, study: str, experiment: str | None
     """
     import json
 
-    from .store import latest_per_key, load_trials
+    from .store import grid_order, latest_per_key, load_trials
 
     parent = find_study_run(client, study, experiment)
     if parent is None:
@@ -243,7 +243,7 @@ def compare_url(handle: ServerHandle, client, study: str, experiment: str | None
     proxies = latest_per_key(load_trials(client, study, experiment))
     if not proxies:
         return None
-    proxies.sort(key=lambda t: (t.shape, t.lr, t.momentum, t.seed))
+    proxies.sort(key=grid_order)
     ids = json.dumps([t.run_id for t in proxies])
     experiments = json.dumps([parent.info.experiment_id])
     return (f"{handle.url}/#/compare-runs?runs={_quoted(ids)}&experiments={_quoted(experiments)}"
