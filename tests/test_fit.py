@@ -187,8 +187,9 @@ def test_momentum_is_fitted_in_log2_one_minus_beta() -> None:
         for lr in LR_GRID:
             for momentum in (0.5, 0.75, 0.875, 0.9375):
                 value = parabola(math.log2(lr), -5.0) + 0.2 * (math.log2(1 - momentum) + 2.6) ** 2
-                trials.append(Trial("r", f"{depth}{lr}{momentum}", "proxy", TrialSpec("sgdp", 32, depth, lr, momentum, 0.0, 0),
-                                    "finished", {"final/eval_loss": value}))
+                trials.append(Trial("r", f"{depth}{lr}{momentum}", "proxy",
+                                    TrialSpec("sgdp", 32, depth, lr, momentum, 0.0, 0), "finished",
+                                    {"final/eval_loss": value}))
     fits = analysis.fit_shapes(trials, "final/eval_loss")
     assert all(f.momentum.x == pytest.approx(-2.6, abs=1e-6) for f in fits.values())
     assert fits[("sgdp", 32, 2)].momentum_value == pytest.approx(1 - 2**-2.6)

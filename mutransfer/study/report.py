@@ -250,13 +250,19 @@ def _write_tables(a: _Analysed, out: Path, targets: list[Trial]) -> list[Path]:
     _write_csv(files[1], TREND_COLUMNS, _trend_rows(a.trends))
     all_diverged = sorted(s for s in a.per_shape if s not in a.optima)
     _write_markdown(files[2], a.study, a.metric, a.fits, a.trends, all_diverged, a.trials, targets)
-    _write_csv(files[3], TRIAL_COLUMNS, [{
-        "key": t.key, "parametrization": s.parametrization, "width": s.width, "depth": s.depth,
-        "lr": repr(s.lr), "log2_lr": f"{math.log2(s.lr):.4g}", "momentum": repr(s.momentum),
-        "weight_decay": repr(s.weight_decay), "seed": s.seed, "status": t.status, "metric": a.metric,
-        "value": repr(t.metrics[a.metric]) if a.metric in t.metrics else "", "run_id": t.run_id,
-    } for t in sorted(a.trials, key=grid_order) for s in [t.spec]])
+    _write_csv(files[3], TRIAL_COLUMNS, [_trial_row(t, a.metric) for t in sorted(a.trials, key=grid_order)])
     return files
+
+
+def _trial_row(trial: Trial, metric: str) -> dict[str, Any]:
+    """One line of trials.csv."""
+    spec = trial.spec
+    return {
+        "key": trial.key, "parametrization": spec.parametrization, "width": spec.width, "depth": spec.depth,
+        "lr": repr(spec.lr), "log2_lr": f"{math.log2(spec.lr):.4g}", "momentum": repr(spec.momentum),
+        "weight_decay": repr(spec.weight_decay), "seed": spec.seed, "status": trial.status, "metric": metric,
+        "value": repr(trial.metrics[metric]) if metric in trial.metrics else "", "run_id": trial.run_id,
+    }
 
 
 def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_METRIC,

@@ -52,16 +52,6 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def artifact_root(tracking_uri: str) -> Path:
-    """The server's artifact root for a local store: inside a file store, `<folder>/mlruns` beside a sqlite
-    database, where the experiments we create keep their artifacts too (`tracking.store_artifact_root`).
-    Runs logged before keep their own absolute artifact locations, which the server reads as they are."""
-    root = store_artifact_root(tracking_uri)
-    if root is None:
-        raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
-    return root
-
-
 def _tail(path: Path, chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-chars:]
@@ -177,7 +167,8 @@ def start_server(tracking_uri: str, port: int | None = None,
     handle_fd, log_name = tempfile.mkstemp(prefix=f"mutransfer-ui-{port}-", suffix=".log")
     log_path = Path(log_name)
     with os.fdopen(handle_fd, "wb") as log:  # a file, not a pipe: nobody drains a pipe while we block
-        process = subprocess.Popen(server_command(tracking_uri, port, artifact_root(tracking_uri)),
+        # new experiments' artifacts go beside the store, as ours do; older runs keep their absolute locations
+        process = subprocess.Popen(server_command(tracking_uri, port, store_artifact_root(tracking_uri)),
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)
     handle = ServerHandle(process, port, tracking_uri, log_path)

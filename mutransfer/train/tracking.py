@@ -84,23 +84,23 @@ def local_store_path(tracking_uri: str) -> tuple[str, Path]:
     raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
 
 
-def store_artifact_root(tracking_uri: str) -> Path | None:
+def store_artifact_root(tracking_uri: str) -> Path:
     """Where a local store's artifacts belong: inside a file store, and beside a sqlite database
-    (`<its folder>/mlruns`), whichever directory a run or a server starts in. None for other stores."""
-    try:
-        kind, path = local_store_path(tracking_uri)
-    except ValueError:
-        return None
+    (`<its folder>/mlruns`), whichever directory a run or a server starts in. ValueError for other stores."""
+    kind, path = local_store_path(tracking_uri)
     return path if kind == "file" else path.parent / "mlruns"
 
 
 def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
     """For a local sqlite store, `<the database's folder>/mlruns/<experiment>` (MLflow's own default is ./mlruns
     of the directory that happens to create the experiment); None, MLflow's default, for other stores."""
-    if not urllib.parse.urlparse(tracking_uri).scheme == "sqlite":
+    try:
+        kind, _ = local_store_path(tracking_uri)
+    except ValueError:
         return None
-    root = store_artifact_root(tracking_uri)
-    return None if root is None else (root / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
+    if kind != "sqlite":
+        return None
+    return (store_artifact_root(tracking_uri) / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
 
 
 def training_experiment_id(client, name: str) -> str:
