@@ -70,6 +70,13 @@ def read_yaml_mapping(path: str | Path, where: str = "--config") -> dict[str, An
 
 
 @functools.cache
+def check_path_text(key: str, path: str | None) -> None:
+    """A path that will be written into scripts and logs must be one line: a newline (or NUL) in it would
+    start a new command in a generated shell script."""
+    if path is not None and any(c in path for c in "\n\r\0"):
+        raise ConfigError(key, f"a path must not contain a newline or NUL, got {path!r}")
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

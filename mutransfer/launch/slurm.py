@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mutransfer.typed_config import check_path_text
+
 from .multinode import DEFAULT_MASTER_PORT, TrainLaunch, deepspeed_executable
 
 RESUME_PIN = "run.resume=auto"  # a requeued job continues from the newest checkpoint in its output_dir
@@ -62,6 +64,14 @@ class SlurmOptions:
             lines.append(f"--cpus-per-task={self.cpus_per_task}")
         lines += ["--requeue", f"--signal=B:TERM@{self.signal_seconds}", "--open-mode=append"]
         return lines + [e.strip() for e in self.extra]
+
+
+def check_script_values(**values: object) -> None:
+    """Every value a script is written from stays on its line: shell lines quote them (shlex.quote), but
+    `#SBATCH` and comment lines cannot, so a newline or NUL in any of them is refused."""
+    for name, value in values.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            check_path_text(name, None if item is None else str(item))
 
 
 def _header(options: SlurmOptions, resources: list[str], log: str) -> list[str]:
@@ -104,6 +114,8 @@ def train_script(launch: TrainLaunch, num_nodes: int, gpus_per_node: int, option
     if RESUME_PIN not in launch.overrides:
         raise ValueError(f"a requeued job must resume: prepare the launch with {RESUME_PIN} pinned")
     options.validate()
+    check_script_values(config=launch.config, output_dir=launch.output_dir, cwd=cwd, tracking_uri=launch.tracking_uri,
+                        arguments=launch.train_args())
     run_dir = launch.output_dir
     resources = [f"--nodes={num_nodes}", "--ntasks-per-node=1", f"--gpus-per-node={gpus_per_node}"]
     # a fixed port per job id: two jobs that share a first node must not collide
@@ -113,9 +125,9 @@ def train_script(launch: TrainLaunch, num_nodes: int, gpus_per_node: int, option
     lines = [
         *_header(options, resources, str(run_dir / "slurm-%j.out")),
         "#",
-        f"# Written by `mutransfer launch --slurm` for {launch.config}. Submit: sbatch <this file>.",
+        f"# Written by `mutransfer launch --slurm` for {shlex.quote(str(launch.config))}. Submit: sbatch <this file>.",
         "# Preempted or near its time limit, it checkpoints, requeues itself and resumes from "
-        f"{run_dir}/checkpoints.",
+        f"{shlex.quote(str(run_dir / 'checkpoints'))}.",
         *_environment(Path(cwd or Path.cwd()).absolute(), launch.tracking_uri),
         f"export RUN_DIR={shlex.quote(str(run_dir))}",
         f"export DEEPSPEED={shlex.quote(deepspeed_executable())}",
@@ -159,6 +171,8 @@ def sweep_script(study_config: Path, overrides: list[str], indices: list[int], s
     """A job array: task i runs trial i of the study in-process (`mutransfer sweep --trial-index i`) and
     records it in MLflow under the study's parent run, as the in-process sweep does."""
     options.validate()
+    check_script_values(study_config=study_config, overrides=overrides, study_output=study_output, cwd=cwd,
+                        tracking_uri=tracking_uri)
     resources = ["--nodes=1", "--ntasks=1"]
     if gpus_per_trial:
         resources.append(f"--gpus-per-node={gpus_per_trial}")
@@ -168,7 +182,7 @@ def sweep_script(study_config: Path, overrides: list[str], indices: list[int], s
     lines = [
         *_header(options, resources, str(study_output / "slurm" / "%A_%a.out")),
         "#",
-        f"# Written by `mutransfer sweep --slurm` for {study_config}. Submit: sbatch <this file>.",
+        f"# Written by `mutransfer sweep --slurm` for {shlex.quote(str(study_config))}. Submit: sbatch <this file>.",
         "# Array task i runs trial i of the study; a preempted task is requeued and resumes its trial.",
         "# Every task writes to the MLflow server above at the same time: it must be a server, not a file.",
         *_environment(Path(cwd or Path.cwd()).absolute(), tracking_uri),

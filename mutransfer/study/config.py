@@ -18,7 +18,13 @@ from typing import Any
 from mutransfer.errors import ConfigError
 from mutransfer.models.parametrization import parse_label
 from mutransfer.train.config import RunConfig, load_config
-from mutransfer.typed_config import Section, apply_overrides, build_section, read_yaml_mapping
+from mutransfer.typed_config import (
+    Section,
+    apply_overrides,
+    build_section,
+    check_path_text,
+    read_yaml_mapping,
+)
 
 from .store import DEFAULT_METRIC
 from .trial import TrialSpec
@@ -46,12 +52,15 @@ class StudySection(Section):
     """Default target run config for `mutransfer transfer`."""
 
     def check(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
-            raise ConfigError("name", f"must be letters, digits, '-', '_' or '.', got {self.name!r}")
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or set(self.name) == {"."}:
+            # dots alone ('.', '..') would name the folder above the studies as the study's output folder
+            raise ConfigError("name", f"must be letters, digits, '-', '_' or '.' (not dots alone), got {self.name!r}")
         if not self.base_config:
             raise ConfigError("base_config", "is required: the run config every trial starts from")
         if self.steps < 1:
             raise ConfigError("steps", f"must be at least 1, got {self.steps}")
+        for key in ("base_config", "output_dir"):
+            check_path_text(key, getattr(self, key))
 
 
 @dataclass

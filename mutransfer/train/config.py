@@ -25,6 +25,7 @@ from mutransfer.typed_config import (
     Section,
     apply_overrides,
     build_section,
+    check_path_text,
     load_yaml,
     read_yaml_mapping,
     with_values,
@@ -262,6 +263,8 @@ class RunSection(Section):
             raise ConfigError("divergence_loss", f"must be positive, got {self.divergence_loss}")
         if not self.resume.strip():
             raise ConfigError("resume", "must be auto, never or a checkpoint directory")
+        for key in ("output_dir", "resume"):
+            check_path_text(key, getattr(self, key))
 
 
 @dataclass
@@ -328,6 +331,25 @@ class RunConfig(Section):
         if self.run.compile != "off" and self.deepspeed.zero_stage == 3:
             raise ConfigError("run.compile", f"{self.run.compile} is not supported at deepspeed.zero_stage=3 "
                               "(dynamo breaks the graph at ZeRO-3's parameter hooks); use run.compile=off or ZeRO 0-2")
+        check_model_fits_data(self)
+
+
+def check_model_fits_data(cfg: RunConfig) -> None:
+    """The constraints between model and data, before any work: the patches must tile the image, and the model
+    must build from the config (on the meta device: no memory, about 0.1 s for a ViT-L), so that every check
+    its constructor makes is a config error here rather than a traceback after the data has loaded."""
+    import torch
+
+    from mutransfer.models import create_model, zoo_entry
+
+    patch = cfg.model.patch_size or zoo_entry(cfg.model.name).defaults.get("patch_size")
+    if patch and cfg.data.img_size % patch:
+        raise ConfigError("data.img_size", f"{cfg.data.img_size} is not divisible by the model's patch_size {patch}")
+    try:
+        with torch.device("meta"):
+            create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, cfg.data.num_classes or 2))
+    except ValueError as err:
+        raise ConfigError("model", str(err)) from None
 
 
 def _local(path: str) -> bool:
