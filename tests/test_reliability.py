@@ -123,3 +123,135 @@ def test_a_study_name_of_dots_is_refused(name, shards, tmp_path) -> None:
                                      "shapes": {"widths": [16], "depths": [1]}, "grid": {"lr": [1e-3]}}))
     code, _, err = cli("sweep", "--config", str(study), "--tracking-uri", f"sqlite:///{tmp_path / 'db'}")
     assert code == 2 and "study.name: must be" in err and "not dots alone" in err
+
+
+# --- 5. concurrent sweeps of one study: each trial claimed once, the store created once ----------------------
+def test_a_claim_is_held_once_and_released(tmp_path) -> None:
+    from mutransfer.study.claims import TrialClaims
+
+    with TrialClaims(tmp_path) as mine, TrialClaims(tmp_path) as other:
+        assert mine.take("t1") and not other.take("t1") and not mine.take("t1")
+        mine.release("t1")
+        assert other.take("t1")
+    assert not list(tmp_path.iterdir())  # every claim released on exit, no drafts left
+
+
+def test_a_claim_whose_holder_is_gone_is_taken_over(tmp_path) -> None:
+    """Same host: a claim of a pid that no longer runs (kill -9) is taken at once; another host's claim only
+    once its heartbeat is older than stale_s."""
+    import json
+    import time
+
+    from mutransfer.study.claims import TrialClaims
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with TrialClaims(tmp_path, stale_s=60) as claims:
+        (tmp_path / "dead.claim").write_text(json.dumps({"host": claims.holder["host"], "pid": dead.pid}))
+        (tmp_path / "remote.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+        (tmp_path / "old.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
+        old = time.time() - 61
+        os.utime(tmp_path / "old.claim", (old, old))
+        assert claims.take("dead") and claims.take("old") and not claims.take("remote")
+        assert json.loads((tmp_path / "dead.claim").read_text())["pid"] == os.getpid()
+
+
+CLAIM_RACE = """
+import sys, time
+from pathlib import Path
+from mutransfer.study.claims import TrialClaims
+folder, start = Path(sys.argv[1]), float(sys.argv[2])
+with TrialClaims(folder) as claims:
+    while time.time() < start:
+        pass
+    won = [key for key in map(str, range(40)) if claims.take(key)]
+    print(",".join(won))
+    time.sleep(0.5)  # hold them while the others try
+"""
+
+
+def test_racing_processes_each_take_a_different_set_of_claims(tmp_path) -> None:
+    import sys
+    import time
+
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_RACE, str(tmp_path), str(start)], stdout=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    won = [p.communicate(timeout=60)[0].strip() for p in procs]
+    keys = [key for line in won for key in line.split(",") if key]
+    assert sorted(keys, key=int) == [str(i) for i in range(40)]  # every key once, none twice
+
+
+STORE_RACE = """
+import sys, time
+from mutransfer.train.tracking import mlflow_client
+uri, start = sys.argv[1], float(sys.argv[2])
+while time.time() < start:
+    pass
+mlflow_client(uri).search_experiments()
+"""
+
+
+@pytest.mark.slow  # four processes import MLflow and set up one store together
+def test_processes_creating_one_sqlite_store_at_once_all_succeed(tmp_path) -> None:
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"
+    start = time.time() + 8  # after every process has imported MLflow
+    procs = [subprocess.Popen([sys.executable, "-c", STORE_RACE, uri, str(start)], stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(e[-1500:] for e in errors)
+
+
+@pytest.mark.slow  # two sweeps in subprocesses
+def test_two_sweeps_of_one_study_at_once_train_each_trial_once(shards, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+    from train_helpers import BIN, run_env, write_proxy_config, write_study
+
+    from mutransfer.study.config import load_study
+    from mutransfer.study.store import find_study_run, load_trials
+
+    uri = f"sqlite:///{tmp_path / 'fresh.db'}"  # does not exist yet: both sweeps create it
+    study = write_study(tmp_path, write_proxy_config(tmp_path, shards, uri, steps=6), "twice", "tests",
+                        lrs=[1e-3, 3e-3, 1e-2], steps=6)
+    command = [str(BIN / "mutransfer"), "sweep", "--config", str(study), "--tracking-uri", uri]
+    sweeps = [subprocess.Popen(command, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in sweeps]
+    for proc, (_out, err) in zip(sweeps, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+    client = MlflowClient(uri)
+    trials = load_trials(client, "twice", "tests")
+    keys = sorted(t.key for t in load_study(study).trials())
+    assert sorted(t.key for t in trials) == keys  # one child run per trial key, no second one
+    assert all(t.status == "finished" for t in trials)
+    for trial in trials:
+        steps = sorted(m.step for m in client.get_metric_history(trial.run_id, "train/loss"))
+        assert steps == [2, 4, 6], (trial.key, steps)
+    ran = [int(out.split("ran ")[1].split(",")[0]) for out, _ in outputs]
+    assert sum(ran) == len(keys)  # between them, each trial trained once
+    parent = find_study_run(client, "twice", "tests")
+    assert parent.info.status == "FINISHED" and parent.data.tags["mutransfer.status"] == "finished"
+    assert not list((tmp_path / "trials" / "claims").iterdir())
+
+
+@pytest.mark.slow  # trains two tiny trials in process
+def test_the_array_task_that_finishes_the_last_trial_closes_the_study(shards, tmp_path) -> None:
+    from train_helpers import write_proxy_config, write_study
+
+    from mutransfer.study.config import load_study
+    from mutransfer.study.store import client_for, find_study_run
+    from mutransfer.study.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'db'}"
+    cfg = load_study(write_study(tmp_path, write_proxy_config(tmp_path, shards, uri, steps=2), "array2", "tests",
+                                 lrs=[1e-3], steps=2))
+    run_sweep(cfg, tracking_uri=uri, progress=False, trial_index=0)
+    parent = find_study_run(client_for(uri), "array2", "tests")
+    assert parent.info.status == "RUNNING"  # one of two trials done: the other task closes it
+    run_sweep(cfg, tracking_uri=uri, progress=False, trial_index=1)
+    parent = find_study_run(client_for(uri), "array2", "tests")
+    assert parent.info.status == "FINISHED" and parent.data.tags["mutransfer.status"] == "finished"

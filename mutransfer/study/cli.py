@@ -117,7 +117,9 @@ def sweep_command(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from err
     counts = {s: list(summary.statuses.values()).count(s) for s in sorted(set(summary.statuses.values()))}
     print(f"study {summary.study}: ran {len(summary.ran)}, skipped {len(summary.skipped)} already done; "
-          + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; MLflow {summary.tracking_uri} "
+          + ", ".join(f"{v} {k}" for k, v in counts.items())
+          + (f"; {len(summary.elsewhere)} left to another sweep" if summary.elsewhere else "")
+          + f"; MLflow {summary.tracking_uri} "
           f"(parent run {summary.parent_run_id})")
     if summary.failed and summary.interrupted is None:
         print(f"mutransfer sweep: {len(summary.failed)} trial(s) failed (exit 1): {', '.join(summary.failed[:5])}"

@@ -57,11 +57,9 @@ def grid_order(trial: Trial) -> tuple[Any, ...]:
 
 
 def client_for(uri: str | None):
-    from mlflow.tracking import MlflowClient
+    from mutransfer.train.tracking import mlflow_client
 
-    from mutransfer.train.tracking import resolve_tracking_uri
-
-    return MlflowClient(tracking_uri=resolve_tracking_uri(uri))
+    return mlflow_client(uri)
 
 
 def find_study_run(client, study: str, experiment: str | None = None):
@@ -88,14 +86,17 @@ def _as_float(value: Any, default: float = math.nan) -> float:
         return default
 
 
-def load_trials(client, study: str, experiment: str | None = None, role: str | None = "proxy") -> list[Trial]:
-    """Every run of a study (proxies by default), newest first for each trial key."""
+def load_trials(client, study: str, experiment: str | None = None, role: str | None = "proxy",
+                key: str | None = None) -> list[Trial]:
+    """Every run of a study (proxies by default; those of one trial `key`), newest first for each trial key."""
     experiments = _experiment_ids(client, experiment)
     if not experiments:
         return []
     flt = f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` != 'study'"
     if role:
         flt = f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` = '{role}'"
+    if key:
+        flt += f" and tags.`{tags.TRIAL_KEY}` = '{key}'"
     runs = []
     token = None
     while True:

@@ -9,6 +9,11 @@ Trials run in this process one after another (CPU, small proxies), or as separat
 launches, `--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs
 only trial I (in the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
 
+Any number of sweeps of one study may run at once (terminals, array tasks, a job array relaunched over a
+running one): each trial is claimed before it runs (`claims.py`) and read back from MLflow once claimed, so
+every trial is trained by one sweep and has one child run. The parent run is marked finished by whichever
+sweep or task completes the study's last trial.
+
 The first SIGINT (Ctrl-C) or SIGTERM stops the sweep: the running trial stops at its next step and closes its
 child run (KILLED, status preempted), no further trial starts, the parent run is marked `interrupted`, and the
 command exits 128 + the signal number. A sweep in which a trial failed exits 1.
@@ -32,8 +37,9 @@ from mutransfer.launch.trials import LAUNCHERS, signal_group, trial_command
 from mutransfer.tags import DONE, RunStatus
 from mutransfer.train.config import RunConfig, save_config
 from mutransfer.train.signals import StopRequest
-from mutransfer.train.tracking import flatten, resolve_tracking_uri, training_experiment_id
+from mutransfer.train.tracking import flatten, folder_lock, resolve_tracking_uri, training_experiment_id
 
+from .claims import TrialClaims
 from .config import StudyConfig
 from .store import client_for, find_study_run, latest_per_key, load_trials
 from .trial import TrialSpec
@@ -47,6 +53,7 @@ class SweepSummary:
     ran: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     statuses: dict[str, str] = field(default_factory=dict)
+    elsewhere: list[str] = field(default_factory=list)  # trials another running sweep holds
     interrupted: int | None = None  # the signal that stopped the sweep
 
     @property
@@ -73,11 +80,17 @@ class SweepStop(StopRequest):
 
 
 def ensure_study_run(client, cfg: StudyConfig) -> str:
-    """The study's parent run id, created (with the study config as params) on first use."""
-    experiment_id = training_experiment_id(client, cfg.study.experiment)  # marks stores made before, too
-    found = find_study_run(client, cfg.study.name, cfg.study.experiment)
-    if found is not None:
-        return found.info.run_id
+    """The study's parent run id, created (with the study config as params) on first use: under a lock on the
+    study's folder, so that sweeps started together on one machine make one. (Job arrays get theirs from
+    `pending_trials` before any task starts.)"""
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(cfg.output_dir):
+        experiment_id = training_experiment_id(client, cfg.study.experiment)  # marks stores made before, too
+        found = find_study_run(client, cfg.study.name, cfg.study.experiment)
+        return found.info.run_id if found is not None else _create_study_run(client, cfg, experiment_id)
+
+
+def _create_study_run(client, cfg: StudyConfig, experiment_id: str) -> str:
     run = client.create_run(experiment_id, run_name=f"study {cfg.study.name}",
                             tags={tags.STUDY: cfg.study.name, tags.ROLE: tags.RunRole.STUDY.value})
     from mlflow.entities import Param
@@ -105,8 +118,9 @@ def trial_config(cfg: StudyConfig, trial: TrialSpec, parent_run_id: str, trackin
 
 def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
     """For each trial key that runs again: the child run it continues (the newest one that was interrupted or
-    left RUNNING by a killed sweep). Failed child runs of those keys, and older leftovers, go to MLflow's
-    trash (`mlflow runs restore` brings one back): each trial key keeps one child run."""
+    left RUNNING by a killed sweep; call it while holding the trial's claim, so that no live sweep is
+    writing that run). Failed child runs of those keys, and older leftovers, go to MLflow's trash
+    (`mlflow runs restore` brings one back): each trial key keeps one child run."""
     keep: dict[str, str] = {}
     trashed = 0
     for trial in trials:  # newest first
@@ -121,6 +135,24 @@ def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
         print(f"moved {trashed} failed or superseded child run(s) of trials that run again to MLflow's trash",
               flush=True)
     return keep
+
+
+def claim_trial(client, cfg: StudyConfig, claims: TrialClaims, trial: TrialSpec, summary: SweepSummary
+                ) -> str | None | bool:
+    """Claim the trial, then read its runs again (another sweep may have finished it meanwhile). Returns
+    False when it is not this sweep's to run (held elsewhere, or done: the summary says which), else the
+    child run it continues (None: a new one). The caller releases the claim when the trial ends."""
+    if not claims.take(trial.key):
+        summary.elsewhere.append(trial.key)
+        return False
+    runs = load_trials(client, cfg.study.name, cfg.study.experiment, key=trial.key)
+    done = [t for t in latest_per_key(runs) if t.status in DONE]
+    if done:
+        claims.release(trial.key)
+        summary.skipped.append(trial.key)
+        summary.statuses[trial.key] = done[0].status
+        return False
+    return runs_to_continue(client, runs, {trial.key}).get(trial.key)
 
 
 def mark_study(client, parent_run_id: str, status: str) -> None:
@@ -187,8 +219,7 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     parent = ensure_study_run(client, cfg)
-    runs = load_trials(client, cfg.study.name, cfg.study.experiment)
-    done = {t.key: t.status for t in latest_per_key(runs) if t.status in DONE}
+    done = _done_statuses(client, cfg)
     summary = SweepSummary(cfg.study.name, parent, uri)
     todo = []
     for trial in selected:
@@ -197,8 +228,6 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
             summary.statuses[trial.key] = done[trial.key]
         else:
             todo.append(trial)
-    # array tasks may be running the other trials right now: a task touches its own trial only
-    continued = runs_to_continue(client, runs, {t.key for t in todo})
     if summary.skipped:
         print(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run",
               flush=True)
@@ -206,69 +235,105 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     if whole_study:
         mark_study(client, parent, "running")
     bar = tqdm(total=len(todo), desc=f"study {cfg.study.name}", disable=not progress, dynamic_ncols=True)
-    with SweepStop() as stop:
+    sweep = _Sweep(cfg, client, parent, uri, summary, bar)
+    with SweepStop() as stop, TrialClaims(cfg.output_dir / "claims") as claims:
         if launcher == "inprocess":
-            _run_in_process(cfg, todo, parent, uri, continued, summary, bar, stop)
+            _run_in_process(sweep, todo, claims, stop)
         else:
-            _run_launched(cfg, todo, parent, uri, continued, launcher, parallel, gpus_per_trial, summary, bar, stop)
+            _run_launched(sweep, todo, claims, stop, launcher, parallel, gpus_per_trial)
         summary.interrupted = stop.signal
     bar.close()
+    _say_what_is_left(cfg, summary, todo)
+    close_study(client, cfg, parent, summary, whole_study)
+    return summary
+
+
+@dataclass
+class _Sweep:
+    """What every trial of one sweep shares."""
+
+    cfg: StudyConfig
+    client: Any
+    parent: str
+    uri: str
+    summary: SweepSummary
+    bar: Any
+
+    def record(self, trial: TrialSpec, status: str) -> None:
+        self.summary.ran.append(trial.key)
+        self.summary.statuses[trial.key] = status
+        self.bar.update(1)
+
+
+def _done_statuses(client, cfg: StudyConfig) -> dict[str, str]:
+    """Trial key -> status, for the trials of the study that finished or diverged."""
+    runs = load_trials(client, cfg.study.name, cfg.study.experiment)
+    return {t.key: t.status for t in latest_per_key(runs) if t.status in DONE}
+
+
+def _say_what_is_left(cfg: StudyConfig, summary: SweepSummary, todo: list[TrialSpec]) -> None:
+    if summary.elsewhere:
+        print(f"study {cfg.study.name}: {len(summary.elsewhere)} trial(s) are being trained by another sweep "
+              f"(their claims are in {cfg.output_dir / 'claims'}); this one left them alone", flush=True)
     if summary.interrupted is not None:
         left = len(todo) - sum(1 for key in summary.ran if summary.statuses[key] != RunStatus.INTERRUPTED)
         print(f"study {cfg.study.name}: stopped by {signal.Signals(summary.interrupted).name}; {left} trial(s) "
               f"left: run the same command again to continue", file=sys.stderr, flush=True)
-    if whole_study:
-        status = RunStatus.INTERRUPTED if summary.interrupted is not None else RunStatus.INCOMPLETE if summary.failed else RunStatus.FINISHED
-        mark_study(client, parent, status)
-    return summary
 
 
-def _run_in_process(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, continued: dict[str, str],
-                    summary: SweepSummary, bar, stop: SweepStop) -> None:
+def close_study(client, cfg: StudyConfig, parent: str, summary: SweepSummary, whole_study: bool) -> None:
+    """Mark the parent run: interrupted or incomplete by what this sweep saw (a whole-study sweep), and
+    finished by the store's truth, whichever sweep or array task completes the last trial."""
+    if whole_study and summary.interrupted is not None:
+        mark_study(client, parent, RunStatus.INTERRUPTED)
+    elif whole_study and summary.failed:
+        mark_study(client, parent, RunStatus.INCOMPLETE)
+    elif summary.interrupted is None and len(_done_statuses(client, cfg)) == len({t.key for t in cfg.trials()}):
+        mark_study(client, parent, RunStatus.FINISHED)
+
+
+def _run_in_process(sweep: _Sweep, todo: list[TrialSpec], claims: TrialClaims, stop: SweepStop) -> None:
     """One trial after another in this process, until done or told to stop."""
     from mutransfer.train.trainer import train
 
     for trial in todo:
         if stop.signal is not None:
             break
-        bar.set_postfix_str(trial.key)
+        continued = claim_trial(sweep.client, sweep.cfg, claims, trial, sweep.summary)
+        if continued is False:
+            sweep.bar.update(1)
+            continue
+        sweep.bar.set_postfix_str(trial.key)
         try:
-            result = train(trial_config(cfg, trial, parent, uri, continued.get(trial.key)))
+            result = train(trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued))
             status = RunStatus.INTERRUPTED if result.status == RunStatus.PREEMPTED else result.status
         except Exception as err:  # one broken trial must not end the study
             print(f"trial {trial.key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
             status = RunStatus.FAILED
+        finally:
+            claims.release(trial.key)
         if status == "interrupted":  # the trainer's own handlers caught the signal
             stop.signal = stop.signal or signal.SIGINT
-        summary.ran.append(trial.key)
-        summary.statuses[trial.key] = status
-        bar.update(1)
+        sweep.record(trial, status)
 
 
-def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, continued: dict[str, str],
-                  launcher: str, parallel: int, gpus_per_trial: int, summary: SweepSummary, bar,
-                  stop: SweepStop) -> None:
+def _run_launched(sweep: _Sweep, todo: list[TrialSpec], claims: TrialClaims, stop: SweepStop, launcher: str,
+                  parallel: int, gpus_per_trial: int) -> None:
     """Up to `parallel` launches at once, each on its own block of GPUs, in a process group of its own: a
     stop signal is passed on to every running launch (DeepSpeed's runner does not pass it to its ranks)."""
-    from mutransfer.netutil import free_port
-    from mutransfer.train.trainer import EXIT_DIVERGED
-
     free_slots = [list(range(i * gpus_per_trial, (i + 1) * gpus_per_trial)) for i in range(parallel)]
     running: dict[subprocess.Popen, tuple[TrialSpec, list[int]]] = {}
     queue = list(todo)
     forwarded = False
     while (queue and stop.signal is None) or running:
         while queue and free_slots and stop.signal is None:
-            trial, gpus = queue.pop(0), free_slots.pop(0)
-            folder = cfg.output_dir / trial.key
-            folder.mkdir(parents=True, exist_ok=True)
-            config_path = folder / "trial.yaml"
-            trial_cfg = trial_config(cfg, trial, parent, uri, continued.get(trial.key))
-            save_config(trial_cfg, config_path)
-            cmd, env = trial_command(launcher, config_path, gpus, free_port())
-            with open(folder / "launch.log", "w") as log:
-                running[subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)] = (trial, gpus)
+            trial = queue.pop(0)
+            continued = claim_trial(sweep.client, sweep.cfg, claims, trial, sweep.summary)
+            if continued is False:
+                sweep.bar.update(1)
+                continue
+            gpus = free_slots.pop(0)
+            running[_launch(sweep, trial, continued, launcher, gpus)] = (trial, gpus)
         if stop.signal is not None and not forwarded:
             for proc in running:
                 signal_group(proc, signal.SIGTERM)  # each trial checkpoints (if it keeps any) and stops
@@ -277,14 +342,33 @@ def _run_launched(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str
         for proc in [p for p in running if p.poll() is not None]:
             trial, gpus = running.pop(proc)
             free_slots.append(gpus)
-            status = {0: _launched_status(cfg.output_dir / trial.key), EXIT_DIVERGED: RunStatus.DIVERGED}.get(
-                proc.returncode, RunStatus.INTERRUPTED if forwarded else RunStatus.FAILED)
-            if status == RunStatus.FAILED:
-                print(f"trial {trial.key} failed (exit {proc.returncode}); see "
-                      f"{cfg.output_dir / trial.key / 'launch.log'}", file=sys.stderr, flush=True)
-            summary.ran.append(trial.key)
-            summary.statuses[trial.key] = status
-            bar.update(1)
+            claims.release(trial.key)
+            sweep.record(trial, _launch_outcome(sweep.cfg, trial, proc.returncode, forwarded))
+
+
+def _launch(sweep: _Sweep, trial: TrialSpec, continued: str | None, launcher: str, gpus: list[int]
+            ) -> subprocess.Popen:
+    """Start one trial as a deepspeed / torchrun launch on `gpus`, its output in the trial's launch.log."""
+    from mutransfer.netutil import free_port
+
+    folder = sweep.cfg.output_dir / trial.key
+    folder.mkdir(parents=True, exist_ok=True)
+    config_path = folder / "trial.yaml"
+    save_config(trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued), config_path)
+    cmd, env = trial_command(launcher, config_path, gpus, free_port())
+    with open(folder / "launch.log", "w") as log:
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _launch_outcome(cfg: StudyConfig, trial: TrialSpec, returncode: int, forwarded: bool) -> str:
+    from mutransfer.train.trainer import EXIT_DIVERGED
+
+    status = {0: _launched_status(cfg.output_dir / trial.key), EXIT_DIVERGED: RunStatus.DIVERGED}.get(
+        returncode, RunStatus.INTERRUPTED if forwarded else RunStatus.FAILED)
+    if status == RunStatus.FAILED:
+        print(f"trial {trial.key} failed (exit {returncode}); see {cfg.output_dir / trial.key / 'launch.log'}",
+              file=sys.stderr, flush=True)
+    return status
 
 
 def _launched_status(folder: Path) -> str:

@@ -14,6 +14,8 @@ A resumed run does not record again the steps its MLflow run already holds (the 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -23,7 +25,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,41 @@ def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
     if kind != "sqlite":
         return None
     return (store_artifact_root(tracking_uri) / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
+
+
+_PREPARED_STORES: set[str] = set()
+
+
+def mlflow_client(uri: str | None = None):
+    """An MlflowClient of the store. A local sqlite store is created (its schema set up) under a lock on its
+    folder, once per process: processes that create one store at once otherwise race in MLflow's schema
+    setup ("duplicate column name: step"), and one of them fails or trains untracked."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri)
+    try:
+        kind, path = local_store_path(uri)
+    except ValueError:
+        kind = ""
+    if kind != "sqlite" or uri in _PREPARED_STORES:
+        return MlflowClient(tracking_uri=uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent):
+        client = MlflowClient(tracking_uri=uri)
+        client.search_experiments(max_results=1)  # the database and its tables exist once this returns
+    _PREPARED_STORES.add(uri)
+    return client
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on a folder, among the processes of this machine, for a few quick steps."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def training_experiment_id(client, name: str) -> str:
@@ -193,9 +230,7 @@ class Tracker:
     @property
     def client(self):
         if self._client is None:
-            from mlflow.tracking import MlflowClient
-
-            self._client = MlflowClient(tracking_uri=self.uri)
+            self._client = mlflow_client(self.uri)
         return self._client
 
     @property
