@@ -255,3 +255,169 @@ def test_the_array_task_that_finishes_the_last_trial_closes_the_study(shards, tm
     run_sweep(cfg, tracking_uri=uri, progress=False, trial_index=1)
     parent = find_study_run(client_for(uri), "array2", "tests")
     assert parent.info.status == "FINISHED" and parent.data.tags["mutransfer.status"] == "finished"
+
+
+# --- 2, 3. checkpoints: checksums, load failures, folders that are not ours ---------------------------------
+def checkpointed_run(shards: Path, root: Path, **run_values) -> Path:
+    from train_helpers import write_config
+
+    return write_config(root / "run.yaml", shards, root / "out", f"sqlite:///{root / 'db'}",
+                        data=dict(num_workers=0), deepspeed=dict(zero_stage=0),
+                        run={"steps": 8, "checkpoint_interval": 2, "keep_checkpoints": 2, "progress": False,
+                             **run_values})
+
+
+def train_here(config: Path, *overrides: str) -> str:
+    """Train in this process (as a sweep does: the process group stays up between runs); the run's status."""
+    from mutransfer.train.config import load_config
+    from mutransfer.train.trainer import train
+
+    return train(load_config(config, list(overrides))).status
+
+
+def xor_middle(path: Path, size: int = 4096) -> None:
+    """Flip 4 KiB in the middle of a file: the size stays, the content does not."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + size] = bytes(b ^ 0xFF for b in data[middle:middle + size])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow  # trains in process, twice
+def test_a_changed_checkpoint_is_passed_over_and_folders_of_the_user_are_left_alone(shards, tmp_path, capsys) -> None:
+    import shutil
+
+    from train_helpers import losses, result
+
+    from mutransfer.train.checkpoint import complete_checkpoints
+
+    config = checkpointed_run(shards, tmp_path)
+    out = tmp_path / "out"
+    users = out / "checkpoints" / "step_00000001"
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine")
+    assert train_here(config) == "finished"
+    reference = losses(out)
+    assert (users / "notes.txt").read_text() == "mine"  # pruned checkpoints 2 and 4, not the user's folder
+    assert [p.name for p in complete_checkpoints(out)] == ["step_00000006", "step_00000008"]
+    newest = out / "checkpoints" / "step_00000008"
+    shutil.copytree(newest, out / "checkpoints" / "step_best")  # a user's copy: sorts last, is not ours
+    xor_middle(newest / "mp_rank_00_model_states.pt")
+    capsys.readouterr()
+
+    assert train_here(config, "run.steps=10") == "finished"
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is damaged (mp_rank_00_model_states.pt has changed since it was written" in err
+    again = losses(out)
+    for step in (7, 8):  # trained again from step 6, as the first run did
+        assert again[step] == pytest.approx(reference[step], abs=1e-6), step
+    assert result(out)["status"] == "finished" and result(out)["step"] == 10
+    assert (out / "checkpoints" / "step_best").is_dir() and (users / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow  # trains in process, twice
+def test_a_checkpoint_that_fails_to_load_falls_back_to_the_one_before(shards, tmp_path, capsys) -> None:
+    """A checkpoint from before checksums were listed (sizes only) whose model file is unreadable."""
+    import json
+
+    from train_helpers import losses, result
+
+
+    config = checkpointed_run(shards, tmp_path, steps=4)
+    out = tmp_path / "out"
+    assert train_here(config) == "finished"
+    reference = losses(out)
+    newest = out / "checkpoints" / "step_00000004"
+    model_file = newest / "mp_rank_00_model_states.pt"
+    model_file.write_bytes(b"\0" * 64 + model_file.read_bytes()[64:])  # the zip header is gone
+    state_file = newest / "mutransfer_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"] = {name: entry["size"] for name, entry in state["files"].items()}
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+
+    assert train_here(config, "run.steps=6") == "finished"
+    err = capsys.readouterr()
+    assert f"checkpoint {newest} could not be loaded (" in err.out + err.err
+    assert "Traceback" not in err.err
+    assert losses(out)[4] == pytest.approx(reference[4], abs=1e-6)  # step 4 trained again from step 2
+    assert result(out)["step"] == 6
+
+
+# --- 4. run folders with files of another kind, torn metrics -------------------------------------------------
+@pytest.mark.parametrize("case", ["user_files", "a_file", "torn_metrics_only"])
+def test_an_output_dir_of_another_kind_is_refused_before_anything_is_written(case, shards, tmp_path, capsys) -> None:
+    from mutransfer.train.__main__ import main as train_main
+
+    config = checkpointed_run(shards, tmp_path)
+    out = tmp_path / "out"
+    if case == "a_file":
+        out.write_text("a file of the user's")
+        expected = "is a file, not a folder"
+    else:
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("epoch,loss\n1,0.5\n" if case == "torn_metrics_only" else "")
+        if case == "user_files":
+            (out / "config.yaml").write_text("learning_rate: 0.1\n")
+        expected = "that mutransfer did not write"
+    before = {p: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
+    assert train_main(["--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())} == before
+
+
+@pytest.mark.slow  # trains in process, twice
+def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes(shards, tmp_path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+    from train_helpers import result
+
+
+    config = checkpointed_run(shards, tmp_path, steps=2)
+    out = tmp_path / "out"
+    assert train_here(config) == "finished"
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 4, "train/lo')  # kill -9 while a line was written
+    capsys.readouterr()
+    assert train_here(config, "run.steps=4") == "finished"
+    assert "dropped 1 line(s) that were cut short" in capsys.readouterr().err
+    res = result(out)
+    assert res["status"] == "finished" and res["step"] == 4
+    assert MlflowClient(f"sqlite:///{tmp_path / 'db'}").get_run(res["mlflow_run_id"]).info.status == "FINISHED"
+
+
+# --- weak: a checkpoint that cannot be written -----------------------------------------------------------------
+@pytest.mark.slow  # trains in subprocesses
+def test_a_checkpoint_write_failure_is_one_line_and_leaves_no_stale_result(shards, tmp_path) -> None:
+    import shlex
+
+    from train_helpers import python_command, result, run, run_env
+
+    config = checkpointed_run(shards, tmp_path, steps=2)
+    out = tmp_path / "out"
+    first = run(python_command(config, "tracking.enabled=false"), tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert result(out)["status"] == "finished"
+    # resumed for more steps under a 200 KB file size limit: the model file of step 4 cannot be written
+    command = "ulimit -f 200; exec " + shlex.join(python_command(config, "tracking.enabled=false", "run.steps=4"))
+    failed = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=run_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    assert "Traceback" not in failed.stderr
+    last = failed.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mutransfer.train: could not write checkpoint {out / 'checkpoints' / 'step_00000004'}, "
+                           "file mp_rank_00_model_states.pt (")
+    assert "the file size limit (ulimit -f) is 204800 bytes" in last
+    assert not (out / "result.json").exists()  # the finished run's result.json does not outlive this one
+
+
+# --- 8. /dev/shm on one rank -----------------------------------------------------------------------------------
+@pytest.mark.slow  # a deepspeed launch
+def test_a_one_rank_deepspeed_launch_leaves_nothing_in_dev_shm(shards, tmp_path) -> None:
+    from train_helpers import deepspeed_command, run
+
+    config = checkpointed_run(shards, tmp_path, steps=2)
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    done = run(deepspeed_command(config, "tracking.enabled=false", "run.save_checkpoints=false", procs=1), tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before == set()

@@ -2,7 +2,8 @@
 
 Runs as a plain process, under torchrun, or under DeepSpeed's launcher:
     deepspeed --num_gpus 2 --module mutransfer.train --config configs/vit_s16_imagenet_zero1.yaml
-Exit codes: 0 finished or preempted (checkpoint saved), 2 bad config or unusable data, 3 diverged.
+Exit codes: 0 finished or preempted (checkpoint saved), 1 failed (a checkpoint that could not be written: one
+line), 2 bad config or unusable data, 3 diverged.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from mutransfer.data.info import DataError
 
+    from .resume import CheckpointWriteError
     from .trainer import EXIT_DIVERGED, shutdown_distributed, train
 
     try:
@@ -45,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         leave_after_error()
         print(f"mutransfer.train: data error: {err}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:  # the disk, a quota or a file size limit: the OS's words, no traceback
+        leave_after_error()
+        print(f"mutransfer.train: {err}", file=sys.stderr)
+        return 1
     except BaseException:
         leave_after_error()
         raise

@@ -3,9 +3,16 @@
 Layout under `<output_dir>/checkpoints/`: one folder per tag `step_00000123/` with DeepSpeed's files, our
 `rng_rank<R>.safetensors` + `rng_rank<R>.json` per rank, and `mutransfer_state.json`, written by rank 0
 last, after every rank has saved. A checkpoint without that file is incomplete and never resumed from.
-The state file also lists every file of the checkpoint with its size: resuming checks them, and a damaged
-newest checkpoint (a file missing or cut short, the state unreadable) is passed over, with a warning naming
-what is wrong, for the newest intact one.
+
+Which folders are ours: a checkpoint is a folder whose state file names it (its `tag`), so a user's copy
+(`checkpoints/step_best`) is neither resumed from by `run.resume=auto` nor deleted; it can still be named
+(`run.resume=<folder>`). "Newest" is the step the state file saved, not the folder's name. A checkpoint
+being written carries `mutransfer_pending.json` (made before any rank writes), so that a leftover of an
+interrupted save can be told from a folder of the user's, which pruning never touches.
+
+Integrity: the state file lists every file of the checkpoint with its size and SHA-256. Resuming checks
+them, and a damaged newest checkpoint (a file missing, cut short or changed, the state unreadable) is passed
+over, with a warning naming what is wrong, for the newest intact one; so is one that fails to load.
 
 Nothing here unpickles: our state is JSON and safetensors, and DeepSpeed's own files are read through
 `safe_torch_load`, which loads with `weights_only=True` and allows only the few DeepSpeed types those
@@ -14,6 +21,7 @@ files hold.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -30,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from mutransfer.tags import RunStatus
 
 STATE_FILE = "mutransfer_state.json"
+PENDING_FILE = "mutransfer_pending.json"
 STEP_FOLDER_PREFIX = "step_"
 
 
@@ -51,18 +60,41 @@ def tag_for(step: int) -> str:
     return f"{STEP_FOLDER_PREFIX}{step:08d}"
 
 
+def _read_raw_state(folder: Path) -> dict[str, Any] | None:
+    try:
+        raw = json.loads((folder / STATE_FILE).read_text())
+        int(raw["state"]["step"])
+        return raw
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _ours(folder: Path, raw: dict[str, Any]) -> bool:
+    """Written here by us: the state file names this folder (states from before tags were written: a step_
+    folder)."""
+    return raw.get("tag", folder.name if folder.name.startswith(STEP_FOLDER_PREFIX) else None) == folder.name
+
+
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
+    """Our complete checkpoint folders, oldest first by the step they saved."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(STEP_FOLDER_PREFIX) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    found = []
+    for folder in root.iterdir():
+        raw = _read_raw_state(folder) if (folder / STATE_FILE).is_file() else None
+        if raw is not None and _ours(folder, raw):
+            found.append((int(raw["state"]["step"]), folder.name, folder))
+    return [folder for *_, folder in sorted(found)]
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint whose files are intact; damaged newer ones are warned about."""
-    for folder in reversed(complete_checkpoints(output_dir)):
+def latest_checkpoint(output_dir: str | os.PathLike, before: Path | None = None) -> Path | None:
+    """The newest complete checkpoint whose files are intact (older than `before`, when given: the one that
+    failed to load); damaged newer ones are warned about."""
+    complete = complete_checkpoints(output_dir)
+    if before is not None:
+        complete = complete[:complete.index(before)] if before in complete else []
+    for folder in reversed(complete):
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
@@ -71,20 +103,34 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks (about 1 s per GB here, once per save and per resume)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(4 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def checkpoint_problem(folder: Path) -> str | None:
-    """What is wrong with a complete checkpoint (its state unreadable, a listed file missing or of another
-    size), or None. Checkpoints written before files were listed are taken as they are."""
+    """What is wrong with a complete checkpoint (its state unreadable, a listed file missing, of another size
+    or another checksum), or None. Checkpoints written before checksums were listed are checked by size."""
+    raw = _read_raw_state(folder)
+    if raw is None:
+        return f"{STATE_FILE} is unreadable"
     try:
-        raw = json.loads((folder / STATE_FILE).read_text())
         TrainState(**raw["state"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{STATE_FILE} is unreadable ({type(err).__name__}: {err})"
-    for name, size in raw.get("files", {}).items():
+    except TypeError as err:
+        return f"{STATE_FILE} is unreadable ({err})"
+    for name, written in raw.get("files", {}).items():
         path = folder / name
+        size, digest = (written, None) if isinstance(written, int) else (written["size"], written["sha256"])
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
+        if digest is not None and file_digest(path) != digest:
+            return f"{name} has changed since it was written (its SHA-256 differs)"
     return None
 
 
@@ -93,23 +139,39 @@ def read_state(folder: Path) -> tuple[TrainState, dict[str, Any]]:
     return TrainState(**raw["state"]), raw["config"]
 
 
+def mark_pending(folder: Path, step: int) -> None:
+    """Before any rank writes: the folder is a checkpoint of ours being written (see `prune`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PENDING_FILE).write_text(json.dumps({"tag": folder.name, "step": step}))
+
+
 def write_state(folder: Path, state: TrainState, config: dict[str, Any]) -> None:
-    """The state file, with the size of every file the ranks wrote (call it after they all have)."""
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and not p.name.startswith(STATE_FILE)}
+    """The state file, with the size and SHA-256 of every file the ranks wrote (call it after they all have)."""
+    files = {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": file_digest(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith((STATE_FILE, PENDING_FILE))}
     tmp = folder / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps({"state": asdict(state), "config": config, "files": files}, indent=1))
+    tmp.write_text(json.dumps({"state": asdict(state), "config": config, "files": files, "tag": folder.name},
+                              indent=1))
     tmp.replace(folder / STATE_FILE)  # atomic: the checkpoint is complete once this name exists
+    (folder / PENDING_FILE).unlink(missing_ok=True)
 
 
 def prune(output_dir: str | os.PathLike, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints; drop older ones and any incomplete leftovers."""
+    """Keep the newest `keep` complete checkpoints; drop older ones of ours, and leftovers of our own saves
+    that never completed (older than the newest complete one). Nothing else is ever deleted."""
     complete = complete_checkpoints(output_dir)
-    keep_names = {p.name for p in complete[-keep:]}
-    newest = complete[-1].name if complete else ""
-    for folder in checkpoint_root(output_dir).glob(f"{STEP_FOLDER_PREFIX}*"):
-        stale_incomplete = folder.name < newest and not (folder / STATE_FILE).exists()
-        if (folder in complete and folder.name not in keep_names) or stale_incomplete:
+    for folder in complete[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not complete:
+        return
+    newest_step = read_state(complete[-1])[0].step
+    for folder in checkpoint_root(output_dir).iterdir():
+        try:
+            pending = json.loads((folder / PENDING_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if (not (folder / STATE_FILE).exists() and pending.get("tag") == folder.name
+                and int(pending.get("step", newest_step)) < newest_step):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -10,6 +10,8 @@ line on stderr and exit code 2). Paths are checked apart (`check_paths`), where 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -363,6 +365,7 @@ def check_paths(cfg: RunConfig) -> None:
     check_shard_sets(cfg.data)
     if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
         raise ConfigError("deepspeed.config", f"no such file: {cfg.deepspeed.config}")
+    check_output_dir(cfg.run.output_dir)
     resume = cfg.run.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
@@ -372,6 +375,42 @@ def check_paths(cfg: RunConfig) -> None:
         problem = checkpoint_problem(Path(resume))
         if problem is not None:
             raise ConfigError("run.resume", f"{resume} is not an intact checkpoint: {problem}")
+
+
+def check_output_dir(output_dir: str) -> None:
+    """run.output_dir must be a folder we may write, holding nothing of another kind where the run writes
+    (its config.yaml and metrics.jsonl): a user's files of those names would be overwritten or misread."""
+    folder = Path(output_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("run.output_dir", f"{output_dir} is a file, not a folder")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError("run.output_dir", f"{existing} is not writable")
+    foreign = [name for name, ours in (("config.yaml", _our_config_file), ("metrics.jsonl", _our_metrics_file))
+               if (folder / name).is_file() and not ours(folder / name)]
+    if foreign:
+        raise ConfigError("run.output_dir", f"{output_dir} holds a {foreign[0]} that mutransfer did not write; "
+                          "choose another run.output_dir")
+
+
+def _our_config_file(path: Path) -> bool:
+    """A config.yaml a run saved: a mapping of RunConfig's sections, the run section among them."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    return isinstance(raw, dict) and "run" in raw and set(raw) <= sections
+
+
+def _our_metrics_file(path: Path) -> bool:
+    """A metrics.jsonl a run wrote: it is empty or its first line is a JSON object with a step."""
+    try:
+        with open(path) as fh:
+            first = fh.readline()
+        return not first.strip() or isinstance(json.loads(first).get("step"), int)
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def check_shard_sets(data: DataConfig) -> None:

@@ -46,16 +46,15 @@ def shm_buffer_path(rank: int) -> Path:
 
 
 def release_shm_buffer(rank: int, world_size: int) -> None:
-    """DeepSpeed's CPU all-reduce gives each rank of a local multi-process run a 66 MB /dev/shm file that it
+    """DeepSpeed's CPU all-reduce gives each rank of a local run under its launcher a 66 MB /dev/shm file that it
     never unlinks: every such run leaked that much RAM until reboot. Once every rank has mapped its peers'
     files (a barrier after init), each rank unlinks its own name; the mappings stay valid until the processes
     exit, so even a killed run leaves nothing behind."""
     import torch.distributed as dist
 
-    if world_size < 2:
-        return
-    dist.barrier()
-    shm_buffer_path(rank).unlink(missing_ok=True)
+    if world_size > 1:
+        dist.barrier()
+    shm_buffer_path(rank).unlink(missing_ok=True)  # a world of one has its file too (deepspeed --num_gpus 1)
 
 
 def device_for(local_rank: int) -> torch.device:

@@ -177,12 +177,24 @@ def transient(err: BaseException) -> bool:
 
 def trim_metrics_file(path: str | os.PathLike, through_step: int) -> int:
     """Drop the rows of metrics.jsonl after `through_step` (what a resumed run trains again, or all of a
-    run that starts over): the run appends them again, once. Returns how many rows were dropped."""
+    run that starts over): the run appends them again, once. A row that is not whole JSON (the last line of a
+    process killed while writing it) is dropped too, and said. Returns how many rows were dropped."""
     path = Path(path)
     if not path.is_file():
         return 0
     rows = path.read_text().splitlines()
-    kept = [row for row in rows if row.strip() and json.loads(row).get("step", 0) <= through_step]
+    kept, torn = [], 0
+    for row in rows:
+        try:
+            values = json.loads(row) if row.strip() else None
+        except ValueError:
+            values = None
+        torn += values is None and bool(row.strip())
+        if isinstance(values, dict) and values.get("step", 0) <= through_step:
+            kept.append(row)
+    if torn:
+        print(f"mutransfer: {path}: dropped {torn} line(s) that were cut short (a process killed while writing)",
+              file=sys.stderr, flush=True)
     if len(kept) != len(rows):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(row + "\n" for row in kept))

@@ -58,7 +58,7 @@ from .evaluate import evaluate
 from .hardware import peak_flops
 from .mlflow_model import log_final_model
 from .progress import StepWindow
-from .resume import load_checkpoint, resume_point, save_checkpoint
+from .resume import check_fresh_start, resume_run, save_checkpoint
 from .run_log import RunResult, SampleLog, append_metrics, run_params, run_tags, write_result
 from .signals import StopRequest
 from .system_metrics import SystemMetrics, start_system_metrics
@@ -242,7 +242,7 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
     progress bar; each registers its cleanup with `teardown` as soon as it exists."""
     rank, local_rank, world_size = init_distributed()
     device = device_for(local_rank)
-    resume_from = resume_point(cfg)
+    check_fresh_start(cfg)
     ds_config = deepspeed_config(cfg, world_size)
     loader = build_train_loader(cfg.data, rank, world_size, device=device, with_keys=cfg.run.record_samples)
     if not (cfg.data.num_classes or loader.num_classes):
@@ -258,7 +258,7 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
     total_steps = cfg.run.total_steps(steps_per_epoch)
     engine = build_engine(cfg, model, ds_config, total_steps, cfg.optim.warmup_steps_for(steps_per_epoch))
     teardown.callback(engine.destroy)
-    state = load_checkpoint(engine, resume_from)
+    state, resume_from = resume_run(engine, cfg, rank, world_size, device)
     run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, engine=engine,
               batches=BatchStream(loader, state), state=state, total_steps=total_steps, rng_restore=resume_from,
               criterion=train_loss(cfg.data),  # soft targets under mixup / cutmix, label smoothing otherwise
@@ -282,6 +282,7 @@ def _write_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, output_dir / "config.yaml")
     (output_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
+    (output_dir / "result.json").unlink(missing_ok=True)  # a run's outcome is written when it ends, or never
 
 
 def _start_tracking(run: Run, model: torch.nn.Module) -> None:
@@ -290,11 +291,11 @@ def _start_tracking(run: Run, model: torch.nn.Module) -> None:
     cfg, state = run.cfg, run.state
     run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0,
                           fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s)
+    if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
+        trim_metrics_file(run.output_dir / "metrics.jsonl", state.step)
     run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name, run_tags(cfg, model),
                                           parent_run_id=cfg.tracking.parent_run_id,
                                           run_id=state.mlflow_run_id or cfg.tracking.continue_run_id)
-    if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
-        trim_metrics_file(run.output_dir / "metrics.jsonl", state.step)
     if run.mlflow_run_id and state.mlflow_run_id is None and not cfg.tracking.continue_run_id:
         run.tracker.log_params(run_params(cfg, model, run.world_size))
         run.tracker.log_artifact(run.output_dir / "config.yaml")
