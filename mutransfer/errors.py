@@ -1,4 +1,4 @@
-"""The two errors a user sees as one line and exit code 2: a bad config value, and bad command-line use.
+"""The errors a user sees as one line and exit code 2: a bad config value, unusable data, bad command-line use.
 
 A leaf module: every package may import it, it imports nothing of ours.
 """
@@ -18,6 +18,11 @@ class ConfigError(ValueError):
         """The same problem, keyed from the enclosing section (`batch_size` in `data` -> `data.batch_size`)."""
         key = f"{prefix}.{self.key}" if prefix and self.key else prefix or self.key
         return ConfigError(key, self.message)
+
+
+class DataError(ValueError):
+    """Shards, or their index, cannot give a run what it needs. The message names the folder, file or shard;
+    the command line prints it as one line and exits 2."""
 
 
 class UsageError(Exception):

@@ -76,3 +76,63 @@ def _long_functions() -> list[str]:
 
 def test_no_function_is_longer_than_60_lines() -> None:
     assert not _long_functions(), "split these:\n" + "\n".join(_long_functions())
+
+
+MAX_MODULE_LINES = 400
+
+
+def test_no_module_is_longer_than_400_lines() -> None:
+    long = [f"{p.relative_to(PACKAGE)} ({n} lines)" for p in _modules()
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES]
+    assert not long, "split these into modules of one job each:\n" + "\n".join(long)
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path, known: set[str]) -> set[str]:
+    """The mutransfer modules `path` imports (at module level or inside functions); `from pkg import sub`
+    counts as importing the submodule `pkg.sub` when there is one."""
+    own = _module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in known)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                found.add(target if target in known else base)
+    return {name for name in found if name in known and name != own}
+
+
+def _import_cycles() -> list[list[str]]:
+    modules = {_module_name(p): p for p in _modules()}
+    graph = {name: _imported_modules(path, set(modules)) for name, path in modules.items()}
+    cycles, state = [], {}
+
+    def visit(name: str, stack: list[str]) -> None:
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, [*stack, target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return cycles
+
+
+def test_no_import_cycle() -> None:
+    """Also through imports inside functions: a lazy import hides a cycle from Python, not from a reader."""
+    cycles = [c for c in _import_cycles() if not any(m.rpartition(".")[0] == n for n, m in zip(c, c[1:]))]
+    assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)

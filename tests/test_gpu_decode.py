@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mutransfer.data import DataConfig, ImageFolderSource, build_train_loader, write_shards
-from mutransfer.data.gpu_decode import CropSampler, EncodedImage, GpuDecodeTrainLoader
+from mutransfer.data.gpu_decode import CropSampler, EncodedImage, GpuDecoder
 from mutransfer.train.config import ConfigError, load_config
 
 CLASS_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
@@ -22,7 +22,7 @@ CLASS_COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
 def test_crop_sampler_draws_the_cpu_transforms_boxes(size, small_shards) -> None:
     cfg = DataConfig(shards_dir=str(small_shards.path), img_size=16, batch_size=4, num_workers=0,
                      scale=(0.25, 1.0), ratio=(0.5, 2.0))
-    cpu_crop = build_train_loader(cfg).transform.transforms[0]  # timm's RandomResizedCropAndInterpolation
+    cpu_crop = build_train_loader(cfg).decoder.transform.transforms[0]  # timm's RandomResizedCropAndInterpolation
     sampler = CropSampler(cfg)
     image = Image.new("1", size)
     width, height = size
@@ -57,7 +57,7 @@ def test_gpu_path_keeps_labels_with_their_images(tmp_path) -> None:
                      scale=(0.1, 1.0), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), shuffle_buffer=24,
                      batches_per_epoch=8)
     loader = build_train_loader(cfg, device="cpu", with_keys=True)
-    assert isinstance(loader, GpuDecodeTrainLoader)
+    assert isinstance(loader.decoder, GpuDecoder)
     colours = torch.tensor(CLASS_COLOURS, dtype=torch.float32)
     seen = set()
     for images, labels, keys in loader:

@@ -1,7 +1,7 @@
 """`data.decode=gpu`: JPEG decoding and the training crop on the GPU, so that a node with few cores per GPU
 keeps its GPUs fed.
 
-Split of the work (the loader's structure is unchanged: see `reader.py`):
+Split of the work (`GpuDecoder`, the train loader's decoder; see `decode.Decoder`):
 - DataLoader workers read, shuffle and check samples as on the CPU path, but decode only the JPEG header
   (PIL, lazily: the image size) and draw each image's random parameters there, seeded as the CPU path's
   augmentation is: the crop box with timm's own `RandomResizedCropAndInterpolation.get_params` (same
@@ -37,7 +37,6 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from mutransfer.data.config import DataConfig
-from mutransfer.data.reader import TrainLoader
 
 log = logging.getLogger(__name__)
 
@@ -155,19 +154,18 @@ def crop_batch(batch: EncodedBatch, size: int, device: torch.device) -> torch.Te
     return out.round_().clamp_(0, 255)
 
 
-class GpuDecodeTrainLoader(TrainLoader):
-    """The train loader of data.decode=gpu: workers send EncodedBatches; `normalize`, which the loader
-    applies to every batch in the training process, decodes and crops them on the loader's device."""
+class GpuDecoder:
+    """The train loader's decoder for data.decode=gpu: workers read headers, draw crops and send
+    EncodedBatches; the training process decodes and crops them on the loader's device."""
 
-    open_image = staticmethod(open_encoded)
-    collate = staticmethod(collate_encoded)
-
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device | str | None = None,
-                 with_keys: bool = False) -> None:
-        super().__init__(cfg, rank, world_size, device, with_keys)
+    def __init__(self, cfg: DataConfig) -> None:
+        self.size = cfg.img_size
         self.transform = CropSampler(cfg)
 
-    def normalize(self, images: EncodedBatch | torch.Tensor) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return super().normalize(images)
-        return super().normalize(crop_batch(images, self.cfg.img_size, self.device or torch.device("cpu")))
+    open = staticmethod(open_encoded)
+    collate = staticmethod(collate_encoded)
+
+    def to_pixels(self, images: EncodedBatch | torch.Tensor, device: torch.device | None) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):  # already pixels (an all-padding batch)
+            return images.to(device, non_blocking=True) if device is not None else images
+        return crop_batch(images, self.size, device or torch.device("cpu"))

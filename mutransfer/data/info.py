@@ -15,12 +15,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mutransfer.data.urls import open_url
+from mutransfer.errors import DataError
+
+__all__ = ["INFO_FILENAME", "DataError", "DatasetInfo", "MissingData", "SplitInfo", "info_location", "read_info",
+           "shard_filename", "shard_pattern", "write_info"]
+
 INFO_FILENAME = "_info.json"
-
-
-class DataError(ValueError):
-    """Shards, or their index, cannot give a run what it needs. The message names the folder, file or shard;
-    the command line prints it as one line and exits 2."""
 
 
 class MissingData(DataError, FileNotFoundError):
@@ -119,8 +120,6 @@ def read_info(location: str | os.PathLike[str]) -> DatasetInfo:
 
     Raises FileNotFoundError naming the path when there is none, ValueError when it is malformed.
     """
-    from mutransfer.data.shards import open_url  # shards imports this module
-
     where = info_location(os.fspath(location))
     try:
         with open_url(where) as stream:

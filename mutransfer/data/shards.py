@@ -1,4 +1,4 @@
-"""Finding and opening shards: local paths, brace patterns, `pipe:` commands and fsspec URLs."""
+"""Finding shards: the shard set of a split from `_info.json` or from a brace pattern, checked to exist."""
 
 from __future__ import annotations
 
@@ -6,72 +6,27 @@ import logging
 import os
 import posixpath
 from dataclasses import dataclass
-from typing import IO
-from urllib.parse import urlparse
 
-import webdataset as wds
 from webdataset.shardlists import expand_urls
 
-from mutransfer.data.info import DataError, MissingData, read_info, shard_pattern
+from mutransfer.data.info import MissingData, read_info, shard_pattern
+from mutransfer.data.urls import fsspec_knows, scheme_of, url_dirname, url_join
+from mutransfer.errors import DataError
 
 log = logging.getLogger(__name__)
-
-
-def _scheme(url: str) -> str:
-    if url.startswith("pipe:"):
-        return "pipe"
-    scheme = urlparse(url).scheme
-    return "" if len(scheme) <= 1 else scheme  # one letter is a Windows drive, not a scheme
-
-
-def _fsspec_knows(scheme: str) -> bool:
-    """True when fsspec has an importable implementation for this URL scheme."""
-    try:
-        import fsspec
-
-        fsspec.get_filesystem_class(scheme)
-    except (ImportError, ValueError):
-        return False
-    return True
-
-
-def open_url(url: str) -> IO[bytes]:
-    """Open a shard or index for binary reading.
-
-    Local paths and file:// URLs open directly; `pipe:CMD` runs CMD in a shell and reads its stdout
-    (webdataset's gopen: whoever writes the config chooses the command, so treat configs as code); other
-    schemes go through fsspec when it has an implementation (s3, gcs, hf, http with aiohttp, memory, ...),
-    and otherwise through webdataset's gopen (curl for http, gsutil for gs, ...).
-    """
-    scheme = _scheme(url)
-    if scheme in ("", "file"):  # a large buffer: tarfile reads in many small pieces
-        return open(url[len("file://") :] if scheme == "file" else url, "rb", buffering=1 << 20)
-    if scheme != "pipe" and _fsspec_knows(scheme):
-        import fsspec
-
-        return fsspec.open(url, "rb").open()
-    return wds.gopen(url, "rb")
-
-
-def url_dirname(url: str) -> str:
-    return posixpath.dirname(url) if _scheme(url) else os.path.dirname(url)
-
-
-def url_join(folder: str, name: str) -> str:
-    return folder.rstrip("/") + "/" + name if _scheme(folder) else os.path.join(folder, name)
 
 
 def check_shards_exist(pattern: str, urls: list[str]) -> None:
     """Fail at once, naming the pattern, when shards are missing. Local shards are all checked; for an
     fsspec URL the first shard is; `pipe:` and curl-style URLs can only fail when read."""
-    scheme = _scheme(urls[0])
+    scheme = scheme_of(urls[0])
     if scheme in ("", "file"):
         paths = [u[len("file://") :] if scheme == "file" else u for u in urls]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise MissingData(f"shard set {pattern!r}: {len(missing)} of {len(urls)} shards missing: {missing[0]}{more}")
-    elif scheme != "pipe" and _fsspec_knows(scheme):
+    elif scheme != "pipe" and fsspec_knows(scheme):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(urls[0])
@@ -120,7 +75,7 @@ def shards_from_pattern(pattern: str) -> ShardSet:
 
 
 def _lengths_from_neighbour_info(urls: list[str]) -> tuple[tuple[int, ...] | None, int | None]:
-    if _scheme(urls[0]) == "pipe":
+    if scheme_of(urls[0]) == "pipe":
         return None, None
     folder = url_dirname(urls[0])
     try:

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mutransfer.train: config error: {err}", file=sys.stderr)
         return 2
-    from mutransfer.data.info import DataError
+    from mutransfer.errors import DataError
 
     from .resume import CheckpointWriteError
     from .trainer import EXIT_DIVERGED, shutdown_distributed, train

@@ -11,7 +11,6 @@ line on stderr and exit code 2). Paths are checked apart (`check_paths`), where 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -21,7 +20,6 @@ from typing import Any, Literal
 import yaml
 
 from mutransfer.data import DataConfig
-from mutransfer.data.info import DataError
 from mutransfer.errors import ConfigError
 from mutransfer.typed_config import (
     Section,
@@ -32,6 +30,8 @@ from mutransfer.typed_config import (
     read_yaml_mapping,
     with_values,
 )
+
+from .paths import check_output_dir, check_shard_sets, is_local
 
 __all__ = ["ConfigError", "DataConfig", "DeepSpeedSection", "ModelSection", "OptimSection", "RunConfig",
            "RunSection", "TrackingSection", "apply_overrides", "check_paths", "config_from_dict", "load_config",
@@ -354,18 +354,14 @@ def check_model_fits_data(cfg: RunConfig) -> None:
         raise ConfigError("model", str(err)) from None
 
 
-def _local(path: str) -> bool:
-    return "://" not in path and not path.startswith("pipe:")
-
-
 def check_paths(cfg: RunConfig) -> None:
     """Paths the run reads must exist before any work starts; local shard sets must be complete."""
-    if cfg.data.shards_dir and _local(cfg.data.shards_dir) and not Path(cfg.data.shards_dir).is_dir():
+    if cfg.data.shards_dir and is_local(cfg.data.shards_dir) and not Path(cfg.data.shards_dir).is_dir():
         raise ConfigError("data.shards_dir", f"no such directory: {cfg.data.shards_dir}")
     check_shard_sets(cfg.data)
     if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
         raise ConfigError("deepspeed.config", f"no such file: {cfg.deepspeed.config}")
-    check_output_dir(cfg.run.output_dir)
+    check_output_dir(cfg.run.output_dir, sections={f.name for f in dataclasses.fields(RunConfig)})
     resume = cfg.run.resume
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
@@ -375,58 +371,6 @@ def check_paths(cfg: RunConfig) -> None:
         problem = checkpoint_problem(Path(resume))
         if problem is not None:
             raise ConfigError("run.resume", f"{resume} is not an intact checkpoint: {problem}")
-
-
-def check_output_dir(output_dir: str) -> None:
-    """run.output_dir must be a folder we may write, holding nothing of another kind where the run writes
-    (its config.yaml and metrics.jsonl): a user's files of those names would be overwritten or misread."""
-    folder = Path(output_dir)
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError("run.output_dir", f"{output_dir} is a file, not a folder")
-    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError("run.output_dir", f"{existing} is not writable")
-    foreign = [name for name, ours in (("config.yaml", _our_config_file), ("metrics.jsonl", _our_metrics_file))
-               if (folder / name).is_file() and not ours(folder / name)]
-    if foreign:
-        raise ConfigError("run.output_dir", f"{output_dir} holds a {foreign[0]} that mutransfer did not write; "
-                          "choose another run.output_dir")
-
-
-def _our_config_file(path: Path) -> bool:
-    """A config.yaml a run saved: a mapping of RunConfig's sections, the run section among them."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return False
-    sections = {f.name for f in dataclasses.fields(RunConfig)}
-    return isinstance(raw, dict) and "run" in raw and set(raw) <= sections
-
-
-def _our_metrics_file(path: Path) -> bool:
-    """A metrics.jsonl a run wrote: it is empty or its first line is a JSON object with a step."""
-    try:
-        with open(path) as fh:
-            first = fh.readline()
-        return not first.strip() or isinstance(json.loads(first).get("step"), int)
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return False
-
-
-def check_shard_sets(data: DataConfig) -> None:
-    """The local train and eval shard sets: an index that lists the split and every shard it names."""
-    from mutransfer.data.shards import shards_from_info, shards_from_pattern
-
-    for pattern_key, split_key in (("train_shards", "train_split"), ("eval_shards", "eval_split")):
-        pattern = getattr(data, pattern_key)
-        try:
-            if pattern is not None:
-                if _local(pattern):
-                    shards_from_pattern(pattern)
-            elif data.shards_dir and _local(data.shards_dir):
-                shards_from_info(data.shards_dir, getattr(data, split_key))
-        except DataError as err:
-            raise ConfigError(f"data.{pattern_key if pattern is not None else 'shards_dir'}", str(err)) from None
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

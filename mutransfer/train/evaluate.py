@@ -47,7 +47,7 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
     totals = all_reduce_(torch.cat([sums, extra])).tolist()
     loss, top1, top5, count = totals[:4]
     if count == 0:
-        from mutransfer.data.info import DataError
+        from mutransfer.errors import DataError
 
         raise DataError(f"no sample of the eval shards {loader.shards.pattern} could be read")
     metrics = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
@@ -58,7 +58,7 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
 def _eval_coverage(loader: Any, totals: list[float], rank: int, step: int, verbose: bool) -> dict[str, float]:
     """Samples evaluated against `_info.json` (a warning naming the shards that fell short), and what
     evaluation skipped by kind; `totals` holds the good samples per shard, then the skip counts (all ranks)."""
-    from mutransfer.data.reader import coverage_shortfall
+    from mutransfer.data.eval_loader import coverage_shortfall
 
     shards = len(loader.shards.urls)
     good, skipped = totals[:shards], dict(zip(loader.skip_counts, totals[shards:]))

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mutransfer.data import DataConfig, build_eval_loader, build_train_loader, read_info, train_loss
-from mutransfer.data.reader import PAD_TARGET, assign_shards, assigned_samples
+from mutransfer.data.collate import PAD_TARGET, MixCollate
+from mutransfer.data.partition import assign_shards, assigned_samples
 from mutransfer.data.writer import sample_key
 from mutransfer.errors import ConfigError
 from mutransfer.train.config import RunConfig
@@ -116,7 +117,7 @@ def test_train_is_reproducible_per_seed_and_differs_per_epoch(small):
 def test_mixup_gives_soft_targets_that_train_loss_accepts(small):
     cfg = config(small, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, batches_per_epoch=2)
     loader = build_train_loader(cfg)
-    assert loader.mixup is not None
+    assert isinstance(loader.decoder.collate, MixCollate)
     images, targets = next(iter(loader))
     assert targets.shape == (4, CLASSES) and targets.dtype == torch.float32
     torch.testing.assert_close(targets.sum(1), torch.ones(4))
