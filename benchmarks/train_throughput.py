@@ -9,13 +9,16 @@ Rows, for each precision and compile mode: the baseline, timm's VisionTransforme
 (for vit_b16 that is vit_base_patch16_224) in a plain loop (autocast, torch AdamW: fused on a GPU, foreach
 on CPU; `torch.compile` when compiled); then our ViT (mup) through the trainer's own `build_engine` at each
 ZeRO stage (the DeepSpeed config, optimizer groups and `run.compile` that training uses; ZeRO-3 has no
-compile). Each row: images/s (median step), its ratio to the timm loop of the same precision and compile
-mode, MFU (training FLOPs per image from the shapes x images/s / the GPU's dense bf16 peak; none on CPU)
-and peak memory (GPU: max allocated; CPU: not measured per row, RSS only grows).
+compile). All configurations of a precision and compile mode are built first and then timed interleaved:
+round robin, one block of --block steps each per round, for --rounds rounds; a row's time is the median
+block, so machine noise (other processes, thermal drift) hits every row alike. Each row: images/s, its ratio
+to the timm loop of the same precision and compile mode, MFU (training FLOPs per image from the shapes x
+images/s / the GPU's dense bf16 peak; none on CPU) and peak memory over its warmup (GPU: max allocated;
+CPU: not measured per row, RSS only grows).
 
 --data-fed: the first ZeRO stage again, fed by the real train loader over shards written here (synthetic
 images at 1.15x the crop size, --workers loader processes, --decode cpu or gpu) against the same engine fed a
-fixed tensor: the data stall ratio (goal on a GPU node: >= 0.95).
+fixed tensor, interleaved the same way: the data stall ratio (goal on a GPU node: >= 0.95).
 
 World size 1: ZeRO's partitioning is trivial, but its code paths and copies are real.
 """
@@ -40,20 +43,33 @@ PRESETS = {
 }
 
 
-def timed(step, warmup: int, steps: int, device: torch.device) -> float:
-    """Median seconds per step after warmup (the first steps compile)."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def warm(step, warmup: int, device: torch.device) -> float | None:
+    """Run the first steps (they compile, allocate); the peak memory they reached (GPU only)."""
+    reset_peak(device)
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    _sync(device)
+    return peak_gb(device)
+
+
+def interleaved(steps: dict[str, object], rounds: int, block: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per step of each named step function, timed round robin: every round runs one block of
+    `block` steps of each, in turn."""
+    blocks: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(block):
+                step()
+            _sync(device)
+            blocks[name].append((time.perf_counter() - start) / block)
+    return {name: statistics.median(times) for name, times in blocks.items()}
 
 
 def peak_gb(device: torch.device) -> float | None:
@@ -66,8 +82,8 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def timm_loop(shape: dict, batch: tuple, precision: str, compiled: bool, args, device) -> float:
-    """Seconds per step of timm's ViT in a plain AdamW loop."""
+def timm_step(shape: dict, batch: tuple, precision: str, compiled: bool, device):
+    """One step of timm's ViT in a plain AdamW loop."""
     from timm.models.vision_transformer import VisionTransformer
 
     torch.manual_seed(0)
@@ -86,7 +102,7 @@ def timm_loop(shape: dict, batch: tuple, precision: str, compiled: bool, args, d
         loss.backward()
         optimizer.step()
 
-    return timed(step, args.warmup, args.steps, device)
+    return step
 
 
 def run_config(shape: dict, batch_size: int, stage: int, precision: str, compiled: bool, args):
@@ -132,39 +148,46 @@ def benchmark_rows(args, shape: dict, batch_size: int, device: torch.device) -> 
     for precision in args.precisions.split(","):
         for compiled in modes:
             suffix = f"{precision}{', compiled' if compiled else ''}"
-            reset_peak(device)
-            base = batch_size / timm_loop(shape, (images, labels), precision, compiled, args, device)
-            rows.append((f"timm ViT, plain AdamW loop, {suffix}", base, base, peak_gb(device)))
+            steps = {f"timm ViT, plain AdamW loop, {suffix}": timm_step(shape, (images, labels), precision, compiled,
+                                                                      device)}
+            engines = []
             for stage in [int(s) for s in args.stages.split(",")]:
                 if compiled and stage == 3:
                     continue  # run.compile refuses ZeRO-3 (see RunSection.compile)
-                reset_peak(device)
                 cfg = run_config(shape, batch_size, stage, precision, compiled, args)
                 engine, flops = our_engine(cfg)
-                seconds = timed(engine_step(engine, cfg, lambda: (images, labels)), args.warmup, args.steps, device)
-                rows.append((f"ours, ZeRO-{stage}, {suffix}", batch_size / seconds, base, peak_gb(device)))
+                engines.append(engine)
+                steps[f"ours, ZeRO-{stage}, {suffix}"] = engine_step(engine, cfg, lambda: (images, labels))
+            peaks = {name: warm(step, args.warmup, device) for name, step in steps.items()}
+            seconds = interleaved(steps, args.rounds, args.block, device)
+            base = batch_size / next(iter(seconds.values()))
+            rows += [(name, batch_size / s, base, peaks[name]) for name, s in seconds.items()]
+            for engine in engines:
                 engine.destroy()
     return rows, flops
 
 
 def data_stall(args, shape: dict, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """(data-fed, synthetic-fed) images/s of the first stage's engine, compiled if asked."""
+    """(data-fed, synthetic-fed) images/s of the first stage's engine, compiled if asked, interleaved."""
     from mutransfer.data import build_train_loader, write_synthetic_shards
 
     precision = args.precisions.split(",")[0]
     cfg = run_config(shape, batch_size, int(args.stages.split(",")[0]), precision, args.compile != "off", args)
     with tempfile.TemporaryDirectory(prefix="mutransfer-bench-") as tmp:
-        samples = batch_size * (args.warmup + args.steps + 2) * 2
+        samples = batch_size * (args.warmup + args.rounds * args.block + 2) * 2
         write_synthetic_shards(tmp, "train", 100, samples, image_size=int(shape["img_size"] * 1.15), seed=0,
                                samples_per_shard=max(64, samples // 8), workers=2)
         cfg = with_values(cfg, {"data.shards_dir": tmp})
         batches = iter(build_train_loader(cfg.data, device=device))
         images, labels = next(batches)[:2]
         engine, _ = our_engine(cfg)
-        fed = batch_size / timed(engine_step(engine, cfg, lambda: next(batches)), args.warmup, args.steps, device)
-        fixed = batch_size / timed(engine_step(engine, cfg, lambda: (images, labels)), args.warmup, args.steps, device)
+        steps = {"fed": engine_step(engine, cfg, lambda: next(batches)),
+                 "fixed": engine_step(engine, cfg, lambda: (images, labels))}
+        for step in steps.values():
+            warm(step, args.warmup, device)
+        seconds = interleaved(steps, args.rounds, args.block, device)
         engine.destroy()
-    return fed, fixed
+    return batch_size / seconds["fed"], batch_size / seconds["fixed"]
 
 
 def main() -> None:
@@ -174,7 +197,8 @@ def main() -> None:
     parser.add_argument("--precisions", default="bf16", help="comma-separated: bf16, fp32")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="off")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=7, help="round-robin rounds (the median is over them)")
+    parser.add_argument("--block", type=int, default=3, help="steps per configuration per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--data-fed", action="store_true", help="also measure the data stall ratio")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
@@ -191,8 +215,8 @@ def main() -> None:
     rows, flops = benchmark_rows(args, shape, batch_size, device)
     peak = peak_flops()
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{args.preset} {shape}, batch {batch_size}, on {where}; median of {args.steps} steps after "
-          f"{args.warmup}; {flops / 1e9:.2f} GFLOP per training image")
+    print(f"\n{args.preset} {shape}, batch {batch_size}, on {where}; interleaved, median of {args.rounds} blocks "
+          f"of {args.block} steps after {args.warmup}; {flops / 1e9:.2f} GFLOP per training image")
     print(f"{'configuration':<44} {'images/s':>10} {'vs timm':>8} {'MFU':>7} {'peak GB':>8}")
     for name, ips, base, memory in rows:
         mfu = f"{flops * ips / peak:.1%}" if peak else "-"
