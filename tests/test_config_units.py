@@ -169,3 +169,10 @@ def test_overrides_from_the_command_line_are_the_only_text() -> None:
     with pytest.raises(ConfigError, match="^optim.lr: "):
         load_config(None, ["run.steps=3", "optim.lr=fast"])
 
+
+
+def test_the_base_width_docstring_states_the_default_the_code_uses() -> None:
+    from mutransfer.models.parametrization import DEFAULT_BASE_WIDTH
+    from mutransfer.train.config import ModelSection
+
+    assert f"default, {DEFAULT_BASE_WIDTH}." in _field_docstrings(ModelSection)["base_width"]

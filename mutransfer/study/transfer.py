@@ -8,7 +8,7 @@ Two rules pick the target's settings from the proxies of the target's parametriz
   (`fit.flat_where_insignificant`), so that noise is not carried over many doublings. The prediction comes
   with its standard error and with how many doublings it extrapolates; a significant trend, a target far
   beyond the proxies and optima on a grid edge are warned about.
-- `largest`: the best grid point of the largest proxy (the rule before fitted optima existed).
+- `largest`: the best grid point of the largest proxy (no fit: robust when a curve is too flat or too coarse to fit).
 
 The target config records the rule and the prediction under `tracking.params`, so the target's MLflow run
 says how its lr was chosen.

@@ -75,7 +75,7 @@ class ModelSection(Section):
     """Residual exponent in [1/2, 1] (branches are multiplied by m_L ** -alpha); None: 1/2 for depth_mup,
     1 for completep. Only for depth_mup and completep."""
     base_width: int | None = None
-    """Width at which every multiplier is 1 (the proxies' tuning width); None: the parametrization's (256)."""
+    """Width at which every multiplier is 1 (the proxies' tuning width); None: the parametrization's default, 128."""
     base_depth: int | None = None
     """Depth at which every multiplier is 1; None: the parametrization's default."""
     readout_multiplier: float | None = None
