@@ -9,10 +9,14 @@ of the training curves. Metric names keep MLflow's `system/` prefix, which the U
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Any
 
 PREFIX = "system/"
+# MLflow says at INFO, for every run, that it found no GPU to monitor: on a CPU sweep, one line per trial
+# between the progress updates. What it skips is visible in the metrics themselves.
+logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
 
 
 class SystemMetrics:
