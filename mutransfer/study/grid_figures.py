@@ -276,7 +276,7 @@ def heatmap(
     ax.set_yticks(range(len(momentum_grid)), [f"{m:g}" for m in momentum_grid])
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("momentum")
-    label, width, depth = shape
+    label, width, depth = shape[:3]
     ax.set_title(f"{study}: {label}, width {width}, depth {depth}\n{metric} (grey x = diverged or failed, "
                  f"red = optimum, best over weight decay)", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric, extend="max" if minimised else "min")

@@ -143,7 +143,7 @@ def _log_numbers(client, run_id: str, fits: dict[Shape, ShapeFit], trends: dict[
         return _file_name(label.replace("+", "_"))
 
     values: dict[str, float] = {}
-    for (label, width, depth), f in fits.items():
+    for (label, width, depth, *_), f in fits.items():
         key = f"optimum/{name(label)}/w{width}_d{depth}"
         values.update({f"{key}/log2_lr": f.lr.x, f"{key}/log2_lr_spread": f.lr.spread, f"{key}/value": f.lr.value,
                        f"{key}/on_edge": float(bool(f.lr.edges))})
@@ -237,7 +237,7 @@ def _write_figures(a: _Analysed, out: Path) -> list[Path]:
         a.metric, "momentum", float, f"{a.study}: {a.metric} vs momentum, at each shape's best lr"
         + ("" if len(momentum_grid) > 1 else " (the study used a single momentum)"), files[2])
     for shape, points in sorted(a.per_shape.items()) if several else ():
-        label, width, depth = shape
+        label, width, depth = shape[:3]
         files.append(out / f"heatmap_{_file_name(label)}_w{width}_d{depth}.png")
         heatmap(shape, lr_momentum_grid(points, a.metric), a.optima.get(shape), lr_grid, momentum_grid, a.metric,
                  y_range, a.study, files[-1])

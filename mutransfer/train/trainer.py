@@ -290,7 +290,7 @@ def _start_tracking(run: Run, model: torch.nn.Module) -> None:
     cfg, state = run.cfg, run.state
     run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0,
                           fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s)
-    run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name, run_tags(cfg, model),
+    run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name, run_tags(cfg, model, run.world_size, run.total_steps),
                                           parent_run_id=cfg.tracking.parent_run_id,
                                           run_id=state.mlflow_run_id or cfg.tracking.continue_run_id)
     if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
