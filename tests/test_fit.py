@@ -156,7 +156,7 @@ def test_bigger_must_be_better_or_the_study_is_flagged() -> None:
 def test_transfer_extrapolates_the_trend_to_the_target() -> None:
     trials = planted_trials("mup", -0.5)
     prediction = predict(trials, "final/eval_loss", "mup", {"width": 32.0, "depth": 64.0})
-    assert prediction.extrapolation == {"width": 0.0, "depth": 2.0}
+    assert prediction.extrapolation == {"width": 0.0, "depth": 2.0, "batch": 0.0, "length": 0.0}
     assert prediction.log2_lr == pytest.approx(-5.0 - 0.5 * 5, abs=0.15)  # log2(64 / 2) = 5 doublings
     assert 0 < prediction.log2_lr_error < 0.2
     assert any("moves with depth" in w for w in prediction.warnings)
