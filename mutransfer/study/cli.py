@@ -208,10 +208,13 @@ def report_command(args: argparse.Namespace) -> int:
     print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
     for file in result["files"]:
         print(f"  {file}")
-    for trend in result["trends"].values():
+    from .holdout import sentence
+
+    for label, trend in result["trends"].items():
         print("  " + analysis.summary_sentence(trend))
         for axis, verdict in trend.verdicts.items():
             print("    " + analysis.axis_sentence(verdict, trend.sizes[axis]))
+        print("    " + sentence(result["heldout"].get(label, [])))
     if result["artifact_uri"]:
         print(f"logged to run {result['parent_run_id']} under {ARTIFACT_PATH}/ ({result['artifact_uri']})")
     return 0
