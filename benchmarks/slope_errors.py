@@ -64,7 +64,7 @@ def resample(trials: list[Trial], rng: np.random.Generator) -> list[Trial]:
 
 def measure(path: Path, resamples: int) -> list[dict[str, str]]:
     trials = read_trials(path)
-    metric = next(iter(trials[0].metrics), analysis.__name__)
+    metric = next(name for t in trials for name in t.metrics)
     base = laws(trials, metric)
     rng = np.random.default_rng(0)
     boot: dict[tuple[str, str, int], list[float]] = {}
@@ -76,17 +76,17 @@ def measure(path: Path, resamples: int) -> list[dict[str, str]]:
     rows = []
     for label, (seeds, mean) in base.items():
         for axis in seeds.axes:
-            def spread(which: int) -> float:
-                values = boot.get((label, axis, which), [])
-                return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-
             rows.append({"study": path.parent.name, "parametrization": label, "axis": axis,
                          "seeds_slope": f"{seeds.slopes[axis]:+.3f}", "seeds_analytic": f"{seeds.errors[axis]:.3f}",
-                         "seeds_bootstrap": f"{spread(0):.3f}",
+                         "seeds_bootstrap": f"{_spread(boot.get((label, axis, 0), [])):.3f}",
                          "mean_slope": f"{mean.slopes[axis]:+.3f}" if mean else "",
                          "mean_analytic": f"{mean.errors[axis]:.3f}" if mean else "",
-                         "mean_bootstrap": f"{spread(1):.3f}"})
+                         "mean_bootstrap": f"{_spread(boot.get((label, axis, 1), [])):.3f}"})
     return rows
+
+
+def _spread(values: list[float]) -> float:
+    return float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
 
 
 def main() -> None:

@@ -280,3 +280,47 @@ def test_runs_recorded_before_the_batch_and_length_tags_are_read_from_their_logg
     uri = _store(tmp_path, with_values(base, {"optim.accumulation": 2}), LENGTHS[:1], drop="mutransfer.batch_size")
     trials = load_trials(client_for(uri), STUDY)
     assert trials and all(t.spec.batch_size == 32 for t in trials)  # data.batch_size 16 x accumulation 2 x 1
+
+
+# --- the study's shapes ---------------------------------------------------------------------------------
+BASE = "run: {steps: 1}\ndata: {batch_size: 16}\nmodel: {head_dim: 16}\n"
+
+
+def _study(tmp_path: Path, shapes: dict, base: str = BASE) -> Path:
+    import yaml
+
+    (tmp_path / "base.yaml").write_text(base)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump({"study": {"name": "s", "base_config": "base.yaml", "steps": 50},
+                                    "shapes": {"widths": [32], "depths": [2], **shapes}, "grid": {"lr": [0.01]}}))
+    return path
+
+
+def test_lengths_in_samples_or_epochs_become_steps_per_batch(tmp_path: Path) -> None:
+    from mutransfer.study.config import load_study
+
+    by_samples = load_study(_study(tmp_path, {"batch_sizes": [16, 64], "samples": [6400]}))
+    assert [(s.batch_size, s.steps) for s in by_samples.shape_list()] == [(16, 400), (64, 100)]
+    default = load_study(_study(tmp_path, {}))
+    assert [(s.batch_size, s.steps) for s in default.shape_list()] == [(16, 50)]  # the base's batch, study.steps
+    epochs = load_study(_study(tmp_path, {"batch_sizes": [32], "epochs": [2]},
+                               "run: {steps: 1}\ndata: {batch_size: 16, train_num_samples: 1000}\n"
+                               "model: {head_dim: 16}\n"))
+    assert [s.steps for s in epochs.shape_list()] == [62]  # 2 x 1000 / 32 = 62.5, rounded to a whole step
+    trial = by_samples.trials()[-1]
+    cfg = trial.run_config(by_samples.base_run_config(), ranks=2)
+    assert (cfg.data.batch_size, cfg.run.steps, cfg.run.epochs) == (32, 100, None)  # 64 over 2 ranks
+    assert "_b64_t100_" in trial.key and trial.shape == (trial.parametrization, 32, 2, 64, 100)
+
+
+@pytest.mark.parametrize("shapes, message", [
+    ({"batch_sizes": [48], "samples": [1000]}, "not a whole number of batches"),
+    ({"steps": [10], "samples": [100]}, "one unit"),
+    ({"list": [{"parametrization": "mup", "width": 8, "depth": 2, "steps": 5, "epochs": 1}]}, "one of steps"),
+])
+def test_bad_lengths_are_config_errors(tmp_path: Path, shapes: dict, message: str) -> None:
+    from mutransfer.errors import ConfigError
+    from mutransfer.study.config import load_study
+
+    with pytest.raises(ConfigError, match=message):
+        load_study(_study(tmp_path, shapes))
