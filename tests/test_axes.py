@@ -324,3 +324,11 @@ def test_bad_lengths_are_config_errors(tmp_path: Path, shapes: dict, message: st
 
     with pytest.raises(ConfigError, match=message):
         load_study(_study(tmp_path, shapes))
+
+
+def test_the_verdict_is_about_width_and_depth_and_says_how_length_moves_the_optimum() -> None:
+    shapes = [(32, d, 64, s) for d in (2, 4, 8) for s in (100, 400, 1600)]
+    trend = law(planted({"length": -0.22}, shapes, noise=0.01))
+    assert trend.verdicts["length"].outcome == "drifts" and trend.transfers is True
+    sentence = analysis.summary_sentence(trend)
+    assert sentence.startswith("depth_mup+fle0.5: transfers") and "moves with length (-0.22" in sentence

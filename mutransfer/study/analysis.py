@@ -24,6 +24,7 @@ from .trial import Shape
 
 Point = tuple[float, float, float]  # (lr, momentum, weight_decay)
 AXES = ("width", "depth", "batch", "length")
+SHAPE_AXES = ("width", "depth")  # what a parametrization promises to transfer across
 SAMPLES, STEPS = "samples", "steps"  # the units a length is measured in
 
 
@@ -253,8 +254,10 @@ class ParamTrend:
 
     @property
     def transfers(self) -> bool | None:
-        """True when every varying axis holds, False when any drifts, None otherwise (or nothing varies)."""
-        outcomes = {v.outcome for v in self.verdicts.values()}
+        """True when every varying shape axis (width, depth: what a parametrization promises) holds, False
+        when any drifts, None otherwise (or neither varies). Batch and length move the optimum under every
+        parametrization; the law extrapolates them and `schedule_sentence` says how."""
+        outcomes = {v.outcome for a, v in self.verdicts.items() if a in SHAPE_AXES}
         if "drifts" in outcomes:
             return False
         return True if outcomes == {"holds"} else None
@@ -362,16 +365,26 @@ def summary_sentence(trend: ParamTrend) -> str:
     worse = [axis for axis, better in trend.bigger_is_better.items() if not better]
     caveat = (f" Warning: the loss at the optimum does not fall with {' and '.join(worse)}, so this study cannot "
               "judge transfer along it." if worse else "")
-    drifting = [v for v in trend.verdicts.values() if v.outcome == "drifts"]
+    drifting = [v for a, v in trend.verdicts.items() if v.outcome == "drifts" and a in SHAPE_AXES]
     if trend.transfers:
         head = f"{trend.parametrization}: transfers (every slope within {TOLERANCE_PER_DOUBLING:.2f} log2 per doubling)."
     elif drifting:
         parts = [f"{v.axis} {v.slope:+.2f} log2 per doubling" for v in drifting]
         head = f"{trend.parametrization}: drifts ({', '.join(parts)}): tune at the target's size or extrapolate."
-    elif not trend.verdicts:
-        head = f"{trend.parametrization}: one proxy size only, nothing to compare."
+    elif not any(a in SHAPE_AXES for a in trend.verdicts):
+        head = f"{trend.parametrization}: one proxy width and depth only, nothing to compare."
     else:
         head = f"{trend.parametrization}: cannot tell yet (the slopes' errors exceed the tolerance): add seeds."
     edges = (f" {trend.edge_optima} of {trend.observations} seed optima sit on a grid edge (bounds, not fits): "
              "widen the lr grid." if trend.edge_optima else "")
-    return head + edges + caveat
+    return head + schedule_sentence(trend) + edges + caveat
+
+
+def schedule_sentence(trend: ParamTrend) -> str:
+    """' The optimum moves with length (-0.22 +- 0.03 log2 per doubling): transfer extrapolates it.' for the
+    batch and length axes whose slope is significant; '' otherwise."""
+    moving = [v for a, v in trend.verdicts.items() if a not in SHAPE_AXES and abs(v.slope) > 2 * v.error]
+    if not moving:
+        return ""
+    parts = [f"{v.axis} ({v.slope:+.2f} +- {v.error:.2f} log2 per doubling)" for v in moving]
+    return f" The optimum moves with {' and '.join(parts)}: transfer extrapolates it to the target's."
