@@ -283,7 +283,7 @@ def test_runs_recorded_before_the_batch_and_length_tags_are_read_from_their_logg
 
 
 # --- the study's shapes ---------------------------------------------------------------------------------
-BASE = "run: {steps: 1}\ndata: {batch_size: 16}\nmodel: {head_dim: 16}\n"
+BASE = "run: {steps: 1}\ndata: {batch_size: 16}\nmodel: {head_dim: 16}\noptim: {warmup_steps: 5}\n"
 
 
 def _study(tmp_path: Path, shapes: dict, base: str = BASE) -> Path:
@@ -317,6 +317,7 @@ def test_lengths_in_samples_or_epochs_become_steps_per_batch(tmp_path: Path) -> 
     ({"batch_sizes": [48], "samples": [1000]}, "not a whole number of batches"),
     ({"steps": [10], "samples": [100]}, "one unit"),
     ({"list": [{"parametrization": "mup", "width": 8, "depth": 2, "steps": 5, "epochs": 1}]}, "one of steps"),
+    ({"steps": [4, 100]}, "shorter than the base config's optim.warmup_steps 5"),
 ])
 def test_bad_lengths_are_config_errors(tmp_path: Path, shapes: dict, message: str) -> None:
     from mutransfer.errors import ConfigError
