@@ -333,3 +333,14 @@ def test_the_verdict_is_about_width_and_depth_and_says_how_length_moves_the_opti
     assert trend.verdicts["length"].outcome == "drifts" and trend.transfers is True
     sentence = analysis.summary_sentence(trend)
     assert sentence.startswith("depth_mup+fle0.5: transfers") and "moves with length (-0.22" in sentence
+
+
+def test_a_swept_weight_decay_follows_its_fitted_law() -> None:
+    trials = []
+    for base in planted({"length": -0.22}, LENGTHS[:3]):
+        for wd, penalty in ((0.01, 0.05), (0.1, 0.0), (1.0, 0.2)):  # 0.1 best at every shape
+            spec = TrialSpec(*base.spec.shape, lr=base.spec.lr, momentum=0.9, weight_decay=wd, seed=base.spec.seed)
+            trials.append(Trial(spec.key, spec.key, "proxy", spec, "finished",
+                                {METRIC: base.metrics[METRIC] + penalty}))
+    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    assert prediction.weight_decay == pytest.approx(0.1) and "fitted law" in prediction.weight_decay_rule
