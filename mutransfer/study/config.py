@@ -134,9 +134,6 @@ def _shape(base: RunConfig, label: str, width: int, depth: int, batch: int, leng
         steps = int(value) // batch
     else:
         steps = max(1, round(value * samples_per_epoch(base) / batch))
-    if base.optim.warmup_steps > steps:  # the schedule of every length is warmup, then decay to its own end
-        raise ConfigError("shapes", f"a trial of {steps} steps (batch {batch}) is shorter than the base config's "
-                          f"optim.warmup_steps {base.optim.warmup_steps}: shorten the warmup or lengthen the trial")
     return Shape(label, width, depth, batch, steps)
 
 
