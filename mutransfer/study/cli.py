@@ -53,8 +53,9 @@ def register_transfer(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--experiment", default=None)
     t.add_argument("--num-gpus", type=int, default=8, help="GPUs in the printed deepspeed command")
     t.add_argument("--ranks", type=int, default=None,
-                   help="data-parallel ranks the target trains on (default --num-gpus; for several nodes, nodes x "
-                        "GPUs): its global batch is data.batch_size x optim.accumulation x ranks")
+                   help="data-parallel ranks the target trains on (default --num-gpus, or 1 with --launch --launcher "
+                        "inprocess; for several nodes, nodes x GPUs): its global batch is data.batch_size x "
+                        "optim.accumulation x ranks")
     t.add_argument("--assume", action="append", default=[], metavar="AXIS=RULE",
                    help="a documented rule for an axis the study did not vary: length=measured|flat|SLOPE, "
                         "batch=measured|sqrt|flat|SLOPE (slopes in log2 lr per doubling; docs/results.md)")
@@ -169,8 +170,9 @@ def transfer_command(args: argparse.Namespace) -> int:
         check_target_exists(args.target)
         if args.ranks is not None and args.ranks < 1:
             raise ValueError(f"--ranks must be at least 1, got {args.ranks}")
+        ranks = args.ranks or (1 if args.launch and args.launcher == "inprocess" else None)  # in-process: one rank
         plan = plan_transfer(args.study, args.target, args.out, args.metric, args.tracking_uri, args.experiment,
-                             args.num_gpus, args.overrides, args.rule, args.ranks, args.assume,
+                             args.num_gpus, args.overrides, args.rule, ranks, args.assume,
                              args.keep_beta2_half_life)
     except (ConfigError, ValueError) as err:
         raise UsageError(str(err)) from err
