@@ -84,8 +84,8 @@ class Prediction:
                "transfer.log2_lr": f"{self.log2_lr:.4f}", "transfer.log2_lr_error": f"{self.log2_lr_error:.4f}",
                "transfer.momentum": repr(self.momentum), "transfer.weight_decay": repr(self.weight_decay),
                "transfer.weight_decay_rule": self.weight_decay_rule[:400],
-               "transfer.target_batch": f"{self.target['batch']:g}", "transfer.length_unit": self.length_unit,
-               "transfer.target_length": f"{self.target['length']:g}"}
+               "transfer.target_batch": f"{self.target['batch']:.0f}", "transfer.length_unit": self.length_unit,
+               "transfer.target_length": f"{self.target['length']:.0f}"}
         out.update({f"transfer.doublings_{axis}": f"{d:.2f}" for axis, d in self.extrapolation.items()})
         if self.trend:
             out.update({f"transfer.slope_{a}": f"{v.slope:.4f}+-{v.error:.4f}" for a, v in self.trend.verdicts.items()})
