@@ -1,7 +1,7 @@
 """The names under which mutransfer records runs in MLflow, and the statuses a run or a study can end in.
 
-Every run the trainer records carries the `mutransfer.*` tags below (the trainer sets the shape and
-hyperparameter tags; a sweep adds the study, trial key, weight decay and seed; `transfer` adds the rule).
+Every run the trainer records carries the `mutransfer.*` tags below (the trainer sets the shape, batch,
+length and hyperparameter tags; a sweep adds the study and trial key; `transfer` adds the rule).
 `study.store` reads them back. A leaf module: it imports nothing of ours.
 """
 
@@ -29,6 +29,12 @@ MOMENTUM = "mutransfer.momentum"
 """SGD momentum or Adam beta1, whichever the optimizer uses."""
 WEIGHT_DECAY = "mutransfer.weight_decay"
 SEED = "mutransfer.seed"
+BATCH_SIZE = "mutransfer.batch_size"
+"""Global batch: samples per optimizer step (per-rank batch x accumulation x data-parallel ranks)."""
+STEPS = "mutransfer.steps"
+"""Training length in optimizer steps (the whole schedule's, epochs turned into steps)."""
+SAMPLES = "mutransfer.samples"
+"""Training length in samples: steps x global batch."""
 TRANSFER_RULE = "mutransfer.transfer_rule"
 """How `mutransfer transfer` chose the target's lr (trend or largest)."""
 EXPERIMENT_KIND = "mlflow.experimentKind"

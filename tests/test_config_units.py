@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from mutransfer.data import DataConfig
 from mutransfer.errors import ConfigError
@@ -110,7 +111,9 @@ def test_study_sections_raise_with_the_dotted_key(tmp_path: Path) -> None:
     base.write_text("run: {steps: 1}\n")
     good = {"study": {"name": "s", "base_config": str(base)}, "shapes": {"widths": [64], "depths": [2]},
             "grid": {"lr": [0.01]}}
-    assert build_section(study_config.StudyConfig, good).trials()
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(good))
+    assert study_config.load_study(study_file).trials()
     for change, key in ((("grid", "momentum", [1.0]), "grid.momentum"), (("study", "steps", 0), "study.steps"),
                         (("shapes", "parametrizations", ["mup+bogus1"]), "shapes.parametrizations"),
                         (("grid", "lr", {"min_log2": 1}), "grid.lr")):

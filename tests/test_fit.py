@@ -131,7 +131,7 @@ def planted_trials(label: str, depth_slope: float, seeds: int = 3, noise: float 
             for lr in LR_GRID:
                 value = parabola(math.log2(lr), centre, 0.8 + loss_slope * math.log2(depth)) + rng.normal(0, noise)
                 trials.append(Trial(f"{label}-{depth}-{lr}-{seed}", f"k{depth}{lr}{seed}", "proxy",
-                                    TrialSpec(label, 32, depth, lr, 0.9, 0.0, seed), "finished",
+                                    TrialSpec(label, 32, depth, 64, 100, lr, 0.9, 0.0, seed), "finished",
                                     {"final/eval_loss": value}))
     return trials
 
@@ -156,7 +156,7 @@ def test_bigger_must_be_better_or_the_study_is_flagged() -> None:
 def test_transfer_extrapolates_the_trend_to_the_target() -> None:
     trials = planted_trials("mup", -0.5)
     prediction = predict(trials, "final/eval_loss", "mup", {"width": 32.0, "depth": 64.0})
-    assert prediction.extrapolation == {"width": 0.0, "depth": 2.0}
+    assert prediction.extrapolation == {"width": 0.0, "depth": 2.0, "batch": 0.0, "length": 0.0}
     assert prediction.log2_lr == pytest.approx(-5.0 - 0.5 * 5, abs=0.15)  # log2(64 / 2) = 5 doublings
     assert 0 < prediction.log2_lr_error < 0.2
     assert any("moves with depth" in w for w in prediction.warnings)
@@ -188,11 +188,11 @@ def test_momentum_is_fitted_in_log2_one_minus_beta() -> None:
             for momentum in (0.5, 0.75, 0.875, 0.9375):
                 value = parabola(math.log2(lr), -5.0) + 0.2 * (math.log2(1 - momentum) + 2.6) ** 2
                 trials.append(Trial("r", f"{depth}{lr}{momentum}", "proxy",
-                                    TrialSpec("sgdp", 32, depth, lr, momentum, 0.0, 0), "finished",
+                                    TrialSpec("sgdp", 32, depth, 64, 100, lr, momentum, 0.0, 0), "finished",
                                     {"final/eval_loss": value}))
     fits = analysis.fit_shapes(trials, "final/eval_loss")
     assert all(f.momentum.x == pytest.approx(-2.6, abs=1e-6) for f in fits.values())
-    assert fits[("sgdp", 32, 2)].momentum_value == pytest.approx(1 - 2**-2.6)
+    assert fits[("sgdp", 32, 2, 64, 100)].momentum_value == pytest.approx(1 - 2**-2.6)
 
 
 def test_parametrization_labels_round_trip() -> None:
@@ -232,7 +232,7 @@ def test_a_study_label_becomes_typed_model_values_of_the_trial() -> None:
     from mutransfer.train.config import RunConfig, RunSection
 
     base = RunConfig(run=RunSection(steps=1))
-    trial = TrialSpec("depth_mup+fle0.5", 128, 4, 2.0**-7, 0.8, 0.0, 1)
+    trial = TrialSpec("depth_mup+fle0.5", 128, 4, 64, 10, 2.0**-7, 0.8, 0.0, 1)
     cfg = trial.run_config(base)
     assert (cfg.model.parametrization, cfg.model.first_layer_lr_exponent) == ("depth_mup", 0.5)
     assert (cfg.model.width, cfg.model.depth, cfg.optim.lr, cfg.run.seed) == (128, 4, 2.0**-7, 1)

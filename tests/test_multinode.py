@@ -351,7 +351,7 @@ def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
         "grid": {"lr": [1e-3, 1e-2, 1e-1], "momentum": [0.9]},
         "seeds": [0],
     }))
-    keys = [trial.key for trial in load_study(study).trials()]
+    keys = [trial.key for trial in load_study(study, ["study.steps=3"]).trials()]  # a key names its length
     code, _, err = cli("sweep", "--config", str(study), "--slurm", "--tracking-uri", uri)
     assert code == 2 and "needs an MLflow tracking server" in err
     code, _, err = cli("sweep", "--config", str(study), "--trial-index", "3", "--tracking-uri", uri)
@@ -388,9 +388,9 @@ def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
         history = client.get_metric_history(trials[0].run_id, "train/loss")
         assert max(m.step for m in history) == 3  # the override study.steps=3 reached the task
 
-        # written again, the array holds only what is left
+        # written again (at the same length: another length is another trial), the array holds what is left
         code, out, err = cli("sweep", "--config", str(study), "--slurm", "--tracking-uri", server.url,
-                             "--script", str(script))
+                             "--script", str(script), "study.steps=3")
         assert code == 0, err
         assert "#SBATCH --array=0,2\n" in script.read_text() and "2 of 3 trials" in out
 

@@ -65,7 +65,8 @@ def log_trial(client: MlflowClient, experiment: str, parent_id: str, shape: tupl
         "mutransfer.trial_key": key, "mutransfer.role": "proxy", "mutransfer.width": str(width),
         "mutransfer.depth": str(depth), "mutransfer.parametrization": param,
         "mutransfer.lr": repr(2.0 ** log2_lr), "mutransfer.momentum": repr(momentum),
-        "mutransfer.weight_decay": "0.0", "mutransfer.seed": str(seed),
+        "mutransfer.weight_decay": "0.0", "mutransfer.seed": str(seed), "mutransfer.batch_size": "64",
+        "mutransfer.steps": "100",
         "mutransfer.status": "diverged" if diverged else "finished",
     })
     value = 0.01 if diverged else loss(shape, log2_lr, momentum, seed)

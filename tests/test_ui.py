@@ -40,7 +40,10 @@ def build_study(root: Path) -> tuple[str, str, str, list[str]]:
     for lr in ("0.001", "0.002"):
         run = client.create_run(experiment, tags={
             "mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY, "mutransfer.role": "proxy",
-            "mutransfer.trial_key": f"t-{lr}", "mutransfer.lr": lr, "mutransfer.status": "finished"})
+            "mutransfer.trial_key": f"t-{lr}", "mutransfer.lr": lr, "mutransfer.status": "finished",
+            "mutransfer.variant": "mup", "mutransfer.width": "32", "mutransfer.depth": "2",
+            "mutransfer.batch_size": "32", "mutransfer.steps": "10", "mutransfer.momentum": "0.9",
+            "mutransfer.weight_decay": "0.0", "mutransfer.seed": "0"})
         client.log_metric(run.info.run_id, "final/eval_loss", float(lr) * 1000)
         trials.append(run.info.run_id)
     client.create_run(experiment, tags={"mutransfer.study": "another-study", "mutransfer.role": "study"})

@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-width", type=int, default=None)
     p.add_argument("--base-depth", type=int, default=None)
     p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--first-layer-lr-exponent", type=float, default=None)
+    p.add_argument("--first-layer-lr-exponent", type=float, default=None,
+                   help="LR of qkv / fc1 times m_L ** this (default 0: a name alone means its plain knobs)")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--patch-size", type=int, default=8, help="ViT models only")
     p.add_argument("--head-dim", type=int, default=None, help="ViT models only (default 64; width / heads)")

@@ -151,10 +151,11 @@ NAMES = tuple(_NAMED_ALPHA)
 
 # The product's default for ViTs, from the transfer studies in docs/results.md: depth_mup with the first layer
 # of every two-layer branch (qkv, fc1) at lr x sqrt(m_L). The only variant whose optimal lr held over width x8
-# and showed no significant drift over depth 4 -> 16, and the lowest loss of the deep proxies.
+# and showed no significant drift over depth 4 -> 16, and the lowest loss of the deep proxies. What a model
+# gets when no parametrization is named; a name alone always means its knobs at their plain values
+# (`depth_mup` is alpha 1/2 with first_layer_lr_exponent 0, in a run config as in a study label).
 RECOMMENDED = "depth_mup"
-# first_layer_lr_exponent when a name is given without one (the NFD correction applies to alpha = 1/2 only)
-DEFAULT_FIRST_LAYER_LR_EXPONENT = {"depth_mup": 0.5}
+RECOMMENDED_KNOBS = {"first_layer_lr_exponent": 0.5}
 
 DEFAULT_BASE_WIDTH = 128
 DEFAULT_BASE_DEPTH = 4
@@ -311,14 +312,13 @@ def resolve_parametrization(
 ) -> Parametrization:
     """A Parametrization from a name or an instance, with keyword overrides (None means keep).
 
-    No name means `RECOMMENDED`; a name without `first_layer_lr_exponent` gets the name's default
-    (`DEFAULT_FIRST_LAYER_LR_EXPONENT`: 0.5 for depth_mup, else 0).
+    No name means `RECOMMENDED` with `RECOMMENDED_KNOBS` (depth_mup, first_layer_lr_exponent 0.5); a name means
+    that name with its knobs at their plain values (first_layer_lr_exponent 0), as in a study label.
     """
+    fields = {k: v for k, v in overrides.items() if v is not None}
     if parametrization is None:
-        parametrization = RECOMMENDED
+        return Parametrization(name=RECOMMENDED, **{**RECOMMENDED_KNOBS, **fields})
     if isinstance(parametrization, str):
-        fields = {k: v for k, v in overrides.items() if v is not None}
-        fields.setdefault("first_layer_lr_exponent", DEFAULT_FIRST_LAYER_LR_EXPONENT.get(parametrization, 0.0))
         return Parametrization(name=parametrization, **fields)
     if isinstance(parametrization, Parametrization):
         return parametrization.with_overrides(**overrides)

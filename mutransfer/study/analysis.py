@@ -2,21 +2,30 @@
 
 Grid view (`optimum_per_shape`, `shifts`): the best grid point of the seed-averaged curves, for plots and
 `transfer --from largest`. Fitted view (`fit_shapes`, `trends`): each seed's optimum fitted between grid
-points (`fit.fit_optimum`), averaged over seeds, and per parametrization the least-squares trend of the
-optimum against log2(width) and log2(depth), judged by `AxisVerdict` against a tolerance per doubling.
+points (`fit.fit_optimum`), and the seed-averaged curve's optimum; per parametrization one law, fitted jointly
+over every shape and seed: the optimum's log2(lr) linear in log2 of each axis the study varied (width, depth,
+global batch, training length), each slope judged by `AxisVerdict` against a tolerance per doubling, with its
+analytic standard error and a bootstrap over seeds as a check.
+
+Length is measured in samples, except where the study varied the batch at a fixed number of steps: there it
+is measured in steps, so that the batch slope means "at fixed steps" (in samples the two would be one axis).
+At a fixed batch the two units give the same length slope.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import fit
 from .store import MAXIMISED, Trial
+from .trial import Shape
 
-Shape = tuple[str, int, int]  # (parametrization, width, depth)
 Point = tuple[float, float, float]  # (lr, momentum, weight_decay)
+AXES = ("width", "depth", "batch", "length")
+SHAPE_AXES = ("width", "depth")  # what a parametrization promises to transfer across
+SAMPLES, STEPS = "samples", "steps"  # the units a length is measured in
 
 
 @dataclass(frozen=True)
@@ -69,9 +78,23 @@ def optimum_per_shape(trials: list[Trial], metric: str) -> dict[Shape, Optimum]:
     return dict(sorted(out.items()))
 
 
-def proxy_size(shape: Shape) -> tuple[int, int, int]:
-    """Order of proxy shapes: width x depth, then width, then depth."""
-    return (shape[1] * shape[2], shape[1], shape[2])
+def proxy_size(shape: Shape) -> tuple[int, ...]:
+    """Order of proxy shapes: width x depth, then width, then depth, then length in samples, then batch."""
+    return (shape.width * shape.depth, shape.width, shape.depth, shape.samples, shape.batch_size)
+
+
+def length_unit(shapes: list[Shape]) -> str:
+    """steps where the batch varies at one number of steps (the batch slope is then 'at fixed steps'), else
+    samples."""
+    if len({s.batch_size for s in shapes}) > 1 and len({s.steps for s in shapes}) == 1:
+        return STEPS
+    return SAMPLES
+
+
+def axis_sizes(shape: Shape, unit: str = SAMPLES) -> dict[str, float]:
+    """{axis: size} of a shape, its length in `unit`."""
+    return {"width": shape.width, "depth": shape.depth, "batch": shape.batch_size,
+            "length": shape.samples if unit == SAMPLES else shape.steps}
 
 
 def reference_shape(shapes: list[Shape], parametrization: str) -> Shape | None:
@@ -99,6 +122,8 @@ class ShapeFit:
     momentum: fit.SeedSummary | None  # None when the study used one momentum
     momentum_grid_value: float  # the momentum the lr curves were read at when not fitted
     weight_decay: float
+    seed_ids: tuple[int, ...] = ()  # the seed of each of lr.per_seed
+    mean_curve: fit.CurveOptimum | None = None  # the optimum of the seed-averaged lr curve
 
     @property
     def lr_value(self) -> float:
@@ -145,13 +170,23 @@ def fit_shapes(trials: list[Trial], metric: str) -> dict[Shape, ShapeFit]:
         by_seed[t.shape][t.spec.seed][t.spec.point] = sign * t.value(metric)
     out = {}
     for shape, seeds in sorted(by_seed.items()):
-        fits = [f for f in (_fit_seed(points, lr_grid, momentum_grid) for points in seeds.values()) if f]
+        fitted = {seed: _fit_seed(points, lr_grid, momentum_grid) for seed, points in sorted(seeds.items())}
+        fits = [f for f in fitted.values() if f]
         if not fits:
             continue
         lr = fit.SeedSummary(tuple(_signed(f[0], sign) for f in fits))
         momentum = fit.SeedSummary(tuple(_signed(f[1], sign) for f in fits)) if fits[0][1] else None
-        out[shape] = ShapeFit(shape, lr, momentum, fits[0][2][1], fits[0][2][2])
+        mean = _fit_seed(_seed_mean(list(seeds.values())), lr_grid, [])
+        out[shape] = ShapeFit(shape, lr, momentum, fits[0][2][1], fits[0][2][2],
+                              tuple(seed for seed, f in fitted.items() if f), mean and _signed(mean[0], sign))
     return out
+
+
+def _seed_mean(seeds: list[dict[Point, float]]) -> dict[Point, float]:
+    """The seed-averaged values (already signed so that lower is better); a point any seed lacks or diverged
+    at is diverged."""
+    points = set().union(*seeds)
+    return {p: sum(s.get(p, math.inf) for s in seeds) / len(seeds) for p in points}
 
 
 def _signed(optimum: fit.CurveOptimum, sign: float) -> fit.CurveOptimum:
@@ -160,8 +195,7 @@ def _signed(optimum: fit.CurveOptimum, sign: float) -> fit.CurveOptimum:
 
 # --- trends and verdicts ----------------------------------------------------------------------------------
 TOLERANCE_PER_DOUBLING = 0.5 / 3  # 0.5 log2 over x8 (three doublings): the bar a parametrization must meet
-AXES = ("width", "depth")
-AXIS_INDEX = {"width": 1, "depth": 2}  # where each axis sits in a Shape (parametrization, width, depth)
+BOOTSTRAP_RESAMPLES = 400
 
 
 @dataclass(frozen=True)
@@ -170,7 +204,7 @@ class AxisVerdict:
 
     axis: str
     slope: float  # log2 units per doubling
-    error: float  # its standard error
+    error: float  # its standard error (the larger of the analytic one and the bootstrap over seeds)
     doublings: float  # the proxies' range along the axis, in doublings
     outcome: str  # holds | drifts | unclear
 
@@ -195,7 +229,8 @@ def judge(axis: str, slope: float, error: float, doublings: float,
 
 @dataclass(frozen=True)
 class ParamTrend:
-    """One parametrization's proxies: how the fitted lr (and momentum) optimum and its loss move with size."""
+    """One parametrization's proxies: how the fitted lr (and momentum) optimum and its loss move along every
+    axis the study varied, as one law fitted over every shape and seed."""
 
     parametrization: str
     lr: fit.Trend
@@ -206,48 +241,93 @@ class ParamTrend:
     edge_optima: int  # seed optima at a grid edge (bounds, not fits)
     observations: int
     sizes: dict[str, tuple[float, float]]  # axis -> (smallest, largest) proxy
+    length_unit: str = SAMPLES
+    bootstrap_errors: dict[str, float] = field(default_factory=dict)  # per axis, over seeds (nan: < 3 seeds)
+    mean_curve_lr: fit.Trend | None = None  # the law fitted to the seed-averaged curves' optima
 
     @property
     def bigger_is_better(self) -> dict[str, bool]:
-        """Per varying axis: whether the loss at the optimum falls as the proxies grow."""
-        return {axis: slope < 0 for axis, slope in self.loss.slopes.items()}
+        """Per varying axis where it applies (not the batch at a fixed number of samples): whether the loss at
+        the optimum falls as the proxies grow."""
+        return {axis: slope < 0 for axis, slope in self.loss.slopes.items()
+                if axis != "batch" or self.length_unit == STEPS}
 
     @property
     def transfers(self) -> bool | None:
-        """True when every varying axis holds, False when any drifts, None otherwise (or nothing varies)."""
-        outcomes = {v.outcome for v in self.verdicts.values()}
+        """True when every varying shape axis (width, depth: what a parametrization promises) holds, False
+        when any drifts, None otherwise (or neither varies). Batch and length move the optimum under every
+        parametrization; the law extrapolates them and `schedule_sentence` says how."""
+        outcomes = {v.outcome for a, v in self.verdicts.items() if a in SHAPE_AXES}
         if "drifts" in outcomes:
             return False
         return True if outcomes == {"holds"} else None
 
 
-def observations(fits: list[ShapeFit], pick) -> tuple[list[dict[str, float]], list[float]]:
-    """(sizes, values): one observation per seed optimum, `pick(fit)` giving a shape's per-seed values."""
+def observations(fits: list[ShapeFit], pick, unit: str = SAMPLES, seeds: list[int] | None = None
+                 ) -> tuple[list[dict[str, float]], list[float]]:
+    """(sizes, values): one observation per seed optimum, `pick(fit)` giving a shape's per-seed values; with
+    `seeds`, only those seeds' (a seed listed twice counts twice: a bootstrap resample)."""
     sizes, ys = [], []
     for f in fits:
-        for seed_optimum in pick(f):
-            sizes.append({"width": f.shape[1], "depth": f.shape[2]})
-            ys.append(seed_optimum)
+        values = dict(zip(f.seed_ids, pick(f))) if seeds is not None else None
+        for value in pick(f) if seeds is None else [values[s] for s in seeds if s in values]:
+            sizes.append(axis_sizes(f.shape, unit))
+            ys.append(value)
     return sizes, ys
 
 
-def _verdicts(trend: fit.Trend, sizes: dict[str, tuple[float, float]]) -> dict[str, AxisVerdict]:
-    return {axis: judge(axis, trend.slopes[axis], trend.errors[axis], math.log2(sizes[axis][1] / sizes[axis][0]))
+def lr_observations(fits: list[ShapeFit], unit: str, seeds: list[int] | None = None):
+    return observations(fits, lambda f: [o.x for o in f.lr.per_seed], unit, seeds)
+
+
+def bootstrap_errors(fits: list[ShapeFit], unit: str, axes: tuple[str, ...],
+                     resamples: int = BOOTSTRAP_RESAMPLES) -> dict[str, float]:
+    """The spread of each slope over resamples of the seeds (with replacement; a seed keeps all its shapes):
+    what the law's error is when seeds, not single optima, are the independent draws. nan under 3 seeds."""
+    import numpy as np
+
+    seeds = sorted({s for f in fits for s in f.seed_ids})
+    if len(seeds) < 3:
+        return {axis: math.nan for axis in axes}
+    rng = np.random.default_rng(0)
+    slopes: dict[str, list[float]] = {axis: [] for axis in axes}
+    for _ in range(resamples):
+        drawn = [int(s) for s in rng.choice(seeds, size=len(seeds))]
+        trend = fit.fit_trend(*lr_observations(fits, unit, drawn), axes)
+        for axis in axes:
+            slopes[axis].append(trend.slopes.get(axis, math.nan))
+    return {axis: float(np.nanstd(values, ddof=1)) for axis, values in slopes.items()}
+
+
+def _verdicts(trend: fit.Trend, sizes: dict[str, tuple[float, float]],
+              extra_errors: dict[str, float] | None = None) -> dict[str, AxisVerdict]:
+    def error(axis: str) -> float:
+        other = (extra_errors or {}).get(axis, math.nan)
+        return max(trend.errors[axis], other) if math.isfinite(other) else trend.errors[axis]
+
+    return {axis: judge(axis, trend.slopes[axis], error(axis), math.log2(sizes[axis][1] / sizes[axis][0]))
             for axis in trend.axes}
 
 
 def trend_of(parametrization: str, fits: list[ShapeFit]) -> ParamTrend:
-    """Fit the trends of one parametrization's shapes (every seed's optimum is one observation)."""
-    sizes, lr_ys = observations(fits, lambda f: [o.x for o in f.lr.per_seed])
-    lr = fit.fit_trend(sizes, lr_ys)
+    """Fit one parametrization's law over every shape and seed (each seed's optimum is one observation)."""
+    unit = length_unit([f.shape for f in fits])
+    sizes, lr_ys = lr_observations(fits, unit)
+    lr = fit.fit_trend(sizes, lr_ys, AXES)
     momentum = None
     if all(f.momentum for f in fits):
-        momentum = fit.fit_trend(*observations(fits, lambda f: [o.x for o in f.momentum.per_seed]))
-    loss = fit.fit_trend(*observations(fits, lambda f: [o.value for o in f.lr.per_seed]))
-    sizes = {a: (min(f.shape[AXIS_INDEX[a]] for f in fits), max(f.shape[AXIS_INDEX[a]] for f in fits)) for a in AXES}
+        momentum = fit.fit_trend(*observations(fits, lambda f: [o.x for o in f.momentum.per_seed], unit), AXES)
+    loss = fit.fit_trend(*observations(fits, lambda f: [o.value for o in f.lr.per_seed], unit), AXES)
+    means = [f for f in fits if f.mean_curve]
+    mean_curve = fit.fit_trend([axis_sizes(f.shape, unit) for f in means], [f.mean_curve.x for f in means],
+                               lr.axes) if means else None
+    ranges = {a: (min(s[a] for s in sizes), max(s[a] for s in sizes)) for a in AXES}
+    boot = bootstrap_errors(fits, unit, lr.axes)
     return ParamTrend(
-        parametrization, lr, momentum, loss, _verdicts(lr, sizes), _verdicts(momentum, sizes) if momentum else {},
-        edge_optima=sum(1 for f in fits for o in f.lr.per_seed if o.edge), observations=len(lr_ys), sizes=sizes,
+        parametrization, lr, momentum, loss, _verdicts(lr, ranges, boot),
+        _verdicts(momentum, ranges) if momentum else {},
+        edge_optima=sum(1 for f in fits for o in f.lr.per_seed if o.edge), observations=len(lr_ys), sizes=ranges,
+        length_unit=unit, bootstrap_errors=boot, mean_curve_lr=mean_curve,
     )
 
 
@@ -285,16 +365,26 @@ def summary_sentence(trend: ParamTrend) -> str:
     worse = [axis for axis, better in trend.bigger_is_better.items() if not better]
     caveat = (f" Warning: the loss at the optimum does not fall with {' and '.join(worse)}, so this study cannot "
               "judge transfer along it." if worse else "")
-    drifting = [v for v in trend.verdicts.values() if v.outcome == "drifts"]
+    drifting = [v for a, v in trend.verdicts.items() if v.outcome == "drifts" and a in SHAPE_AXES]
     if trend.transfers:
         head = f"{trend.parametrization}: transfers (every slope within {TOLERANCE_PER_DOUBLING:.2f} log2 per doubling)."
     elif drifting:
         parts = [f"{v.axis} {v.slope:+.2f} log2 per doubling" for v in drifting]
         head = f"{trend.parametrization}: drifts ({', '.join(parts)}): tune at the target's size or extrapolate."
-    elif not trend.verdicts:
-        head = f"{trend.parametrization}: one proxy size only, nothing to compare."
+    elif not any(a in SHAPE_AXES for a in trend.verdicts):
+        head = f"{trend.parametrization}: one proxy width and depth only, nothing to compare."
     else:
         head = f"{trend.parametrization}: cannot tell yet (the slopes' errors exceed the tolerance): add seeds."
     edges = (f" {trend.edge_optima} of {trend.observations} seed optima sit on a grid edge (bounds, not fits): "
              "widen the lr grid." if trend.edge_optima else "")
-    return head + edges + caveat
+    return head + schedule_sentence(trend) + edges + caveat
+
+
+def schedule_sentence(trend: ParamTrend) -> str:
+    """' The optimum moves with length (-0.22 +- 0.03 log2 per doubling): transfer extrapolates it.' for the
+    batch and length axes whose slope is significant; '' otherwise."""
+    moving = [v for a, v in trend.verdicts.items() if a not in SHAPE_AXES and abs(v.slope) > 2 * v.error]
+    if not moving:
+        return ""
+    parts = [f"{v.axis} ({v.slope:+.2f} +- {v.error:.2f} log2 per doubling)" for v in moving]
+    return f" The optimum moves with {' and '.join(parts)}: transfer extrapolates it to the target's."

@@ -52,6 +52,15 @@ def register_transfer(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--tracking-uri", default=None)
     t.add_argument("--experiment", default=None)
     t.add_argument("--num-gpus", type=int, default=8, help="GPUs in the printed deepspeed command")
+    t.add_argument("--ranks", type=int, default=None,
+                   help="data-parallel ranks the target trains on (default --num-gpus, or 1 with --launch --launcher "
+                        "inprocess; for several nodes, nodes x GPUs): its global batch is data.batch_size x "
+                        "optim.accumulation x ranks")
+    t.add_argument("--assume", action="append", default=[], metavar="AXIS=RULE",
+                   help="a documented rule for an axis the study did not vary: length=measured|flat|SLOPE, "
+                        "batch=measured|sqrt|flat|SLOPE (slopes in log2 lr per doubling; docs/results.md)")
+    t.add_argument("--keep-beta2-half-life", action="store_true",
+                   help="move Adam's beta2 so that its half-life in samples stays the largest proxy's")
     t.add_argument("--from", dest="rule", choices=("trend", "largest"), default="trend",
                    help="trend: extrapolate the fitted optimum's trend to the target's shape (default); "
                         "largest: the best grid point of the largest proxy")
@@ -161,8 +170,12 @@ def transfer_command(args: argparse.Namespace) -> int:
 
     try:
         check_target_exists(args.target)
+        if args.ranks is not None and args.ranks < 1:
+            raise ValueError(f"--ranks must be at least 1, got {args.ranks}")
+        ranks = args.ranks or (1 if args.launch and args.launcher == "inprocess" else None)  # in-process: one rank
         plan = plan_transfer(args.study, args.target, args.out, args.metric, args.tracking_uri, args.experiment,
-                             args.num_gpus, args.overrides, args.rule)
+                             args.num_gpus, args.overrides, args.rule, ranks, args.assume,
+                             args.keep_beta2_half_life)
     except (ConfigError, ValueError) as err:
         raise UsageError(str(err)) from err
     print(describe(plan, args.metric))
@@ -191,15 +204,21 @@ def report_command(args: argparse.Namespace) -> int:
     if store is not None and not store.exists():  # opening a missing sqlite file would create an empty store
         raise UsageError(f"no MLflow store at {store} ({uri})")
     client = client_for(uri)
-    result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
-                          log_to_parent=not args.no_log)
+    try:
+        result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
+                              log_to_parent=not args.no_log)
+    except ValueError as err:  # a stored run that lacks a field: named, one line
+        raise UsageError(str(err)) from None
     print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
     for file in result["files"]:
         print(f"  {file}")
-    for trend in result["trends"].values():
+    from .holdout import sentence
+
+    for label, trend in result["trends"].items():
         print("  " + analysis.summary_sentence(trend))
         for axis, verdict in trend.verdicts.items():
             print("    " + analysis.axis_sentence(verdict, trend.sizes[axis]))
+        print("    " + sentence(result["heldout"].get(label, [])))
     if result["artifact_uri"]:
         print(f"logged to run {result['parent_run_id']} under {ARTIFACT_PATH}/ ({result['artifact_uri']})")
     return 0

@@ -1,8 +1,11 @@
 """A proxy study: which shapes, which grid, which budget. YAML in, typed sections out.
 
     study:   name, experiment, base_config (a run config), overrides, output_dir, steps, metric
-    shapes:  parametrizations x widths x depths (or an explicit `list` of {parametrization, width, depth});
-             a parametrization is a label: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75
+    shapes:  parametrizations x widths x depths x batch_sizes x lengths (or an explicit `list` of shapes); a
+             parametrization is a label: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75; a
+             batch is global (samples per optimizer step); a length is given in `steps`, `samples` or `epochs`
+             (one of them; none: study.steps) and stored as steps (samples / batch, epochs x the split's size
+             / batch), each length its own run with its own warmup and decay
     grid:    lr (list, or {min_log2, max_log2, step}), momentum (SGD momentum or Adam beta1), weight_decay
     seeds:   [0, ...]
 """
@@ -27,7 +30,7 @@ from mutransfer.typed_config import (
 )
 
 from .store import DEFAULT_METRIC
-from .trial import TrialSpec
+from .trial import Shape, TrialSpec, global_batch, samples_per_epoch
 
 
 @dataclass
@@ -45,7 +48,7 @@ class StudySection(Section):
     output_dir: str = ""
     """Where trial folders go; default runs/studies/<name>."""
     steps: int = 100
-    """Budget of every trial, in optimizer steps."""
+    """Budget of every trial, in optimizer steps, unless `shapes` gives lengths."""
     metric: str = DEFAULT_METRIC
     """The metric whose optimum the study looks for (minimised, or maximised for top-1/top-5)."""
     target: str | None = None
@@ -63,38 +66,84 @@ class StudySection(Section):
             check_path_text(key, getattr(self, key))
 
 
+LENGTH_UNITS = ("steps", "samples", "epochs")
+SHAPE_KEYS = {"parametrization", "width", "depth", "batch_size", *LENGTH_UNITS}
+
+
 @dataclass
 class ShapeSection(Section):
-    """The proxy shapes: parametrization labels x widths x depths, or an explicit list."""
+    """The proxy shapes: parametrization labels x widths x depths x batch sizes x lengths, or an explicit list."""
 
     parametrizations: list[str] = field(default_factory=lambda: ["mup"])
     """Parametrization labels: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75."""
     widths: list[int] = field(default_factory=list)
-    """Proxy widths (every label x width x depth is a shape)."""
+    """Proxy widths (every label x width x depth x batch x length is a shape)."""
     depths: list[int] = field(default_factory=list)
     """Proxy depths."""
+    batch_sizes: list[int] = field(default_factory=list)
+    """Global batches (samples per optimizer step); empty: the base config's data.batch_size x accumulation."""
+    steps: list[int] = field(default_factory=list)
+    """Training lengths in optimizer steps (give at most one of steps, samples, epochs; none: study.steps)."""
+    samples: list[int] = field(default_factory=list)
+    """Training lengths in samples; each must be a multiple of every batch size."""
+    epochs: list[float] = field(default_factory=list)
+    """Training lengths in epochs of the base config's training split (rounded to whole steps)."""
     list: list[dict[str, Any]] = field(default_factory=list)
-    """Explicit shapes, each {parametrization, width, depth}, instead of the product above."""
+    """Explicit shapes, each {parametrization, width, depth} and optionally batch_size and one of steps,
+    samples, epochs, instead of the product above."""
 
-    def shapes(self) -> list[tuple[str, int, int]]:
-        if self.list:
-            return [(str(s["parametrization"]), int(s["width"]), int(s["depth"])) for s in self.list]
-        return list(itertools.product(self.parametrizations, self.widths, self.depths))
+    def length_unit(self) -> str | None:
+        given = [unit for unit in LENGTH_UNITS if getattr(self, unit)]
+        return given[0] if given else None
 
     def check(self) -> None:
+        if len([unit for unit in LENGTH_UNITS if getattr(self, unit)]) > 1:
+            raise ConfigError("steps", "give the lengths in one unit: steps, samples or epochs")
         for item in self.list:
-            if not isinstance(item, dict) or set(item) != {"parametrization", "width", "depth"}:
-                raise ConfigError("list", f"each shape needs parametrization, width and depth, got {item!r}")
-        if not self.shapes():
+            if (not isinstance(item, dict) or not {"parametrization", "width", "depth"} <= set(item)
+                    or not set(item) <= SHAPE_KEYS or len(set(item) & set(LENGTH_UNITS)) > 1):
+                raise ConfigError("list", "each shape needs parametrization, width and depth, and may give "
+                                  f"batch_size and one of steps, samples, epochs; got {item!r}")
+        if not self.list and not (self.widths and self.depths):
             raise ConfigError("widths", "no proxy shapes: give widths and depths, or a list")
-        for label, width, depth in self.shapes():
+        for label in {str(s["parametrization"]) for s in self.list} | set(self.parametrizations if not self.list else ()):
             try:
                 parse_label(label)
             except ValueError as err:
                 raise ConfigError("parametrizations", str(err)) from None
-            if width < 1 or depth < 1:
-                raise ConfigError("widths" if width < 1 else "depths",
-                                  f"width and depth must be positive, got {width}x{depth}")
+        sizes = [*self.widths, *self.depths, *self.batch_sizes, *self.steps, *self.samples]
+        sizes += [s[k] for s in self.list for k in ("width", "depth", "batch_size", "steps", "samples") if k in s]
+        if any(not isinstance(v, int) or v < 1 for v in sizes) or any(not e > 0 for e in self.epochs):
+            raise ConfigError("widths", "widths, depths, batch sizes and lengths must be positive (whole numbers "
+                              "but epochs)")
+
+    def shapes(self, base: RunConfig, default_steps: int) -> list[Shape]:
+        """Every shape, lengths turned into steps for each batch (ConfigError where they do not divide)."""
+        default_batch = global_batch(base)
+        if self.list:
+            return [_shape(base, str(s["parametrization"]), int(s["width"]), int(s["depth"]),
+                           int(s.get("batch_size", default_batch)),
+                           next(((u, s[u]) for u in LENGTH_UNITS if u in s), ("steps", default_steps)))
+                    for s in self.list]
+        unit = self.length_unit()
+        lengths = [(unit, v) for v in getattr(self, unit)] if unit else [("steps", default_steps)]
+        return [_shape(base, label, width, depth, batch, length) for label, width, depth, batch, length in
+                itertools.product(self.parametrizations, self.widths, self.depths,
+                                  self.batch_sizes or [default_batch], lengths)]
+
+
+def _shape(base: RunConfig, label: str, width: int, depth: int, batch: int, length: tuple[str, float]) -> Shape:
+    """One shape with its length in steps: samples / batch (exact), epochs x the split's size / batch (rounded)."""
+    unit, value = length
+    if unit == "steps":
+        steps = int(value)
+    elif unit == "samples":
+        if value % batch:
+            raise ConfigError("shapes.samples", f"{value} samples is not a whole number of batches of {batch}")
+        steps = int(value) // batch
+    else:
+        steps = max(1, round(value * samples_per_epoch(base) / batch))
+    return Shape(label, width, depth, batch, steps)
 
 
 @dataclass
@@ -149,12 +198,12 @@ class StudyConfig(Section):
     def lrs(self) -> list[float]:
         return self.grid.lrs()
 
-    def shape_list(self) -> list[tuple[str, int, int]]:
-        return self.shapes.shapes()
+    def shape_list(self) -> list[Shape]:
+        return self.shapes.shapes(self.base_run_config(), self.study.steps)
 
     def trials(self) -> list[TrialSpec]:
-        return [TrialSpec(p, w, d, lr, m, wd, seed)
-                for (p, w, d) in self.shape_list()
+        return [TrialSpec(*shape, lr=lr, momentum=m, weight_decay=wd, seed=seed)
+                for shape in self.shape_list()
                 for lr in self.lrs() for m in self.grid.momentum for wd in self.grid.weight_decay
                 for seed in self.seeds]
 
@@ -197,4 +246,5 @@ def load_study(path: str | os.PathLike, overrides: list[str] = ()) -> StudyConfi
     if not Path(base_path).is_file():
         raise ConfigError("study.base_config", f"no such run config: {cfg.study.base_config!r}")
     cfg.base = load_config(base_path, cfg.study.overrides, check=False)
+    cfg.shape_list()  # lengths that do not divide into batches, or epochs of unknown size, fail here
     return cfg

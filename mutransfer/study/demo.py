@@ -103,7 +103,7 @@ def _train_target(cfg, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict
 
     target_dir = out_dir / "target"
     plan = plan_transfer(cfg.study.name, str(CONFIGS / "demo_target.yaml"), out=str(target_dir / "target.yaml"),
-                         metric=cfg.study.metric, tracking_uri=uri, experiment=cfg.study.experiment, num_gpus=2,
+                         metric=cfg.study.metric, tracking_uri=uri, experiment=cfg.study.experiment, num_gpus=2, ranks=1,
                          overrides=[f"data.shards_dir={shards}", f"run.output_dir={target_dir}", "run.resume=never"])
     print(describe(plan, cfg.study.metric), flush=True)
     for old in (target_dir / "checkpoints").glob("step_*"):  # a rerun of the demo trains the target afresh

@@ -1,11 +1,13 @@
 """The two figures that show transfer at a glance (PNG, matplotlib's object API, no global state).
 
-- `transfer_curves`: metric vs log2(lr), one panel per parametrization, one curve per proxy size (depth or
-  width, whichever the study varies, both when both do), the fitted optimum of each curve starred with its
-  seed spread as a horizontal bar. Flat transfer shows as stars stacked on one vertical line.
-- `trend_figure`: per varying axis, the fitted optimum's log2(lr) against log2(size) with its seed spread and
-  the least-squares line of each parametrization (top row), and the loss at the optimum (bottom row), which
-  must fall as the proxies grow for the study to mean anything.
+- `transfer_curves`: metric vs log2(lr), one panel per parametrization, one curve per proxy shape (labelled by
+  the axes the study varies: width, depth, batch, length), the fitted optimum of each curve starred with its
+  seed spread as a horizontal bar; where several axes vary, a panel per parametrization and axis, its curves
+  moving along that axis only. Flat transfer shows as stars stacked on one vertical line.
+- `trend_figure`: a column per varying axis (width, depth, global batch, training length): the fitted
+  optimum's log2(lr) against log2(size) with its seed spread and the law's slope along that axis for each
+  parametrization (top row), and the loss at the optimum (bottom row), which must fall as the proxies grow
+  (longer training must reach a lower loss) for the study to mean anything.
 """
 
 from __future__ import annotations
@@ -14,49 +16,71 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .analysis import AXES, AXIS_INDEX, ParamTrend, Point, Shape, ShapeFit
+from .analysis import AXES, ParamTrend, Shape, ShapeFit, axis_sizes, length_unit
 
 
-def _size_colours(sizes: list[tuple[int, int]]) -> dict[tuple[int, int], Any]:
+def _size_colours(sizes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
     from matplotlib import colormaps
 
     cmap, n = colormaps["viridis"], max(len(sizes) - 1, 1)
     return {s: cmap(0.85 * i / n) for i, s in enumerate(sorted(sizes, key=lambda s: (s[0] * s[1], s)))}
 
 
-def _size_label(size: tuple[int, int], varying: list[str]) -> str:
-    return ", ".join(f"{axis} {size[AXIS_INDEX[axis] - 1]}" for axis in varying) or f"{size[0]} x {size[1]}"
+def _varying(shapes: list[Shape]) -> list[str]:
+    unit = length_unit(shapes)
+    return [a for a in AXES if len({axis_sizes(s, unit)[a] for s in shapes}) > 1]
 
 
-def transfer_curves(curves: dict[Shape, dict[Point, float]], fits: dict[Shape, ShapeFit],
+def _size_label(shape: Shape, varying: list[str]) -> str:
+    sizes = axis_sizes(shape, length_unit([shape]))
+    return ", ".join(f"{axis} {sizes[axis]:g}" for axis in varying) or f"{shape.width} x {shape.depth}"
+
+
+def _curve_panel(ax: Any, shapes: list[Shape], curves: dict[Shape, dict[float, float]], fits: dict[Shape, ShapeFit],
+                 colours: dict[tuple[int, ...], Any], y_limits: tuple[float, float], varying: list[str]) -> None:
+    """One panel: a curve per shape, its fitted optimum starred with the seed spread as a bar."""
+    ax.grid(alpha=0.3)
+    ax.set_ylim(*y_limits)
+    for shape in sorted(shapes, key=lambda s: (s[1] * s[2], s)):
+        colour = colours[tuple(shape[1:])]
+        points = sorted((math.log2(lr), v) for lr, v in curves[shape].items() if math.isfinite(v))
+        if points:
+            ax.plot(*zip(*points), "-o", color=colour, markersize=3, linewidth=1.3, label=_size_label(shape, varying))
+        if shape in fits:
+            f = fits[shape]
+            ax.errorbar([f.lr.x], [min(max(f.lr.value, y_limits[0]), y_limits[1])], xerr=[f.lr.spread],
+                        marker="*", markersize=13, color=colour, markeredgecolor="black", capsize=3, zorder=5)
+    ax.legend(fontsize=8, loc="upper center")
+
+
+def _along(shapes: list[Shape], axis: str, varying: list[str]) -> list[Shape]:
+    """The shapes that differ along `axis` only: every other varying axis at its largest value."""
+    unit = length_unit(shapes)
+    top = {a: max(axis_sizes(s, unit)[a] for s in shapes) for a in varying if a != axis}
+    return [s for s in shapes if all(axis_sizes(s, unit)[a] == v for a, v in top.items())]
+
+
+def transfer_curves(curves: dict[Shape, dict[float, float]], fits: dict[Shape, ShapeFit],
                     y_limits: tuple[float, float], metric: str, title: str, path: Path) -> None:
-    """`curves`: per shape, the seed-mean metric at each grid point (lr profile: best over the rest)."""
+    """`curves`: per shape, the seed-mean metric at each lr (lr profile: best over the rest). One panel per
+    parametrization; where several axes vary, a row per parametrization and a panel per axis, whose curves
+    move along that axis with the others at their largest values."""
     from matplotlib.figure import Figure
 
     labels = sorted({s[0] for s in curves})
-    sizes = sorted({(s[1], s[2]) for s in curves})
-    varying = [a for a in AXES if len({s[AXIS_INDEX[a]] for s in curves}) > 1]
-    colours = _size_colours(sizes)
-    columns = min(len(labels), 3)
-    rows = math.ceil(len(labels) / columns)
+    varying = _varying(list(curves))
+    colours = _size_colours(sorted({tuple(s[1:]) for s in curves}))
+    panels = ([(label, [s for s in curves if s[0] == label], label) for label in labels] if len(varying) < 2 else
+              [(label, _along([s for s in curves if s[0] == label], axis, varying), f"{label}: along {axis}")
+               for label in labels for axis in varying])
+    columns = min(len(panels), 3) if len(varying) < 2 else len(varying)
+    rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(4.6 * columns + 0.4, 3.6 * rows + 0.9), layout="constrained")
     axes = fig.subplots(rows, columns, sharex=True, sharey=True, squeeze=False).ravel()
-    for ax, label in zip(axes, labels):
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.set_ylim(*y_limits)
-        for shape in sorted((s for s in curves if s[0] == label), key=lambda s: (s[1] * s[2], s)):
-            colour = colours[(shape[1], shape[2])]
-            points = sorted((math.log2(lr), v) for lr, v in curves[shape].items() if math.isfinite(v))
-            if points:
-                ax.plot(*zip(*points), "-o", color=colour, markersize=3, linewidth=1.3,
-                        label=_size_label((shape[1], shape[2]), varying))
-            if shape in fits:
-                f = fits[shape]
-                ax.errorbar([f.lr.x], [min(max(f.lr.value, y_limits[0]), y_limits[1])], xerr=[f.lr.spread],
-                            marker="*", markersize=13, color=colour, markeredgecolor="black", capsize=3, zorder=5)
-        ax.legend(fontsize=8, loc="upper center")
-    for ax in axes[len(labels):]:
+    for ax, (_, shapes, name) in zip(axes, panels):
+        ax.set_title(name, fontsize=10)
+        _curve_panel(ax, shapes, curves, fits, colours, y_limits, varying)
+    for ax in axes[len(panels):]:
         ax.set_visible(False)
     for ax in axes[-columns:]:
         ax.set_xlabel("log2 learning rate")
@@ -66,36 +90,70 @@ def transfer_curves(curves: dict[Shape, dict[Point, float]], fits: dict[Shape, S
     fig.savefig(path, dpi=110)
 
 
+def _families(own: list[ShapeFit], axis: str, unit: str, varying: list[str]) -> list[list[ShapeFit]]:
+    """`own` split by the values of the other varying axes, each family sorted along `axis`: one line each."""
+    groups: dict[tuple[float, ...], list[ShapeFit]] = {}
+    for f in own:
+        sizes = axis_sizes(f.shape, unit)
+        groups.setdefault(tuple(sizes[a] for a in varying if a != axis), []).append(f)
+    return [sorted(g, key=lambda f: axis_sizes(f.shape, unit)[axis]) for _, g in sorted(groups.items())]
+
+
+def _log_size(f: ShapeFit, axis: str, unit: str) -> float:
+    return math.log2(axis_sizes(f.shape, unit)[axis])
+
+
+def _trend_column(top: Any, bottom: Any, axis: str, fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend],
+                  colours: dict[str, Any], varying: list[str]) -> None:
+    """One varying axis: per label, a curve family (one line per value of the other axes) of the fitted
+    optimum (top) and the loss there (bottom), and the law's slope through the mean of the points."""
+    for label, trend in sorted(trends.items()):
+        own = [f for s, f in fits.items() if s[0] == label]
+        verdict = trend.verdicts.get(axis)
+        name = label + (f": {verdict.slope:+.2f}+-{verdict.error:.2f}/doubling, {verdict.outcome}" if verdict else "")
+        for i, family in enumerate(_families(own, axis, trend.length_unit, varying)):
+            xs = [_log_size(f, axis, trend.length_unit) for f in family]
+            top.errorbar(xs, [f.lr.x for f in family], yerr=[f.lr.spread for f in family], marker="o", capsize=3,
+                         linestyle=":", linewidth=0.8, color=colours[label], label=None if i else name)
+            bottom.plot(xs, [f.lr.value for f in family], "-o", color=colours[label], markersize=4,
+                        label=None if i else label)
+        if verdict:  # the law's slope along this axis, through the mean of the points
+            xs = [_log_size(f, axis, trend.length_unit) for f in own]
+            mid_x, mid_y = sum(xs) / len(xs), sum(f.lr.x for f in own) / len(own)
+            top.plot([min(xs), max(xs)], [mid_y + verdict.slope * (x - mid_x) for x in (min(xs), max(xs))],
+                     color=colours[label], linewidth=1.6)
+
+
 def trend_figure(fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend], metric: str, title: str,
                  path: Path) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
-    varying = [a for a in AXES if len({s[AXIS_INDEX[a]] for s in fits}) > 1] or ["depth"]
+    varying = _varying(list(fits)) or ["depth"]
     fig = Figure(figsize=(5.6 * len(varying) + 0.4, 7.4), layout="constrained")
     axes = fig.subplots(2, len(varying), squeeze=False, sharex="col")
     colours = {label: colormaps["tab10"](i % 10) for i, label in enumerate(sorted(trends))}
     for col, axis in enumerate(varying):
         top, bottom = axes[0][col], axes[1][col]
-        for label, trend in sorted(trends.items()):
-            own = sorted((f for s, f in fits.items() if s[0] == label), key=lambda f: f.shape[AXIS_INDEX[axis]])
-            xs = [math.log2(f.shape[AXIS_INDEX[axis]]) for f in own]
-            verdict = trend.verdicts.get(axis)
-            name = label + (f": {verdict.slope:+.2f}+-{verdict.error:.2f}/doubling, {verdict.outcome}" if verdict else "")
-            top.errorbar(xs, [f.lr.x for f in own], yerr=[f.lr.spread for f in own], marker="o", capsize=3,
-                         linestyle="none", color=colours[label], label=name)
-            if verdict:  # the fitted line through the mean of the points
-                mid_x, mid_y = sum(xs) / len(xs), sum(f.lr.x for f in own) / len(own)
-                top.plot([xs[0], xs[-1]], [mid_y + verdict.slope * (x - mid_x) for x in (xs[0], xs[-1])],
-                         color=colours[label], linewidth=1.2)
-            bottom.plot(xs, [f.lr.value for f in own], "-o", color=colours[label], markersize=4, label=label)
+        _trend_column(top, bottom, axis, fits, trends, colours, varying)
         top.set_ylabel("fitted optimal log2 lr")
-        top.set_title(f"optimum vs {axis}", fontsize=10)
+        top.set_title(f"optimum vs {axis_title(axis, trends)}", fontsize=10)
         top.legend(fontsize=7.5)
         bottom.set_ylabel(f"{metric} at the optimum")
-        bottom.set_xlabel(f"log2 {axis}")
-        bottom.set_title("bigger must be better: this must fall", fontsize=10)
+        bottom.set_xlabel(f"log2 {axis_title(axis, trends)}")
+        bottom.set_title("bigger must be better: this must fall" if axis != "batch" else
+                         "loss at the optimum (need not fall with batch at fixed samples)", fontsize=10)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(title + ("\ndotted: one line per value of the other axes; solid: the law's slope"
+                          if len(varying) > 1 else ""), fontsize=11)
     fig.savefig(path, dpi=110)
+
+
+def axis_title(axis: str, trends: dict[str, ParamTrend]) -> str:
+    """'length (samples)' or 'batch (at fixed steps)': what the axis is measured in."""
+    units = {t.length_unit for t in trends.values()} or {"samples"}
+    unit = units.pop() if len(units) == 1 else "samples"
+    if axis == "length":
+        return f"length ({unit})"
+    return f"batch (at fixed {unit})" if axis == "batch" else axis

@@ -10,8 +10,9 @@ log2(1 - beta) for SGD momentum or Adam beta1, log2(width) and log2(depth) for s
   the best point and within the finite points used, so it never lands where training diverged. A best
   point at either end of the grid is flagged as an edge and reported as the grid value: the true optimum
   may lie beyond it, so it is a bound, never a fitted optimum.
-- `fit_trend`: least squares of optima (one per seed and shape) against log2(width) and log2(depth), with
-  standard errors from the residuals, and the prediction (with its standard error) at any other shape.
+- `fit_trend`: least squares of optima (one per seed and shape) against log2 of each axis that varies (width,
+  depth, batch, length), with standard errors from the residuals, and the prediction (with its standard
+  error) at any other shape.
 """
 
 from __future__ import annotations
@@ -135,12 +136,13 @@ def fit_trend(sizes: list[dict[str, float]], ys: list[float], axes: tuple[str, .
     )
 
 
-def flat_where_insignificant(sizes: list[dict[str, float]], ys: list[float], z: float = 2.0) -> Trend:
+def flat_where_insignificant(sizes: list[dict[str, float]], ys: list[float], z: float = 2.0,
+                             axes: tuple[str, ...] = ("width", "depth")) -> Trend:
     """The trend refitted without the axes whose slope is within `z` standard errors of zero.
 
     What `transfer` extrapolates with: a slope indistinguishable from zero, carried over several doublings,
     adds its noise to the prediction; treated as flat, every proxy's optimum informs the target equally.
     """
-    full = fit_trend(sizes, ys)
+    full = fit_trend(sizes, ys, axes)
     kept = tuple(a for a in full.axes if full.significant(a, z))
     return full if kept == full.axes else fit_trend(sizes, ys, kept)

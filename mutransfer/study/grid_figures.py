@@ -121,13 +121,25 @@ def lr_momentum_grid(points: dict[Point, float], metric: str) -> dict[tuple[floa
 # plots
 
 
-def _width_colours(widths: list[int]) -> dict[int, Any]:
+def _size_colours(sizes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
+    """A colour per (width, batch, steps) of a panel's curves."""
     from matplotlib import colormaps
 
     cmap = colormaps["viridis"]
-    n = max(len(widths) - 1, 1)
+    n = max(len(sizes) - 1, 1)
     # darker = narrower; stop before viridis' pale yellow end, which is hard to see on white
-    return {w: cmap(0.85 * i / n) for i, w in enumerate(sorted(widths))}
+    return {s: cmap(0.85 * i / n) for i, s in enumerate(sorted(sizes))}
+
+
+def _curve_key(shape: Shape) -> tuple[int, ...]:
+    return (shape.width, shape.batch_size, shape.steps)
+
+
+def _curve_name(key: tuple[int, ...], keys: list[tuple[int, ...]]) -> str:
+    """'width 32', plus batch and steps where the curves differ in them."""
+    parts = [f"width {key[0]}"]
+    parts += [f"{name} {key[i]}" for i, name in ((1, "batch"), (2, "steps")) if len({k[i] for k in keys}) > 1]
+    return ", ".join(parts)
 
 
 def curve_figure(
@@ -140,12 +152,13 @@ def curve_figure(
     title: str,
     path: Path,
 ) -> None:
-    """One panel per (parametrization, depth), one curve per width; shared axes, clipped y."""
+    """One panel per (parametrization, depth), one curve per width (and batch and length where they vary);
+    shared axes, clipped y."""
     from matplotlib.figure import Figure
 
     parametrizations = sorted({s[0] for s in curves})
     depths = sorted({s[2] for s in curves})
-    colours = _width_colours(sorted({s[1] for s in curves}))
+    colours = _size_colours(sorted({_curve_key(s) for s in curves}))
     fig_width = max(6.5, 4.2 * len(depths) + 0.6)
     fig = Figure(figsize=(fig_width, 3.3 * len(parametrizations) + 1.3), layout="constrained")
     axes = fig.subplots(len(parametrizations), len(depths), sharex=True, sharey=True, squeeze=False)
@@ -155,14 +168,14 @@ def curve_figure(
             ax = axes[row][col]
             _panel_frame(ax, f"{label}, depth {depth}", y, x_label if row == len(parametrizations) - 1 else None,
                          metric if col == 0 else None)
-            panel = sorted((s for s in curves if s[0] == label and s[2] == depth), key=lambda s: s[1])
+            panel = sorted((s for s in curves if s[0] == label and s[2] == depth), key=_curve_key)
             if not panel:
                 ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="grey")
             for band_row, shape in enumerate(panel):
                 points = [(x_of(x), value) for x, value in sorted(curves[shape].items())]
                 best_value = curves[shape].get(optimum_x.get(shape, math.nan))
                 best = (x_of(optimum_x[shape]), best_value) if best_value is not None else None
-                marks |= _draw_curve(ax, points, best, colours[shape[1]], y, band_row)
+                marks |= _draw_curve(ax, points, best, colours[_curve_key(shape)], y, band_row)
     handles = _curve_legend(colours, marks, y)
     columns = max(1, min(len(handles), int(fig_width // 2.2)))  # about 2.2 inches per legend entry
     fig.legend(handles=handles, loc="outside lower center", ncols=columns, fontsize=9)
@@ -211,10 +224,11 @@ def _off_scale(y: ValueRange) -> str:
     return "^" if y.minimised else "v"
 
 
-def _curve_legend(colours: dict[int, Any], marks: set[str], y: ValueRange) -> list[Any]:
+def _curve_legend(colours: dict[tuple[int, ...], Any], marks: set[str], y: ValueRange) -> list[Any]:
     from matplotlib.lines import Line2D
 
-    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=f"width {w}") for w, c in colours.items()]
+    handles = [Line2D([], [], color=c, marker="o", markersize=4, label=_curve_name(k, list(colours)))
+               for k, c in colours.items()]
     handles.append(Line2D([], [], color="black", marker="*", markersize=11, linestyle="none", label="optimum"))
     if "diverged" in marks:
         handles.append(Line2D([], [], color="black", marker="x", linestyle="none", label="diverged (or failed)"))
@@ -276,8 +290,9 @@ def heatmap(
     ax.set_yticks(range(len(momentum_grid)), [f"{m:g}" for m in momentum_grid])
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("momentum")
-    label, width, depth = shape
-    ax.set_title(f"{study}: {label}, width {width}, depth {depth}\n{metric} (grey x = diverged or failed, "
+    label, width, depth = shape[:3]
+    ax.set_title(f"{study}: {label}, width {width}, depth {depth}, batch {shape[3]}, steps {shape[4]}\n"
+                 f"{metric} (grey x = diverged or failed, "
                  f"red = optimum, best over weight decay)", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric, extend="max" if minimised else "min")
     fig.savefig(path, dpi=110)

@@ -4,10 +4,18 @@ A study is one parent run (tags `mutransfer.study=<name>`, `mutransfer.role=stud
 experiment. Each trial is a child run (`mlflow.parentRunId`) tagged with:
 
     mutransfer.study, mutransfer.trial_key, mutransfer.role=proxy (target for the transferred run),
-    mutransfer.width, mutransfer.depth, mutransfer.parametrization, mutransfer.lr, mutransfer.momentum,
-    mutransfer.weight_decay, mutransfer.seed, mutransfer.status (a `tags.RunStatus`)
+    mutransfer.width, mutransfer.depth, mutransfer.variant (the parametrization label), mutransfer.batch_size,
+    mutransfer.steps, mutransfer.lr, mutransfer.momentum, mutransfer.weight_decay, mutransfer.seed,
+    mutransfer.status (a `tags.RunStatus`)
 
-(the names are those of `mutransfer.tags`) and holds the trainer's metrics, among them `final/eval_loss`, `final/eval_top1`, `final/train_loss`.
+(the names are those of `mutransfer.tags`) and holds the trainer's metrics, among them `final/eval_loss`,
+`final/eval_top1`, `final/train_loss`, and its resolved config as params.
+
+Reading back is strict: a run that lacks one of these is an error naming the run, never a default. Runs
+recorded before the batch and length tags existed are read from the config the run itself logged as params
+(global batch = data.batch_size x optim.accumulation x world_size, length = run.steps): that is exactly what
+the run trained with. Only where those params are missing too (or the run trained by epochs) is it an error;
+the study's current config is never used, since it may have changed since the run.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from typing import Any
 from mutransfer import tags
 from mutransfer.tags import RunStatus
 
-from .trial import TrialSpec
+from .trial import Shape, TrialSpec
 
 DEFAULT_METRIC = "final/eval_loss"
 # metrics where larger is better; everything else is minimised
@@ -37,10 +45,12 @@ class Trial:
     spec: TrialSpec
     status: str
     metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    """The resolved config the run logged (flattened), for the checks that a target matches its proxies."""
 
     @property
-    def shape(self) -> tuple[str, int, int]:
-        return (self.spec.parametrization, self.spec.width, self.spec.depth)
+    def shape(self) -> Shape:
+        return self.spec.shape
 
     def value(self, metric: str) -> float:
         """The metric, or inf (-inf when maximised) for trials that diverged or lack it: never best."""
@@ -79,16 +89,14 @@ def _experiment_ids(client, experiment: str | None) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
 
-def _as_float(value: Any, default: float = math.nan) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
+class StoredRunError(ValueError):
+    """A run of a study that lacks a field the analysis needs."""
 
 
 def load_trials(client, study: str, experiment: str | None = None, role: str | None = "proxy",
                 key: str | None = None) -> list[Trial]:
-    """Every run of a study (proxies by default; those of one trial `key`), newest first for each trial key."""
+    """Every run of a study (proxies by default; those of one trial `key`), newest first for each trial key.
+    StoredRunError names the first run that lacks a field."""
     experiments = _experiment_ids(client, experiment)
     if not experiments:
         return []
@@ -106,26 +114,44 @@ def load_trials(client, study: str, experiment: str | None = None, role: str | N
         token = page.token
         if not token:
             break
-    trials = []
-    for run in runs:
-        found = run.data.tags
-        trials.append(Trial(
-            run_id=run.info.run_id,
-            key=found.get(tags.TRIAL_KEY, run.info.run_id),
-            role=found.get(tags.ROLE, ""),
-            spec=TrialSpec(
-                parametrization=found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION, ""),
-                width=int(_as_float(found.get(tags.WIDTH), 0)),
-                depth=int(_as_float(found.get(tags.DEPTH), 0)),
-                lr=_as_float(found.get(tags.LR)),
-                momentum=_as_float(found.get(tags.MOMENTUM)),
-                weight_decay=_as_float(found.get(tags.WEIGHT_DECAY), 0.0),
-                seed=int(_as_float(found.get(tags.SEED), 0)),
-            ),
-            status=found.get(tags.STATUS, "unknown"),
-            metrics=dict(run.data.metrics),
-        ))
-    return trials
+    return [Trial(run_id=run.info.run_id, key=run.data.tags.get(tags.TRIAL_KEY, run.info.run_id),
+                  role=run.data.tags.get(tags.ROLE, ""), spec=stored_spec(run),
+                  status=run.data.tags.get(tags.STATUS, "unknown"), metrics=dict(run.data.metrics),
+                  params=dict(run.data.params))
+            for run in runs]
+
+
+def stored_spec(run) -> TrialSpec:
+    """The TrialSpec a stored run trained, from its tags (batch and length from its logged config for runs
+    recorded before those tags existed)."""
+    found, params = run.data.tags, run.data.params
+
+    def read(tag: str, kind: type, fallback: Any = None) -> Any:
+        raw = found.get(tag, fallback)
+        try:
+            if raw is None:
+                raise ValueError("missing")
+            return kind(float(raw)) if kind is int else kind(raw)
+        except (TypeError, ValueError):
+            raise StoredRunError(f"run {run.info.run_id} ({found.get(tags.TRIAL_KEY, run.info.run_name)}) has no "
+                                 f"valid tag {tag} (got {raw!r}): it was not recorded by this version of "
+                                 "mutransfer; delete it or tag it") from None
+
+    label = found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION)
+    return TrialSpec(parametrization=read(tags.VARIANT, str, label), width=read(tags.WIDTH, int),
+                     depth=read(tags.DEPTH, int), batch_size=read(tags.BATCH_SIZE, int, _logged_batch(params)),
+                     steps=read(tags.STEPS, int, params.get("run.steps")), lr=read(tags.LR, float),
+                     momentum=read(tags.MOMENTUM, float),
+                     weight_decay=read(tags.WEIGHT_DECAY, float, params.get("optim.weight_decay")),
+                     seed=read(tags.SEED, int, params.get("run.seed")))
+
+
+def _logged_batch(params: dict[str, str]) -> str | None:
+    """The global batch from a run's logged config, or None where it did not log one."""
+    try:
+        return str(int(params["data.batch_size"]) * int(params["optim.accumulation"]) * int(params["world_size"]))
+    except (KeyError, ValueError):
+        return None
 
 
 def latest_per_key(trials: list[Trial]) -> list[Trial]:

@@ -101,15 +101,14 @@ def _create_study_run(client, cfg: StudyConfig, experiment_id: str) -> str:
 
 
 def trial_config(cfg: StudyConfig, trial: TrialSpec, parent_run_id: str, tracking_uri: str,
-                 continue_run_id: str | None = None) -> RunConfig:
-    """The trial's RunConfig: the study's base config with the trial's values, budget, folder and MLflow
-    placement, built and checked as typed values."""
+                 continue_run_id: str | None = None, ranks: int = 1) -> RunConfig:
+    """The trial's RunConfig on `ranks` data-parallel ranks: the study's base config with the trial's values
+    (shape, batch, length, grid point), folder and MLflow placement, built and checked as typed values."""
     base = cfg.base_run_config()
     run_tags = {**base.tracking.tags, tags.STUDY: cfg.study.name, tags.TRIAL_KEY: trial.key,
-                tags.ROLE: tags.RunRole.PROXY.value, tags.WEIGHT_DECAY: repr(trial.weight_decay),
-                tags.SEED: str(trial.seed)}
-    return trial.run_config(base, {
-        "run.steps": cfg.study.steps, "run.epochs": None, "run.output_dir": str(cfg.output_dir / trial.key),
+                tags.ROLE: tags.RunRole.PROXY.value}
+    return trial.run_config(base, ranks=ranks, extra={
+        "run.output_dir": str(cfg.output_dir / trial.key),
         "run.progress": False, "tracking.uri": tracking_uri, "tracking.experiment": cfg.study.experiment,
         "tracking.parent_run_id": parent_run_id, "tracking.run_name": trial.key,
         "tracking.continue_run_id": continue_run_id, "tracking.tags": run_tags,
@@ -354,7 +353,7 @@ def _launch(sweep: _Sweep, trial: TrialSpec, continued: str | None, launcher: st
     folder = sweep.cfg.output_dir / trial.key
     folder.mkdir(parents=True, exist_ok=True)
     config_path = folder / "trial.yaml"
-    save_config(trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued), config_path)
+    save_config(trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued, ranks=len(gpus)), config_path)
     cmd, env = trial_command(launcher, config_path, gpus, free_port())
     with open(folder / "launch.log", "w") as log:
         return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

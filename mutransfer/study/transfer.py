@@ -1,17 +1,20 @@
-"""`mutransfer transfer`: carry a study's lr and momentum to the target run.
+"""`mutransfer transfer`: carry a study's lr, momentum and weight decay to the target run.
 
-Two rules pick the target's settings from the proxies of the target's parametrization label:
+Two rules pick the target's lr from the proxies of the target's parametrization (matched by resolved values):
 
 - `trend` (default): each proxy shape's optimum is fitted between grid points and over seeds, the optimum's
-  log2(lr) is fitted against log2(width) and log2(depth) (`analysis.trend_of`), and the fit is extrapolated to
-  the target's shape. Axes whose slope is within two standard errors of zero are treated as flat
-  (`fit.flat_where_insignificant`), so that noise is not carried over many doublings. The prediction comes
-  with its standard error and with how many doublings it extrapolates; a significant trend, a target far
-  beyond the proxies and optima on a grid edge are warned about.
+  log2(lr) is fitted as linear in log2 of every axis the study varied (width, depth, global batch, length;
+  `analysis.trend_of`), and the law is extrapolated to the target along each axis in which it differs. Axes
+  whose slope is within two standard errors of zero are treated as flat (`fit.flat_where_insignificant`), so
+  that noise is not carried over many doublings. Each axis's contribution is printed and recorded with its
+  error and doublings. Where the target differs along an axis the study did not vary, transfer warns by name
+  and applies a documented rule only when asked (`--assume length=measured`, `target.ASSUMED`).
 - `largest`: the best grid point of the largest proxy (no fit: robust when a curve is too flat or too coarse to fit).
 
-The target config records the rule and the prediction under `tracking.params`, so the target's MLflow run
-says how its lr was chosen.
+Weight decay follows AdamW's timescale (`target.timescale_weight_decay`), or the fitted law where the study
+swept it; `--keep-beta2-half-life` moves beta2 with the batch. The target must share its proxies' optimizer,
+base shape, head_dim and model family (`target.check_matches`). The target config records all of it under
+`tracking.params`, so the target's MLflow run says how its settings were chosen.
 """
 
 from __future__ import annotations
@@ -27,11 +30,28 @@ from mutransfer.tags import RunStatus
 from mutransfer.train.config import RunConfig, load_config, save_config, with_values
 from mutransfer.train.tracking import resolve_tracking_uri
 
-from . import analysis, fit
+from . import analysis, fit, holdout
 from .store import DEFAULT_METRIC, Trial, client_for, find_study_run, latest_per_key, load_trials
+from .target import Assumption, check_matches, matching_label, target_sizes, timescale_weight_decay
 
 RULES = ("trend", "largest")
 FAR_DOUBLINGS = 3.0  # a target further than this beyond the largest proxy (x8) is warned about
+MATERIAL_MISS = 0.25  # log2: a held-out miss below this is no reason to distrust the law, whatever its interval
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """How far one axis moves the target's log2(lr) from the largest proxy's."""
+
+    axis: str
+    doublings: float  # from the largest proxy along the axis
+    slope: float
+    error: float  # of the contribution (0 for an assumed slope: its error is not known)
+    source: str = "fitted"  # fitted | flat (not significant) | an assumption's source
+
+    @property
+    def value(self) -> float:
+        return self.slope * self.doublings
 
 
 @dataclass
@@ -40,7 +60,7 @@ class Prediction:
 
     rule: str
     label: str  # the parametrization label the proxies were selected by
-    target: dict[str, float]  # width, depth
+    target: dict[str, float]  # width, depth, batch, length (in `length_unit`)
     log2_lr: float
     log2_lr_error: float  # standard error (0 under `largest`: no model of the error)
     momentum: float
@@ -49,6 +69,10 @@ class Prediction:
     trend: analysis.ParamTrend | None = None
     flat_axes: tuple[str, ...] = ()  # axes treated as flat because their slope was not significant
     warnings: list[str] = field(default_factory=list)
+    contributions: dict[str, Contribution] = field(default_factory=dict)
+    weight_decay_rule: str = ""
+    beta2: float | None = None  # set when beta2 is moved by its half-life
+    held_out: list[holdout.HeldOut] = field(default_factory=list)
 
     @property
     def lr(self) -> float:
@@ -58,23 +82,38 @@ class Prediction:
         """What the target run records as MLflow params."""
         out = {"transfer.rule": self.rule, "transfer.label": self.label, "transfer.lr": repr(self.lr),
                "transfer.log2_lr": f"{self.log2_lr:.4f}", "transfer.log2_lr_error": f"{self.log2_lr_error:.4f}",
-               "transfer.momentum": repr(self.momentum)}
+               "transfer.momentum": repr(self.momentum), "transfer.weight_decay": repr(self.weight_decay),
+               "transfer.weight_decay_rule": self.weight_decay_rule[:400],
+               "transfer.target_batch": f"{self.target['batch']:.0f}", "transfer.length_unit": self.length_unit,
+               "transfer.target_length": f"{self.target['length']:.0f}"}
         out.update({f"transfer.doublings_{axis}": f"{d:.2f}" for axis, d in self.extrapolation.items()})
         if self.trend:
             out.update({f"transfer.slope_{a}": f"{v.slope:.4f}+-{v.error:.4f}" for a, v in self.trend.verdicts.items()})
+        out.update({f"transfer.contribution_{a}": f"{c.value:+.4f}+-{c.error:.4f} ({c.source})"[:500]
+                    for a, c in self.contributions.items()})
+        if self.beta2 is not None:
+            out["transfer.beta2"] = repr(self.beta2)
+        if self.held_out:
+            out["transfer.heldout_coverage"] = f"{holdout.coverage(self.held_out):.3f}"
         return out
 
+    @property
+    def length_unit(self) -> str:
+        return self.trend.length_unit if self.trend else analysis.SAMPLES
 
-def target_shape(cfg: RunConfig) -> tuple[str, dict[str, float]]:
-    """(parametrization label, {width, depth}) of a run config, zoo defaults filled in."""
-    from mutransfer.models.parametrization import resolve_parametrization
-    from mutransfer.models.zoo import zoo_entry
 
-    defaults = zoo_entry(cfg.model.name).defaults
-    width, depth = cfg.model.width or defaults.get("width"), cfg.model.depth or defaults.get("depth")
-    label = resolve_parametrization(cfg.model.parametrization, alpha=cfg.model.alpha,
-                                    first_layer_lr_exponent=cfg.model.first_layer_lr_exponent).label
-    return label, {"width": float(width), "depth": float(depth)}
+def target_shape(cfg: RunConfig, ranks: int = 1) -> dict[str, float]:
+    """{width, depth, batch, steps, samples} of a run config (zoo defaults filled in) on `ranks` ranks."""
+    return target_sizes(cfg, ranks)
+
+
+def _axis_target(target: dict[str, float], fits: list[analysis.ShapeFit], unit: str) -> dict[str, float]:
+    """The target's size on each axis; a batch or length it does not give is the largest proxy's."""
+    largest = max(fits, key=lambda f: analysis.proxy_size(f.shape)).shape
+    batch = target.get("batch", largest.batch_size)
+    steps = target.get("steps", target["samples"] / batch if "samples" in target else largest.steps)
+    return {"width": target["width"], "depth": target["depth"], "batch": batch,
+            "length": steps * batch if unit == analysis.SAMPLES else steps}
 
 
 def _extrapolation(trend: analysis.ParamTrend, target: dict[str, float]) -> dict[str, float]:
@@ -82,41 +121,112 @@ def _extrapolation(trend: analysis.ParamTrend, target: dict[str, float]) -> dict
     return {axis: math.log2(target[axis] / trend.sizes[axis][1]) for axis in analysis.AXES}
 
 
-def _predict_trend(fits: list[analysis.ShapeFit], full: fit.Trend, target: dict[str, float]
-                   ) -> tuple[float, float, tuple[str, ...]]:
-    sizes, ys = analysis.observations(fits, lambda f: [o.x for o in f.lr.per_seed])
-    trend = fit.flat_where_insignificant(sizes, ys)
-    x, error = trend.predict(target)
-    return x, error, tuple(a for a in full.axes if a not in trend.axes)
-
-
-def _predict_momentum(fits: list[analysis.ShapeFit], target: dict[str, float]) -> float:
-    if not all(f.momentum for f in fits):
-        return max(fits, key=lambda f: analysis.proxy_size(f.shape)).momentum_value
-    sizes, ys = analysis.observations(fits, lambda f: [o.x for o in f.momentum.per_seed])
-    x, _ = fit.flat_where_insignificant(sizes, ys).predict(target)
-    return 1.0 - 2.0**x
-
-
-def _warnings(prediction: Prediction, what: str = "optimal lr") -> list[str]:
-    out, trend = [], prediction.trend
-    for axis, verdict in (trend.verdicts.items() if trend else []):
-        if axis not in prediction.flat_axes and trend.lr.significant(axis):
-            out.append(f"the {what} moves with {axis} ({verdict.slope:+.2f} +- {verdict.error:.2f} log2 per "
-                       f"doubling): the prediction extrapolates that trend {prediction.extrapolation[axis]:+.1f} "
-                       "doublings; transfer along it is not parameter-free")
-    for axis, doublings in prediction.extrapolation.items():
-        if abs(doublings) > FAR_DOUBLINGS:
-            out.append(f"the target's {axis} lies {doublings:+.1f} doublings from your largest proxy (x"
-                       f"{2 ** abs(doublings):.0f}): confirm with a proxy nearer the target")
-    if trend and trend.edge_optima:
-        out.append(f"{trend.edge_optima} of {trend.observations} seed optima of {prediction.label} sit on an lr grid "
-                   "edge: they are bounds, and the trend may be steeper; widen the grid")
+def _contributions(law: fit.Trend, trend: analysis.ParamTrend, doublings: dict[str, float],
+                   assumed: dict[str, Assumption]) -> dict[str, Contribution]:
+    """Each axis along which the target differs (or the study varied): fitted, flat, or assumed."""
+    out = {}
+    for axis, d in doublings.items():
+        if axis in trend.lr.axes:
+            source = "fitted" if axis in law.axes else "flat (slope not significant)"
+            out[axis] = Contribution(axis, d, law.slopes.get(axis, 0.0), law.errors.get(axis, 0.0) * abs(d), source)
+        elif abs(d) > 1e-9 and axis in assumed:
+            out[axis] = Contribution(axis, d, assumed[axis].slope, 0.0, assumed[axis].source)
     return out
 
 
-def predict(trials: list[Trial], metric: str, label: str, target: dict[str, float], rule: str = "trend") -> Prediction:
-    """The target's lr and momentum from the proxies of `label`, by `rule`."""
+def _predict_trend(fits: list[analysis.ShapeFit], trend: analysis.ParamTrend, target: dict[str, float],
+                   assumed: dict[str, Assumption]) -> tuple[float, float, tuple[str, ...], dict[str, Contribution]]:
+    """(log2 lr, its error, flat axes, contributions): the law at the target, plus assumed slopes."""
+    law = fit.flat_where_insignificant(*analysis.lr_observations(fits, trend.length_unit), axes=analysis.AXES)
+    x, error = law.predict(target)
+    contributions = _contributions(law, trend, _extrapolation(trend, target), assumed)
+    x += sum(c.value for c in contributions.values() if c.axis not in trend.lr.axes)
+    return x, error, tuple(a for a in trend.lr.axes if a not in law.axes), contributions
+
+
+def _predict_momentum(fits: list[analysis.ShapeFit], target: dict[str, float], unit: str) -> float:
+    if not all(f.momentum for f in fits):
+        return max(fits, key=lambda f: analysis.proxy_size(f.shape)).momentum_value
+    sizes, ys = analysis.observations(fits, lambda f: [o.x for o in f.momentum.per_seed], unit)
+    x, _ = fit.flat_where_insignificant(sizes, ys, axes=analysis.AXES).predict(target)
+    return 1.0 - 2.0**x
+
+
+def _unmeasured(prediction: Prediction) -> list[str]:
+    """Axes along which the target differs from proxies that did not vary: warned by name."""
+    out, trend = [], prediction.trend
+    what = {"length": "trains {x} {dir} than the proxies", "batch": "uses a {x} {dir} batch than the proxies",
+            "width": "is {x} {dir} than the proxies", "depth": "is {x} {dir} than the proxies"}
+    words = {"length": ("longer", "shorter"), "batch": ("larger", "smaller"), "width": ("wider", "narrower"),
+             "depth": ("deeper", "shallower")}
+    for axis, d in prediction.extrapolation.items():
+        if axis in trend.lr.axes or abs(d) < 1e-9:
+            continue
+        factor = f"{2 ** abs(d):.3g}x"
+        head = f"the target {what[axis].format(x=factor, dir=words[axis][d < 0])}; this study did not measure how " \
+               f"the optimum moves with {axis}"
+        used = prediction.contributions.get(axis)
+        tail = (f": assumed {used.slope:+.2f} log2 per doubling ({used.source})" if used else
+                ": the proxies' lr is used as is" + (f"; `--assume {axis}=RULE` applies a documented rule "
+                                                        "(see docs/results.md)" if axis in ("length", "batch") else ""))
+        out.append(head + tail)
+    return out
+
+
+def _warnings(prediction: Prediction, what: str = "optimal lr") -> list[str]:
+    out, trend = _unmeasured(prediction), prediction.trend
+    for axis, verdict in trend.verdicts.items():
+        beyond = abs(prediction.extrapolation[axis]) > 0.05
+        if axis not in prediction.flat_axes and trend.lr.significant(axis) and beyond:
+            out.append(f"the {what} moves with {axis} ({verdict.slope:+.2f} +- {verdict.error:.2f} log2 per "
+                       f"doubling): the prediction extrapolates that trend {prediction.extrapolation[axis]:+.1f} "
+                       "doublings; transfer along it is not parameter-free")
+        small = math.log2(prediction.target[axis] / trend.sizes[axis][0])
+        if small < -1e-9:
+            out.append(f"the target's {axis} ({prediction.target[axis]:g}) is below every proxy's (smallest "
+                       f"{trend.sizes[axis][0]:g}): extrapolating {small:+.1f} doublings below them")
+    for axis, doublings in prediction.extrapolation.items():
+        if doublings > FAR_DOUBLINGS and axis in trend.lr.axes:
+            out.append(f"the target's {axis} lies {doublings:+.1f} doublings from your largest proxy (x"
+                       f"{2 ** abs(doublings):.0f}): confirm with a proxy nearer the target")
+    if trend.edge_optima:
+        out.append(f"{trend.edge_optima} of {trend.observations} seed optima of {prediction.label} sit on an lr grid "
+                   "edge: they are bounds, and the trend may be steeper; widen the grid")
+    missed = [c for c in prediction.held_out if not c.within and abs(c.miss) > MATERIAL_MISS]
+    if missed:
+        out.append(f"{len(missed)} of {len(prediction.held_out)} held-out shapes miss their 95 % interval ("
+                   + ", ".join(f"{c.axis} {c.size:g}: {c.miss:+.2f} vs +-{c.interval:.2f}" for c in missed[:3])
+                   + "): the law does not extrapolate; tune closer to the target")
+    return out
+
+
+def _weight_decay(trials: list[Trial], fits: list[analysis.ShapeFit], x: float, target: dict[str, float],
+                  trend: analysis.ParamTrend, optimizer: str, metric: str) -> tuple[float, str]:
+    """(target weight decay, how it was chosen): AdamW's timescale held at the largest proxy's, or the fitted
+    law of the grid optima where the study swept weight decay (and every optimum is positive)."""
+    largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
+    swept = len({t.spec.weight_decay for t in trials}) > 1
+    optima = analysis.optimum_per_shape([t for t in trials if t.shape in {f.shape for f in fits}], metric)
+    if swept and all(o.weight_decay > 0 for o in optima.values()):
+        law = fit.flat_where_insignificant([analysis.axis_sizes(s, trend.length_unit) for s in optima],
+                                           [math.log2(o.weight_decay) for o in optima.values()], axes=analysis.AXES)
+        return 2.0 ** law.predict(target)[0], "the fitted law of the swept weight decay's grid optima"
+    if optimizer != "adamw" or largest.weight_decay == 0:
+        why = "the proxies used none" if largest.weight_decay == 0 else "the timescale rule is AdamW's"
+        return largest.weight_decay, f"the proxies' ({why})"
+    shape = analysis.axis_sizes(largest.shape, analysis.SAMPLES)
+    samples = target["length"] * (target["batch"] if trend.length_unit == analysis.STEPS else 1.0)
+    wd = timescale_weight_decay(largest.weight_decay, largest.lr_value, shape["batch"], shape["length"], 2.0**x,
+                                target["batch"], samples)
+    timescale = shape["batch"] / (largest.lr_value * largest.weight_decay * shape["length"])
+    return wd, (f"AdamW's timescale B/(lr*wd*samples) = {timescale:.3g} of the run held at the largest proxy's "
+                "(Wang & Aitchison, arXiv 2405.13698)")
+
+
+def predict(trials: list[Trial], metric: str, label: str, target: dict[str, float], rule: str = "trend",
+            assumed: dict[str, Assumption] | None = None, optimizer: str = "adamw") -> Prediction:
+    """The target's lr, momentum and weight decay from the proxies of `label`, by `rule`. `target` gives width
+    and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     fits = [f for shape, f in analysis.fit_shapes(trials, metric).items() if shape[0] == label]
@@ -124,14 +234,18 @@ def predict(trials: list[Trial], metric: str, label: str, target: dict[str, floa
         raise ValueError(f"no finished proxy of {label!r} to transfer from")
     largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
     trend = analysis.trend_of(label, fits)
+    sizes = _axis_target(target, fits, trend.length_unit)
+    contributions: dict[str, Contribution] = {}
     if rule == "largest":
         grid_best = analysis.optimum_per_shape([t for t in trials if t.shape == largest.shape], metric)[largest.shape]
         x, error, flat, momentum = math.log2(grid_best.lr), 0.0, (), grid_best.momentum
     else:
-        x, error, flat = _predict_trend(fits, trend.lr, target)
-        momentum = _predict_momentum(fits, target)
-    prediction = Prediction(rule, label, target, x, error, momentum, largest.weight_decay,
-                            _extrapolation(trend, target), trend, flat)
+        x, error, flat, contributions = _predict_trend(fits, trend, sizes, assumed or {})
+        momentum = _predict_momentum(fits, sizes, trend.length_unit)
+    own = [t for t in trials if t.spec.parametrization == label]
+    wd, wd_rule = _weight_decay(own, fits, x, sizes, trend, optimizer, metric)
+    prediction = Prediction(rule, label, sizes, x, error, momentum, wd, _extrapolation(trend, sizes), trend, flat,
+                            contributions=contributions, weight_decay_rule=wd_rule, held_out=holdout.held_out(fits))
     prediction.warnings = _warnings(prediction)
     return prediction
 
@@ -148,7 +262,13 @@ class TransferPlan:
 
 def plan_transfer(study: str, target: str, out: str | None = None, metric: str = DEFAULT_METRIC,
                   tracking_uri: str | None = None, experiment: str | None = None, num_gpus: int = 1,
-                  overrides: list[str] = (), rule: str = "trend") -> TransferPlan:
+                  overrides: list[str] = (), rule: str = "trend", ranks: int | None = None,
+                  assume: list[str] = (), keep_beta2_half_life: bool = False) -> TransferPlan:
+    """Predict the target's settings and write its config. The target's batch counts `ranks` data-parallel
+    ranks (default: `num_gpus`, the GPUs of the printed command)."""
+    from .target import parse_assumptions
+
+    assumed = parse_assumptions(list(assume))
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
     parent = find_study_run(client, study, experiment)
@@ -159,16 +279,36 @@ def plan_transfer(study: str, target: str, out: str | None = None, metric: str =
     if not fits:
         raise ValueError(f"study {study!r} has no finished trial with metric {metric!r} (all diverged or missing)")
     target_cfg = load_config(target, list(overrides), check=False)
-    label, shape = target_shape(target_cfg)
-    if label not in {s[0] for s in fits}:
-        known = ", ".join(sorted({s[0] for s in fits}))
-        raise ValueError(f"the target uses {label!r} but study {study!r} tuned only {known}")
-    prediction = predict(trials, metric, label, shape, rule)
+    label = matching_label(target_cfg, {s[0] for s in fits})
+    check_matches(_proxy_params(trials, label), target_cfg)
+    prediction = predict(trials, metric, label, target_shape(target_cfg, ranks or num_gpus), rule, assumed,
+                         target_cfg.optim.name)
+    if keep_beta2_half_life and target_cfg.optim.name == "adamw":
+        _move_beta2(prediction, trials, label)
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     out_path = _write_target(study, target, target_cfg, out, prediction, metric,
                              {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.info.run_id})
     command = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "mutransfer.train", "--config", str(out_path)]
     return TransferPlan(study, parent.info.run_id, prediction, fits, out_path, command)
+
+
+def _proxy_params(trials: list[Trial], label: str) -> dict[str, str]:
+    """The logged config of a finished proxy of `label` (they share every field `check_matches` compares)."""
+    finished = [t for t in trials if t.spec.parametrization == label and t.status == RunStatus.FINISHED]
+    return finished[0].params if finished else {}
+
+
+def _move_beta2(prediction: Prediction, trials: list[Trial], label: str) -> None:
+    """Beta2 with its half-life in samples kept at the largest proxy's (Marek et al., arXiv 2507.07101)."""
+    from .target import half_life_beta2
+
+    own = [t for t in trials if t.spec.parametrization == label and "optim.beta2" in t.params]
+    if not own:
+        prediction.warnings.append("the proxies did not log optim.beta2: beta2 is left as the target gives it")
+        return
+    largest = max(own, key=lambda t: analysis.proxy_size(t.shape))
+    prediction.beta2 = half_life_beta2(float(largest.params["optim.beta2"]), largest.spec.batch_size,
+                                       prediction.target["batch"])
 
 
 def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | None, prediction: Prediction,
@@ -177,9 +317,10 @@ def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | Non
     (checked once more) and written in full."""
     run_tags = {**target_cfg.tracking.tags, tags.STUDY: study, tags.ROLE: tags.RunRole.TARGET.value,
                 tags.TRIAL_KEY: f"target_{Path(target).stem}", tags.TRANSFER_RULE: prediction.rule}
+    beta2 = {"optim.beta2": prediction.beta2} if prediction.beta2 is not None else {}
     cfg = with_values(target_cfg, {
         "optim.lr": prediction.lr, f"optim.{target_cfg.optim.momentum_key}": prediction.momentum,
-        "optim.weight_decay": prediction.weight_decay, "tracking.tags": run_tags,
+        "optim.weight_decay": prediction.weight_decay, "tracking.tags": run_tags, **beta2,
         "tracking.params": {**target_cfg.tracking.params, **prediction.params()},
         **{f"tracking.{key}": value for key, value in tracking_fields.items()},
     })
@@ -192,22 +333,29 @@ def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | Non
 
 
 def describe(plan: TransferPlan, metric: str) -> str:
-    """The table of fitted optima, the trend in words, the prediction and its warnings."""
+    """The table of fitted optima, the law in words, each axis's contribution, the prediction, the weight
+    decay, the held-out check and the warnings."""
     p = plan.prediction
     lines = [f"study {plan.study}: fitted optimum per proxy shape ({metric}; lr = 2^x, x averaged over seeds)",
-             f"  {'parametrization':<20}{'width':>6}{'depth':>6}{'lr':>11}{'log2 lr':>9}{'+-':>6}{'momentum':>10}"
-             f"{'value':>9}  edge"]
+             f"  {'parametrization':<20}{'width':>6}{'depth':>6}{'batch':>6}{'steps':>7}{'lr':>11}{'log2 lr':>9}"
+             f"{'+-':>6}{'momentum':>10}{'value':>9}  edge"]
     for shape, f in plan.fits.items():
-        lines.append(f"  {shape[0]:<20}{shape[1]:>6}{shape[2]:>6}{f.lr_value:>11.4g}{f.lr.x:>9.2f}{f.lr.spread:>6.2f}"
-                     f"{f.momentum_value:>10.3g}{f.lr.value:>9.4f}  {','.join(f.lr.edges) or '-'}")
+        lines.append(f"  {shape[0]:<20}{shape[1]:>6}{shape[2]:>6}{shape[3]:>6}{shape[4]:>7}{f.lr_value:>11.4g}"
+                     f"{f.lr.x:>9.2f}{f.lr.spread:>6.2f}{f.momentum_value:>10.3g}{f.lr.value:>9.4f}  "
+                     f"{','.join(f.lr.edges) or '-'}")
     if p.trend:
         lines.append(analysis.summary_sentence(p.trend))
         lines += ["  " + analysis.axis_sentence(v, p.trend.sizes[a]) for a, v in p.trend.verdicts.items()]
     flat = f"; flat in {', '.join(p.flat_axes)} (slope not significant)" if p.flat_axes else ""
-    shape = " x ".join(f"{p.target[a]:g}" for a in analysis.AXES)
-    lines.append(f"target {p.label} {shape} (width x depth): lr {p.lr:.4g} = 2^({p.log2_lr:.2f} +- "
-                 f"{p.log2_lr_error:.2f}), momentum {p.momentum:.4g}, by rule '{p.rule}'{flat}; extrapolating "
-                 + ", ".join(f"{d:+.1f} doublings in {a}" for a, d in p.extrapolation.items()))
+    shape = ", ".join(f"{a} {p.target[a]:g}" for a in analysis.AXES)
+    lines.append(f"target {p.label} ({shape}; length in {p.length_unit}): lr {p.lr:.4g} = 2^({p.log2_lr:.2f} +- "
+                 f"{p.log2_lr_error:.2f}), momentum {p.momentum:.4g}, by rule '{p.rule}'{flat}")
+    lines += [f"  {c.axis}: {c.doublings:+.2f} doublings x {c.slope:+.3f} = {c.value:+.2f} +- {c.error:.2f} log2 "
+              f"({c.source})" for c in p.contributions.values()]
+    lines.append(f"weight decay {p.weight_decay:.4g}: {p.weight_decay_rule}")
+    if p.beta2 is not None:
+        lines.append(f"beta2 {p.beta2:.6g}: its half-life in samples kept at the largest proxy's")
+    lines.append(holdout.sentence(p.held_out))
     lines += [f"warning: {w}" for w in p.warnings]
     lines.append(f"target config: {plan.target_config}")
     lines.append("run it with:  " + " ".join(plan.command))

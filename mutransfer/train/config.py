@@ -68,9 +68,10 @@ class ModelSection(Section):
     """Side of the square image patches a ViT embeds; None keeps the zoo entry's default."""
     mlp_ratio: float | None = None
     """Hidden width of each MLP block over the embedding width; None keeps the zoo entry's default (4)."""
-    parametrization: Literal["sp", "mup", "depth_mup", "completep"] = "depth_mup"
-    """How init, multipliers and per-role LRs scale with width and depth. The recommended default for ViTs
-    is depth_mup with first_layer_lr_exponent 0.5 (docs/results.md)."""
+    parametrization: Literal["sp", "mup", "depth_mup", "completep"] | None = None
+    """How init, multipliers and per-role LRs scale with width and depth. None: the recommended default for
+    ViTs, depth_mup with first_layer_lr_exponent 0.5 (docs/results.md). A name alone means its knobs at their
+    plain values, as a study label does: `depth_mup` is first_layer_lr_exponent 0."""
     alpha: float | None = None
     """Residual exponent in [1/2, 1] (branches are multiplied by m_L ** -alpha); None: 1/2 for depth_mup,
     1 for completep. Only for depth_mup and completep."""
@@ -81,7 +82,8 @@ class ModelSection(Section):
     readout_multiplier: float | None = None
     """alpha_out in the readout's alpha_out / m_N; None: 1."""
     first_layer_lr_exponent: float | None = None
-    """LR of qkv / fc1 times m_L ** this (docs/parametrizations.md); None: 0.5 for depth_mup, else 0."""
+    """LR of qkv / fc1 times m_L ** this (docs/parametrizations.md); None: 0, or 0.5 when no parametrization
+    is named (the recommended default)."""
     zero_init: bool | None = None
     """Zero-initialise readout and query weights; None: on for every parametrization but sp."""
     init_std: float | None = None
@@ -107,7 +109,7 @@ class ModelSection(Section):
                 raise ConfigError(key, f"must be a positive number, got {value}")
         if self.first_layer_lr_exponent is not None and not math.isfinite(self.first_layer_lr_exponent):
             raise ConfigError("first_layer_lr_exponent", f"must be finite, got {self.first_layer_lr_exponent}")
-        if self.alpha is not None and self.parametrization not in DEPTH_AWARE:
+        if self.alpha is not None and (self.parametrization or "depth_mup") not in DEPTH_AWARE:
             raise ConfigError("alpha", f"only applies to {' and '.join(DEPTH_AWARE)}, not {self.parametrization}")
         if self.alpha is not None and not 0.5 <= self.alpha <= 1:
             raise ConfigError("alpha", f"must lie in [1/2, 1], got {self.alpha}")

@@ -80,8 +80,9 @@ def run_params(cfg: RunConfig, model: torch.nn.Module, world_size: int) -> dict[
     return params
 
 
-def run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
-    """MLflow tags a study and the UI search by."""
+def run_tags(cfg: RunConfig, model: torch.nn.Module, world_size: int, total_steps: int) -> dict[str, str]:
+    """MLflow tags a study and the UI search by; the batch is global (per rank x accumulation x ranks)."""
+    batch = cfg.data.batch_size * cfg.optim.accumulation * world_size
     names = {
         tags.ROLE: tags.RunRole.RUN.value,
         tags.MODEL: cfg.model.name,
@@ -92,6 +93,11 @@ def run_tags(cfg: RunConfig, model: torch.nn.Module) -> dict[str, str]:
         tags.OPTIMIZER: cfg.optim.name,
         tags.LR: repr(cfg.optim.lr),
         tags.MOMENTUM: repr(cfg.optim.momentum_value),
+        tags.WEIGHT_DECAY: repr(cfg.optim.weight_decay),
+        tags.SEED: str(cfg.run.seed),
+        tags.BATCH_SIZE: str(batch),
+        tags.STEPS: str(total_steps),
+        tags.SAMPLES: str(batch * total_steps),
         tags.STATUS: tags.RunStatus.RUNNING.value,
     }
     return {**names, **cfg.tracking.tags}

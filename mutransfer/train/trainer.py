@@ -293,7 +293,8 @@ def _start_tracking(run: Run, model: torch.nn.Module) -> None:
                           fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s)
     if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
         trim_metrics_file(run.output_dir / "metrics.jsonl", state.step)
-    run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name, run_tags(cfg, model),
+    run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name,
+                                          run_tags(cfg, model, run.world_size, run.total_steps),
                                           parent_run_id=cfg.tracking.parent_run_id,
                                           run_id=state.mlflow_run_id or cfg.tracking.continue_run_id)
     if run.mlflow_run_id and state.mlflow_run_id is None and not cfg.tracking.continue_run_id:
