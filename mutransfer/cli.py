@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from mutransfer.errors import UsageError
+from mutransfer.errors import UserError
 
 # command -> (module that registers it, one-line help shown by `mutransfer --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
-    except UsageError as err:
+    except UserError as err:  # what the user can fix: one line; anything else is a bug and keeps its traceback
         print(f"mutransfer {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,5 @@
-"""The errors a user sees as one line and exit code 2: a bad config value, unusable data, bad command-line use.
+"""The errors a user sees as one line and exit code 2 (`UserError`): a bad config value, unusable data, bad
+command-line use.
 
 A leaf module: every package may import it, it imports nothing of ours.
 """
@@ -6,7 +7,12 @@ A leaf module: every package may import it, it imports nothing of ours.
 from __future__ import annotations
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Input a user can fix (a config value, data, a command-line argument): `mutransfer.cli` prints it as one
+    line and exits 2. Every other exception is a bug or an outage and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config problem, with the dotted key it is about (`optim.lr`, `data.batch_size`, `study.steps`)."""
 
     def __init__(self, key: str, message: str) -> None:
@@ -20,10 +26,11 @@ class ConfigError(ValueError):
         return ConfigError(key, self.message)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Shards, or their index, cannot give a run what it needs. The message names the folder, file or shard;
     the command line prints it as one line and exits 2."""
 
 
-class UsageError(Exception):
-    """Bad input on the command line: printed as one line, exit code 2."""
+class UsageError(UserError, ValueError):
+    """Bad input on the command line or to a command's function (a ValueError, so that library callers that
+    catch those keep working): printed as one line, exit code 2."""

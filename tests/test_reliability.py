@@ -422,3 +422,29 @@ def test_a_one_rank_deepspeed_launch_leaves_nothing_in_dev_shm(shards, tmp_path)
     done = run(deepspeed_command(config, "tracking.enabled=false", "run.save_checkpoints=false", procs=1), tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before == set()
+
+
+# --- errors: what a user can fix is one line; a bug keeps its traceback ---------------------------------------
+def test_a_user_error_is_one_line_with_exit_2_and_a_bug_keeps_its_traceback(monkeypatch, capsys) -> None:
+    import sys
+    import types
+
+    from mutransfer import cli as top
+    from mutransfer.errors import ConfigError, DataError, UsageError
+
+    raised = {"config": ConfigError("optim.lr", "must be positive"), "data": DataError("no shards"),
+              "usage": UsageError("--flag is wrong"), "bug": ValueError("an internal invariant broke")}
+
+    def register(subparsers) -> None:
+        probe = subparsers.add_parser("probe")
+        probe.add_argument("kind")
+        probe.set_defaults(func=lambda args: (_ for _ in ()).throw(raised[args.kind]))
+
+    monkeypatch.setitem(sys.modules, "probe_commands", types.SimpleNamespace(register=register))
+    monkeypatch.setitem(top.COMMANDS, "probe", ("probe_commands", "a probe"))
+    for kind in ("config", "data", "usage"):
+        assert top.main(["probe", kind]) == 2
+        err = capsys.readouterr().err
+        assert err == f"mutransfer probe: error: {raised[kind]}\n"
+    with pytest.raises(ValueError, match="an internal invariant broke"):
+        top.main(["probe", "bug"])

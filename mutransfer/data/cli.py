@@ -94,7 +94,7 @@ def run_write(args: argparse.Namespace) -> int:
             force=args.force,
             dataset_name=args.name,
         )
-    except (ValueError, FileExistsError, FileNotFoundError) as err:
+    except (FileExistsError, FileNotFoundError) as err:  # the user's paths: one line, as for bad values
         raise UsageError(str(err)) from err
     finally:
         if source is not None and hasattr(source, "close"):
@@ -112,7 +112,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     try:
         info = read_info(args.location)
-    except (ValueError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
         raise UsageError(str(err)) from err
     print(f"{info_location(args.location)}: dataset {info.name!r}")
     for name, split in sorted(info.splits.items()):

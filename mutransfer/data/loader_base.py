@@ -17,7 +17,7 @@ from mutransfer.data.device_step import DeviceNormalize
 from mutransfer.data.shards import ShardSet, shards_from_info, shards_from_pattern
 from mutransfer.data.skips import SkipCounter
 from mutransfer.data.worker_signals import WorkerRelease, stop_workers, worker_error_message
-from mutransfer.errors import DataError
+from mutransfer.errors import DataError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def resolve_shards(cfg: DataConfig, pattern: str | None, split: str, field: str)
     if pattern is not None:
         return shards_from_pattern(pattern)
     if cfg.shards_dir is None:
-        raise ValueError(f"DataConfig: set shards_dir (with {field.split('_')[0]}_split) or {field} to find the shards")
+        raise UsageError(f"DataConfig: set shards_dir (with {field.split('_')[0]}_split) or {field} to find the shards")
     return shards_from_info(cfg.shards_dir, split)
 
 

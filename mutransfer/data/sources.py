@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from mutransfer.data import synthetic
+from mutransfer.errors import UsageError
 
 
 @dataclass
@@ -59,7 +60,7 @@ class ImageFolderSource:
             d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))
         )
         if not self.class_names:
-            raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+            raise UsageError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
         self.num_classes = len(self.class_names)
         extensions = image_extensions()
         self.files: list[tuple[str, int]] = []
@@ -76,7 +77,7 @@ class ImageFolderSource:
                     else:
                         self.ignored.append(relpath)
         if not self.files:
-            raise ValueError(f"image folder {root} has class folders but no images in them")
+            raise UsageError(f"image folder {root} has class folders but no images in them")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -117,7 +118,7 @@ class HFSource:
         self.label_column = label_column or self._find_label_column(features)
         for column in (self.image_column, self.label_column):
             if column not in features:
-                raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(features)})")
+                raise UsageError(f"{path}: no column {column!r} (columns: {', '.join(features)})")
         self._ds: Any = self._prepare(dataset)
         import datasets
 
@@ -165,7 +166,7 @@ class HFSource:
             elif os.path.isdir(path):
                 loaded = datasets.load_dataset("imagefolder", data_dir=path, cache_dir=self._cache_dir)
             else:
-                raise ValueError(f"{path} is neither a saved dataset, a parquet file nor a folder")
+                raise UsageError(f"{path} is neither a saved dataset, a parquet file nor a folder")
         if isinstance(loaded, datasets.DatasetDict):
             loaded = self._pick_split(loaded)
         return loaded
@@ -175,7 +176,7 @@ class HFSource:
             return splits[self.split]
         if len(splits) == 1:
             return next(iter(splits.values()))
-        raise ValueError(f"{self.path} has splits {', '.join(splits)}; choose one with --hf-split")
+        raise UsageError(f"{self.path} has splits {', '.join(splits)}; choose one with --hf-split")
 
     def _find_image_column(self, features: Any) -> str:
         import datasets
@@ -183,7 +184,7 @@ class HFSource:
         for name, feature in features.items():
             if isinstance(feature, datasets.Image):
                 return name
-        raise ValueError(f"{self.path}: no Image column (columns: {', '.join(features)}); name it with --image-column")
+        raise UsageError(f"{self.path}: no Image column (columns: {', '.join(features)}); name it with --image-column")
 
     def _find_label_column(self, features: Any) -> str:
         import datasets
@@ -194,7 +195,7 @@ class HFSource:
         for name in self.LABEL_NAMES:
             if name in features and str(getattr(features[name], "dtype", "")).startswith(("int", "uint")):
                 return name
-        raise ValueError(f"{self.path}: no label column (columns: {', '.join(features)}); name it with --label-column")
+        raise UsageError(f"{self.path}: no label column (columns: {', '.join(features)}); name it with --label-column")
 
     def __len__(self) -> int:
         return len(self._dataset())
@@ -235,7 +236,7 @@ class SyntheticSource:
 
     def __init__(self, spec: synthetic.SyntheticSpec, samples: int) -> None:
         if samples < 1:
-            raise ValueError(f"samples={samples} must be >= 1")
+            raise UsageError(f"samples={samples} must be >= 1")
         self.spec = spec
         self.samples = samples
         self.name = f"synthetic-c{spec.classes}-s{spec.image_size}-seed{spec.seed}"
@@ -257,11 +258,11 @@ def open_source(spec: str, split: str, hf_split: str | None = None, image_column
     """Parse 'imagefolder:DIR' or 'hf:PATH' (the synthetic source takes its own options)."""
     kind, sep, location = spec.partition(":")
     if not sep or not location:
-        raise ValueError(f"source {spec!r} must be imagefolder:DIR, hf:PATH or synthetic")
+        raise UsageError(f"source {spec!r} must be imagefolder:DIR, hf:PATH or synthetic")
     if kind == "imagefolder":
         if image_column or label_column or hf_split:
-            raise ValueError("--image-column, --label-column and --hf-split only apply to hf: sources")
+            raise UsageError("--image-column, --label-column and --hf-split only apply to hf: sources")
         return ImageFolderSource(location)
     if kind == "hf":
         return HFSource(location, hf_split or split, image_column, label_column)
-    raise ValueError(f"unknown source kind {kind!r} in {spec!r}: use imagefolder:DIR, hf:PATH or synthetic")
+    raise UsageError(f"unknown source kind {kind!r} in {spec!r}: use imagefolder:DIR, hf:PATH or synthetic")

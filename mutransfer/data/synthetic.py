@@ -17,6 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from mutransfer.errors import UsageError
+
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -49,11 +51,11 @@ class SyntheticSpec:
 
     def __post_init__(self) -> None:
         if not 2 <= self.classes <= MAX_CLASSES:
-            raise ValueError(f"classes={self.classes} must be between 2 and {MAX_CLASSES}")
+            raise UsageError(f"classes={self.classes} must be between 2 and {MAX_CLASSES}")
         if not 8 <= self.image_size <= 4096:
-            raise ValueError(f"image_size={self.image_size} must be between 8 and 4096")
+            raise UsageError(f"image_size={self.image_size} must be between 8 and 4096")
         if self.seed < 0:
-            raise ValueError(f"seed={self.seed} must be >= 0")
+            raise UsageError(f"seed={self.seed} must be >= 0")
 
 
 def class_attributes(label: int) -> tuple[str, str, str]:

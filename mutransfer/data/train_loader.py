@@ -31,6 +31,7 @@ from mutransfer.data.decode import MAX_CONSECUTIVE_SKIPS, Decoder, PilDecoder, d
 from mutransfer.data.loader_base import LoaderBase, resolve_shards
 from mutransfer.data.partition import assign_shards, derive_seed, worker_slot
 from mutransfer.data.tars import cycle_passes, read_samples
+from mutransfer.errors import UsageError
 
 
 class TrainStream(IterableDataset):
@@ -80,7 +81,7 @@ def cpu_train_decoder(cfg: DataConfig, num_classes: int | None) -> PilDecoder:
     if not cfg.mixup_active:
         return PilDecoder(transform, collate_uint8)
     if num_classes is None:
-        raise ValueError("DataConfig.num_classes must be set for mixup/cutmix (no _info.json gives it)")
+        raise UsageError("DataConfig.num_classes must be set for mixup/cutmix (no _info.json gives it)")
     mixup = FastCollateMixup(
         mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha, cutmix_minmax=cfg.cutmix_minmax,
         prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
@@ -113,7 +114,7 @@ class TrainLoader(LoaderBase):
     def _derive_batches_per_epoch(self) -> int:
         num_samples = self.shards.num_samples or self.cfg.train_num_samples
         if num_samples is None:
-            raise ValueError(
+            raise UsageError(
                 f"DataConfig.batches_per_epoch is None and no _info.json gives the size of {self.shards.pattern!r}; "
                 "set batches_per_epoch or train_num_samples"
             )

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from mutransfer.data import synthetic
 from mutransfer.data.info import INFO_FILENAME, DatasetInfo, SplitInfo, read_info, shard_filename, write_info
 from mutransfer.data.sources import ImageSource, RawSample, SyntheticSource
+from mutransfer.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def write_shards(
     _check_write_args(split, samples_per_shard, resize_short, quality, workers)
     total = len(source)
     if total == 0:
-        raise ValueError("the source has no images")
+        raise UsageError("the source has no images")
     info = _check_out_dir(out_dir, split, force)
 
     job = _ShardJob(out_dir, split, resize_short, quality, samples_per_shard, total)
@@ -243,7 +244,7 @@ def write_shards(
     if not any(r.length for r in results):
         for r in results:
             os.remove(os.path.join(out_dir, r.filename))
-        raise ValueError(f"none of the {total} images could be decoded; nothing was written")
+        raise UsageError(f"none of the {total} images could be decoded; nothing was written")
 
     info.name = info.name or dataset_name or getattr(source, "name", "") or os.path.basename(os.path.abspath(out_dir))
     filenames, lengths = [r.filename for r in results], [r.length for r in results]
@@ -257,15 +258,15 @@ def _check_write_args(split: str, samples_per_shard: int, resize_short: int | No
     from mutransfer.data.config import SPLIT_NAME
 
     if not SPLIT_NAME.match(split):
-        raise ValueError(f"split {split!r} must be letters, digits, '_' or '-'")
+        raise UsageError(f"split {split!r} must be letters, digits, '_' or '-'")
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard={samples_per_shard} must be >= 1")
+        raise UsageError(f"samples_per_shard={samples_per_shard} must be >= 1")
     if resize_short is not None and resize_short < 1:
-        raise ValueError(f"resize_short={resize_short} must be >= 1")
+        raise UsageError(f"resize_short={resize_short} must be >= 1")
     if not 1 <= quality <= 100:
-        raise ValueError(f"quality={quality} must be between 1 and 100")
+        raise UsageError(f"quality={quality} must be between 1 and 100")
     if workers < 1:
-        raise ValueError(f"workers={workers} must be >= 1")
+        raise UsageError(f"workers={workers} must be >= 1")
 
 
 def _run_shards(source: ImageSource, job: _ShardJob, num_shards: int, workers: int, bar: tqdm) -> Iterator[ShardResult]:

@@ -33,28 +33,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def launch_command(args: argparse.Namespace) -> int:
-    from mutransfer.errors import ConfigError, UsageError
-
-    try:
-        return _launch(args)
-    except (ConfigError, ValueError) as err:
-        raise UsageError(str(err)) from err
-
-
-def _launch(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    from mutransfer.errors import UsageError
 
     from . import multinode
 
     if args.launcher not in multinode.DEEPSPEED_LAUNCHERS:
-        raise ValueError(f"--launcher must be one of {', '.join(multinode.DEEPSPEED_LAUNCHERS)}, got {args.launcher!r}")
+        raise UsageError(f"--launcher must be one of {', '.join(multinode.DEEPSPEED_LAUNCHERS)}, got {args.launcher!r}")
     if args.node_rank is not None and not args.no_ssh:
-        raise ValueError("--node-rank goes with --no-ssh")
+        raise UsageError("--node-rank goes with --no-ssh")
     hosts = None
     if args.hostfile:
         hosts = multinode.select_hosts(multinode.read_hostfile(args.hostfile), args.num_nodes, args.gpus_per_node)
     elif not args.slurm:
-        raise ValueError("--hostfile is required (or --slurm, where the allocation names the nodes)")
+        raise UsageError("--hostfile is required (or --slurm, where the allocation names the nodes)")
     if args.slurm:
         from .slurm import RESUME_PIN, train_script, write_script
 
@@ -62,7 +55,7 @@ def _launch(args: argparse.Namespace) -> int:
         num_nodes = args.num_nodes or (len(hosts) if hosts else None)
         gpus = args.gpus_per_node or (hosts[0].slots if hosts else None)
         if not num_nodes or not gpus:
-            raise ValueError("--slurm needs --num-nodes and --gpus-per-node (or a --hostfile to count them)")
+            raise UsageError("--slurm needs --num-nodes and --gpus-per-node (or a --hostfile to count them)")
         script = Path(args.script) if args.script else launch.output_dir / "train.sbatch"
         text = train_script(launch, num_nodes, gpus, sbatch_options(args, f"train-{launch.output_dir.name}"),
                             args.master_port)
@@ -76,10 +69,10 @@ def _launch(args: argparse.Namespace) -> int:
     if args.no_ssh:
         commands = multinode.node_commands(launch, args.hostfile, hosts, args.gpus_per_node, args.master_addr, port)
         if args.node_rank is not None and not 0 <= args.node_rank < len(commands):
-            raise ValueError(f"--node-rank {args.node_rank}: there are {len(commands)} nodes, 0-{len(commands) - 1}")
+            raise UsageError(f"--node-rank {args.node_rank}: there are {len(commands)} nodes, 0-{len(commands) - 1}")
         if not args.print_only:
             if args.node_rank is None:
-                raise ValueError("--no-ssh runs one node's command per machine: add --node-rank I (or --print)")
+                raise UsageError("--no-ssh runs one node's command per machine: add --node-rank I (or --print)")
             return multinode.run_command(commands[args.node_rank])
         print(multinode.shared_paths_note(launch))
         for rank, command in enumerate(commands):

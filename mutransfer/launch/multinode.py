@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from mutransfer.errors import UsageError
 from mutransfer.train.config import RunConfig, load_config
 from mutransfer.train.tracking import resolve_tracking_uri
 
@@ -58,7 +59,7 @@ def read_hostfile(path: str | os.PathLike) -> list[Host]:
     """Hosts of an MPI-style hostfile (`worker-0 slots=8` per line; `#` comments), as DeepSpeed reads it."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--hostfile: no such file: {path}")
+        raise UsageError(f"--hostfile: no such file: {path}")
     hosts: list[Host] = []
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -66,15 +67,15 @@ def read_hostfile(path: str | os.PathLike) -> list[Host]:
             continue
         match = _HOSTFILE_LINE.match(line)
         if not match:
-            raise ValueError(f"--hostfile {path}, line {number}: {raw.strip()!r} is not 'HOST slots=N'")
+            raise UsageError(f"--hostfile {path}, line {number}: {raw.strip()!r} is not 'HOST slots=N'")
         host = Host(match.group(1), int(match.group(2)))
         if host.slots < 1:
-            raise ValueError(f"--hostfile {path}, line {number}: {host.name} needs slots >= 1")
+            raise UsageError(f"--hostfile {path}, line {number}: {host.name} needs slots >= 1")
         if any(h.name == host.name for h in hosts):
-            raise ValueError(f"--hostfile {path}, line {number}: {host.name} is listed twice")
+            raise UsageError(f"--hostfile {path}, line {number}: {host.name} is listed twice")
         hosts.append(host)
     if not hosts:
-        raise ValueError(f"--hostfile {path} lists no hosts")
+        raise UsageError(f"--hostfile {path} lists no hosts")
     return hosts
 
 
@@ -82,16 +83,16 @@ def select_hosts(hosts: list[Host], num_nodes: int | None, gpus_per_node: int | 
     """The first `num_nodes` hosts (DeepSpeed's --num_nodes), each with `gpus_per_node` processes."""
     if num_nodes is not None:
         if num_nodes < 1:
-            raise ValueError(f"--num-nodes must be at least 1, got {num_nodes}")
+            raise UsageError(f"--num-nodes must be at least 1, got {num_nodes}")
         if num_nodes > len(hosts):
-            raise ValueError(f"--num-nodes {num_nodes}: the hostfile lists only {len(hosts)} host(s)")
+            raise UsageError(f"--num-nodes {num_nodes}: the hostfile lists only {len(hosts)} host(s)")
         hosts = hosts[:num_nodes]
     if gpus_per_node is not None:
         if gpus_per_node < 1:
-            raise ValueError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
+            raise UsageError(f"--gpus-per-node must be at least 1, got {gpus_per_node}")
         short = [h for h in hosts if h.slots < gpus_per_node]
         if short:
-            raise ValueError(f"--gpus-per-node {gpus_per_node}: {short[0].name} has only {short[0].slots} slot(s)")
+            raise UsageError(f"--gpus-per-node {gpus_per_node}: {short[0].name} has only {short[0].slots} slot(s)")
         hosts = [Host(h.name, gpus_per_node) for h in hosts]
     return hosts
 
@@ -118,7 +119,7 @@ def multinode_command(launch: TrainLaunch, hostfile: str | os.PathLike, num_node
                       master_port: int = DEFAULT_MASTER_PORT, launcher: str = "pdsh") -> list[str]:
     """DeepSpeed's runner over a hostfile: run once, on the first node; it starts the others."""
     if launcher not in DEEPSPEED_LAUNCHERS:
-        raise ValueError(f"--launcher must be one of {', '.join(DEEPSPEED_LAUNCHERS)}, got {launcher!r}")
+        raise UsageError(f"--launcher must be one of {', '.join(DEEPSPEED_LAUNCHERS)}, got {launcher!r}")
     command = [deepspeed_executable(), "--hostfile", str(Path(hostfile).absolute()), "--launcher", launcher]
     if num_nodes is not None:
         command += ["--num_nodes", str(num_nodes)]

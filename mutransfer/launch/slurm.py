@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mutransfer.errors import UsageError
 from mutransfer.typed_config import check_path_text
 
 from .multinode import DEFAULT_MASTER_PORT, TrainLaunch, deepspeed_executable
@@ -49,11 +50,11 @@ class SlurmOptions:
         for name, value in (("--job-name", self.job_name), ("--partition", self.partition),
                             ("--account", self.account), ("--time", self.time), *(("--sbatch", e) for e in self.extra)):
             if value is not None and (not value.strip() or any(c in value for c in "\n\r")):
-                raise ValueError(f"{name}: {value!r} must be one non-empty line")
+                raise UsageError(f"{name}: {value!r} must be one non-empty line")
         if self.cpus_per_task is not None and self.cpus_per_task < 1:
-            raise ValueError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
+            raise UsageError(f"--cpus-per-task must be at least 1, got {self.cpus_per_task}")
         if self.signal_seconds < 10:
-            raise ValueError(f"--signal-seconds must be at least 10, got {self.signal_seconds}")
+            raise UsageError(f"--signal-seconds must be at least 10, got {self.signal_seconds}")
 
     def lines(self) -> list[str]:
         lines = [f"--job-name={self.job_name}"]
@@ -110,9 +111,9 @@ def train_script(launch: TrainLaunch, num_nodes: int, gpus_per_node: int, option
     """One training run on `num_nodes` nodes: one srun task per node runs DeepSpeed's per-node launcher
     (`--no_ssh --node_rank $SLURM_NODEID`), all pointed at the first node of the allocation."""
     if num_nodes < 1 or gpus_per_node < 1:
-        raise ValueError("--num-nodes and --gpus-per-node must be at least 1")
+        raise UsageError("--num-nodes and --gpus-per-node must be at least 1")
     if RESUME_PIN not in launch.overrides:
-        raise ValueError(f"a requeued job must resume: prepare the launch with {RESUME_PIN} pinned")
+        raise UsageError(f"a requeued job must resume: prepare the launch with {RESUME_PIN} pinned")
     options.validate()
     check_script_values(config=launch.config, output_dir=launch.output_dir, cwd=cwd, tracking_uri=launch.tracking_uri,
                         arguments=launch.train_args())

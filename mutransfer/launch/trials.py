@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mutransfer.errors import UsageError
+
 LAUNCHERS = ("inprocess", "deepspeed", "torchrun")
 
 
@@ -29,7 +31,7 @@ def trial_command(launcher: str, config_path: Path, gpus: list[int], port: int) 
         cmd = [str(bin_dir / "torchrun"), "--nproc_per_node", str(count), "--master_port", str(port),
                "-m", "mutransfer.train", "--config", str(config_path)]
     else:
-        raise ValueError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
+        raise UsageError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     return cmd, env
 
 

@@ -50,27 +50,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def coord_check_command(args: argparse.Namespace) -> int:
-    from mutransfer.errors import UsageError
 
     from .coord_check import last_block_growth, plot, run_coord_check, write_csv
     from .zoo import zoo_entry
 
-    try:
-        entry = zoo_entry(args.model)
-        kwargs = dict(
-            width=args.width, depth=args.depth, img_size=args.img_size, num_classes=10,
-            base_width=args.base_width, base_depth=args.base_depth, alpha=args.alpha,
-            first_layer_lr_exponent=args.first_layer_lr_exponent,
-        )
-        if "patch_size" in entry.arguments():
-            kwargs.update(patch_size=args.patch_size, head_dim=args.head_dim)
-        records = run_coord_check(
-            model=args.model, parametrization=args.parametrization, vary=args.vary, values=args.values,
-            steps=args.steps, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
-            seed=args.seed, first_layers=args.first_layers, **kwargs,
-        )
-    except ValueError as err:
-        raise UsageError(str(err)) from err
+    entry = zoo_entry(args.model)
+    kwargs = dict(
+        width=args.width, depth=args.depth, img_size=args.img_size, num_classes=10,
+        base_width=args.base_width, base_depth=args.base_depth, alpha=args.alpha,
+        first_layer_lr_exponent=args.first_layer_lr_exponent,
+    )
+    if "patch_size" in entry.arguments():
+        kwargs.update(patch_size=args.patch_size, head_dim=args.head_dim)
+    records = run_coord_check(
+        model=args.model, parametrization=args.parametrization, vary=args.vary, values=args.values,
+        steps=args.steps, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, first_layers=args.first_layers, **kwargs,
+    )
     stem = f"coord_check_{args.model}_{args.parametrization}_{args.vary}"
     csv_path, png_path = args.out / f"{stem}.csv", args.out / f"{stem}.png"
     write_csv(records, csv_path)

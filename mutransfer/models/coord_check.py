@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from mutransfer.errors import UsageError
+
 from .parametrization import resolve_parametrization
 from .zoo import create_model
 
@@ -106,12 +108,12 @@ def run_coord_check(
 
     resolve_parametrization(parametrization)  # a bad name fails before any work
     if vary not in VARY:
-        raise ValueError(f"--vary must be one of {', '.join(VARY)}, got {vary!r}")
+        raise UsageError(f"--vary must be one of {', '.join(VARY)}, got {vary!r}")
     values = [int(v) for v in values]
     if len(values) < 2 or any(v < 1 for v in values):
-        raise ValueError(f"--values needs at least two positive sizes, got {values}")
+        raise UsageError(f"--values needs at least two positive sizes, got {values}")
     if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
+        raise UsageError(f"--steps must be at least 1, got {steps}")
     if lr is None:  # large on purpose: the check is about what a big step does to each layer
         lr = 1e-2 if optimizer == "adamw" else 0.5
     records: list[CoordRecord] = []

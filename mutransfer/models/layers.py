@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
+from mutransfer.errors import UsageError
+
 from .parametrization import Parametrization, ParamInfo, Role
 
 
@@ -19,7 +21,7 @@ def require_positive_ints(**values: object) -> None:
     """Constructor argument check: each value must be an int >= 1, else ValueError naming it."""
     for key, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+            raise UsageError(f"{key} must be a positive integer, got {value!r}")
 
 
 class Readout(nn.Linear):
@@ -50,7 +52,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int, scale: float, qkv_bias: bool = True) -> None:
         super().__init__()
         if dim % head_dim:
-            raise ValueError(f"width {dim} is not divisible by head_dim {head_dim}")
+            raise UsageError(f"width {dim} is not divisible by head_dim {head_dim}")
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.scale = float(scale)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mutransfer.errors import UsageError
 from mutransfer.models.parametrization import OPTIMIZERS, Parametrization, ParamInfo, Role
 
 
@@ -43,10 +44,10 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """torch param-group dicts, one per (role, first_layer, decay), with scaled lr / weight_decay / eps."""
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
     for key, value in (("lr", lr), ("weight_decay", weight_decay), ("eps", eps)):
         if not (value >= 0 and value == value and value != float("inf")):
-            raise ValueError(f"{key} must be a finite non-negative number, got {value!r}")
+            raise UsageError(f"{key} must be a finite non-negative number, got {value!r}")
     param, width, depth = _model_shape(model)
     infos = model.param_info()
     groups: dict[str, dict[str, Any]] = {}
@@ -99,9 +100,9 @@ def build_optimizer(
     kernels: dict[str, Any] = {"fused": True} if fused else {"foreach": True}
     if optimizer == "adamw":
         if not all(0 <= b < 1 for b in betas):
-            raise ValueError(f"betas must lie in [0, 1), got {betas}")
+            raise UsageError(f"betas must lie in [0, 1), got {betas}")
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kernels)
     if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        raise UsageError(f"momentum must lie in [0, 1), got {momentum}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                            **kernels)

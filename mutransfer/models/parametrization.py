@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
 
+from mutransfer.errors import UsageError
+
 
 class Role(str, Enum):
     """What a parameter does in the network; decides its init, multiplier, LR, weight decay and eps."""
@@ -183,11 +185,11 @@ class Parametrization:
 
     def __post_init__(self) -> None:
         if self.name not in _NAMED_ALPHA:
-            raise ValueError(f"unknown parametrization {self.name!r}; choose one of {', '.join(NAMES)}")
+            raise UsageError(f"unknown parametrization {self.name!r}; choose one of {', '.join(NAMES)}")
         named_alpha = _NAMED_ALPHA[self.name]
         if named_alpha is None:
             if self.alpha not in (None, 0, 0.0):
-                raise ValueError(
+                raise UsageError(
                     f"parametrization {self.name!r} has no residual scaling; alpha={self.alpha} is only "
                     "meaningful for depth_mup or completep"
                 )
@@ -195,18 +197,18 @@ class Parametrization:
         else:
             alpha = named_alpha if self.alpha is None else float(self.alpha)
             if not 0.5 <= alpha <= 1.0:
-                raise ValueError(f"alpha must lie in [1/2, 1] for {self.name!r}, got {alpha}")
+                raise UsageError(f"alpha must lie in [1/2, 1] for {self.name!r}, got {alpha}")
             object.__setattr__(self, "alpha", alpha)
         for key in ("base_width", "base_depth"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise UsageError(f"{key} must be a positive integer, got {value!r}")
         if self.base_head_dim is not None and self.base_head_dim < 1:
-            raise ValueError(f"base_head_dim must be a positive integer, got {self.base_head_dim!r}")
+            raise UsageError(f"base_head_dim must be a positive integer, got {self.base_head_dim!r}")
         if not self.init_std > 0:
-            raise ValueError(f"init_std must be positive, got {self.init_std}")
+            raise UsageError(f"init_std must be positive, got {self.init_std}")
         if not math.isfinite(self.first_layer_lr_exponent):
-            raise ValueError("first_layer_lr_exponent must be finite")
+            raise UsageError("first_layer_lr_exponent must be finite")
         zero_default = self.name != "sp"
         if self.zero_readout is None:
             object.__setattr__(self, "zero_readout", zero_default)
@@ -255,7 +257,7 @@ class Parametrization:
     ) -> tuple[float, float, float]:
         """(lr_scale, weight_decay_scale, eps_scale) for a parameter, relative to the base values."""
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         rule = RULES[info.role]
         m_n, m_l, alpha = self.width_mult(width), self.depth_mult(depth), self.alpha
         if optimizer == "adamw":
@@ -300,7 +302,7 @@ def parse_label(label: str) -> dict[str, Any]:
         except ValueError:
             value = None
         if value is None:
-            raise ValueError(f"bad parametrization label {label!r}: {knob!r} is not one of "
+            raise UsageError(f"bad parametrization label {label!r}: {knob!r} is not one of "
                              + ", ".join(f"+{k}<number>" for k in LABEL_KNOBS))
         fields[LABEL_KNOBS[key]] = value
     Parametrization(name=name, **{k: v for k, v in fields.items() if k != "parametrization"})

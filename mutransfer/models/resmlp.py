@@ -11,6 +11,8 @@ import torch
 from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
+from mutransfer.errors import UsageError
+
 from .layers import (
     Readout,
     block_linear_info,
@@ -29,7 +31,7 @@ class ResidualMLPBlock(nn.Module):
     def __init__(self, width: int, layers: int, branch_multiplier: float, mlp_ratio: float = 1.0) -> None:
         super().__init__()
         if layers not in (1, 2):
-            raise ValueError(f"block_layers must be 1 or 2, got {layers}")
+            raise UsageError(f"block_layers must be 1 or 2, got {layers}")
         self.layers = layers
         self.branch_multiplier = float(branch_multiplier)
         if layers == 1:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mutransfer.errors import UsageError
+
 from .vit import VisionTransformer
 
 # timm architectures whose defaults match a standard shape (width, depth, heads); anything else is built
@@ -52,7 +54,7 @@ def timm_architecture(model: VisionTransformer) -> str:
 def folded_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Our state dict with the multipliers folded in, under timm's names (which are ours), float32."""
     if not isinstance(model, VisionTransformer):
-        raise ValueError(f"only the ViT models export to timm, not {type(model).__name__}")
+        raise UsageError(f"only the ViT models export to timm, not {type(model).__name__}")
     state = {k: v.detach().to("cpu", torch.float64).clone() for k, v in model.state_dict().items()}
     width = model.width
     for i, block in enumerate(model.blocks):

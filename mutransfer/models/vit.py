@@ -12,6 +12,8 @@ from timm.layers import PatchEmbed, trunc_normal_
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mutransfer.errors import UsageError
+
 from .layers import (
     Readout,
     TransformerBlock,
@@ -49,9 +51,9 @@ class VisionTransformer(nn.Module):
         require_positive_ints(width=width, depth=depth, head_dim=head_dim, patch_size=patch_size,
                               img_size=img_size, num_classes=num_classes)
         if img_size % patch_size:
-            raise ValueError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
+            raise UsageError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         if not mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive, got {mlp_ratio}")
+            raise UsageError(f"mlp_ratio must be positive, got {mlp_ratio}")
         self.parametrization: Parametrization = resolve_parametrization(
             parametrization, base_width=base_width, base_depth=base_depth, **parametrization_overrides
         )

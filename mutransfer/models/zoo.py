@@ -15,6 +15,8 @@ from typing import Any
 from timm.models import register_model
 from torch import nn
 
+from mutransfer.errors import UsageError
+
 from .parametrization import Parametrization
 from .resmlp import ResidualMLP
 from .vit import VisionTransformer
@@ -46,7 +48,7 @@ def register(name: str, builder: Callable[..., nn.Module], description: str = ""
 
     def timm_entrypoint(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         if pretrained:
-            raise ValueError(f"{TIMM_PREFIX}{name} has no pretrained weights; train one with mutransfer")
+            raise UsageError(f"{TIMM_PREFIX}{name} has no pretrained weights; train one with mutransfer")
         for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(timm_only, None)
         return create_model(name, **kwargs)
@@ -64,7 +66,7 @@ def list_models() -> list[str]:
 
 def zoo_entry(name: str) -> ZooEntry:
     if name not in _ZOO:
-        raise ValueError(f"unknown model {name!r}; the zoo has: {', '.join(list_models())}")
+        raise UsageError(f"unknown model {name!r}; the zoo has: {', '.join(list_models())}")
     return _ZOO[name]
 
 
@@ -76,7 +78,7 @@ def create_model(name: str, checkpoint_path: str | None = None, **overrides: Any
     entry = zoo_entry(name)
     unknown = sorted(set(overrides) - entry.arguments())
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"model {name!r} takes no argument(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(sorted(entry.arguments()))}"
         )
@@ -96,11 +98,11 @@ def load_weights(model: nn.Module, path: str) -> None:
     mismatched = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                   if k in own and v.shape != own[k].shape]
     if mismatched:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: shape of {', '.join(mismatched[:6])}")
+        raise UsageError(f"{path} does not fit {type(model).__name__}: shape of {', '.join(mismatched[:6])}")
     result = model.load_state_dict(state, strict=False)
     problems = [f"missing {k}" for k in result.missing_keys] + [f"unexpected {k}" for k in result.unexpected_keys]
     if problems:
-        raise ValueError(f"{path} does not fit {type(model).__name__}: {', '.join(problems[:6])}")
+        raise UsageError(f"{path} does not fit {type(model).__name__}: {', '.join(problems[:6])}")
 
 
 def load_model(path: str) -> nn.Module:
@@ -112,7 +114,7 @@ def load_model(path: str) -> nn.Module:
     with safe_open(str(path), framework="pt") as fh:
         metadata = fh.metadata() or {}
     if MODEL_METADATA_KEY not in metadata:
-        raise ValueError(f"{path} was not written by mutransfer export (no {MODEL_METADATA_KEY} metadata)")
+        raise UsageError(f"{path} was not written by mutransfer export (no {MODEL_METADATA_KEY} metadata)")
     spec = json.loads(metadata[MODEL_METADATA_KEY])
     return create_model(spec["name"], checkpoint_path=path, **spec["kwargs"])
 

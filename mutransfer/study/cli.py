@@ -1,7 +1,7 @@
 """The workflow's command line: `mutransfer sweep`, `transfer`, `report`, `ui` and `demo`.
 
-Each command parses its arguments, calls into the study package, and turns a ConfigError or ValueError into
-a UsageError (one line, exit 2). Modules are imported inside the commands, so `--help` stays instant.
+Each command parses its arguments and calls into the study package; what a user can fix is raised there as a
+`UserError` (ConfigError, DataError, UsageError), which `mutransfer.cli` prints as one line with exit 2. Modules are imported inside the commands, so `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mutransfer.errors import ConfigError, UsageError
+from mutransfer.errors import UsageError
 from mutransfer.launch.slurm import add_sbatch_arguments, sbatch_options
 
 from .store import DEFAULT_METRIC
@@ -114,16 +114,13 @@ def sweep_command(args: argparse.Namespace) -> int:
     from .config import load_study
     from .sweep import run_sweep
 
-    try:
-        cfg = load_study(args.config, args.overrides)
-        if args.slurm:
-            return _write_sweep_array(args, cfg)
-        if args.trial_index is not None and (args.parallel or 1) > 1:
-            raise ValueError("--trial-index runs one trial: drop --parallel")
-        summary = run_sweep(cfg, args.launcher, args.parallel or 1, args.gpus_per_trial, args.tracking_uri,
-                            trial_index=args.trial_index)
-    except (ConfigError, ValueError) as err:
-        raise UsageError(str(err)) from err
+    cfg = load_study(args.config, args.overrides)
+    if args.slurm:
+        return _write_sweep_array(args, cfg)
+    if args.trial_index is not None and (args.parallel or 1) > 1:
+        raise UsageError("--trial-index runs one trial: drop --parallel")
+    summary = run_sweep(cfg, args.launcher, args.parallel or 1, args.gpus_per_trial, args.tracking_uri,
+                        trial_index=args.trial_index)
     counts = {s: list(summary.statuses.values()).count(s) for s in sorted(set(summary.statuses.values()))}
     print(f"study {summary.study}: ran {len(summary.ran)}, skipped {len(summary.skipped)} already done; "
           + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -143,11 +140,11 @@ def _write_sweep_array(args: argparse.Namespace, cfg) -> int:
     from .sweep import pending_trials
 
     if args.trial_index is not None:
-        raise ValueError("--slurm writes the whole array; --trial-index is what each task runs")
+        raise UsageError("--slurm writes the whole array; --trial-index is what each task runs")
     if args.parallel is not None and args.parallel < 1:
-        raise ValueError(f"--parallel must be at least 1, got {args.parallel}")
+        raise UsageError(f"--parallel must be at least 1, got {args.parallel}")
     if args.launcher != "inprocess" or args.gpus_per_trial != 1:
-        raise ValueError("--slurm runs each trial in-process on one GPU of its own array task; drop --launcher "
+        raise UsageError("--slurm runs each trial in-process on one GPU of its own array task; drop --launcher "
                          "and --gpus-per-trial (for multi-GPU proxies, use --launcher deepspeed on a node)")
     parent, indices, uri = pending_trials(cfg, args.tracking_uri)
     total = len(cfg.trials())
@@ -168,16 +165,12 @@ def _write_sweep_array(args: argparse.Namespace, cfg) -> int:
 def transfer_command(args: argparse.Namespace) -> int:
     from .transfer import check_target_exists, describe, launch_target, plan_transfer
 
-    try:
-        check_target_exists(args.target)
-        if args.ranks is not None and args.ranks < 1:
-            raise ValueError(f"--ranks must be at least 1, got {args.ranks}")
-        ranks = args.ranks or (1 if args.launch and args.launcher == "inprocess" else None)  # in-process: one rank
-        plan = plan_transfer(args.study, args.target, args.out, args.metric, args.tracking_uri, args.experiment,
-                             args.num_gpus, args.overrides, args.rule, ranks, args.assume,
-                             args.keep_beta2_half_life)
-    except (ConfigError, ValueError) as err:
-        raise UsageError(str(err)) from err
+    check_target_exists(args.target)
+    if args.ranks is not None and args.ranks < 1:
+        raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
+    ranks = args.ranks or (1 if args.launch and args.launcher == "inprocess" else None)  # in-process: one rank
+    plan = plan_transfer(args.study, args.target, args.out, args.metric, args.tracking_uri, args.experiment,
+                         args.num_gpus, args.overrides, args.rule, ranks, args.assume, args.keep_beta2_half_life)
     print(describe(plan, args.metric))
     return launch_target(plan, args.launcher) if args.launch else 0
 
@@ -204,11 +197,8 @@ def report_command(args: argparse.Namespace) -> int:
     if store is not None and not store.exists():  # opening a missing sqlite file would create an empty store
         raise UsageError(f"no MLflow store at {store} ({uri})")
     client = client_for(uri)
-    try:
-        result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
-                              log_to_parent=not args.no_log)
-    except ValueError as err:  # a stored run that lacks a field: named, one line
-        raise UsageError(str(err)) from None
+    result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
+                          log_to_parent=not args.no_log)
     print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
     for file in result["files"]:
         print(f"  {file}")
@@ -241,7 +231,4 @@ def ui_command(args: argparse.Namespace) -> int:
     if args.study and find_study_run(client, args.study, args.experiment) is None:
         raise UsageError(f"no study named {args.study!r} in the MLflow store at {uri}"
                          + (f", experiment {args.experiment!r}" if args.experiment else ""))
-    try:
-        return serve(uri, client, args.port, args.study, args.experiment)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    return serve(uri, client, args.port, args.study, args.experiment)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mutransfer import tags
+from mutransfer.errors import UserError
 from mutransfer.tags import RunStatus
 
 from .trial import Shape, TrialSpec
@@ -89,7 +90,7 @@ def _experiment_ids(client, experiment: str | None) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
 
-class StoredRunError(ValueError):
+class StoredRunError(UserError, ValueError):
     """A run of a study that lacks a field the analysis needs."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mutransfer import tags
+from mutransfer.errors import UsageError
 from mutransfer.launch.trials import LAUNCHERS, signal_group, trial_command
 from mutransfer.tags import DONE, RunStatus
 from mutransfer.train.config import RunConfig, save_config
@@ -174,7 +175,7 @@ def select_trials(cfg: StudyConfig, trial_index: int | None = None) -> list[Tria
     if trial_index is None:
         return trials
     if not 0 <= trial_index < len(trials):
-        raise ValueError(f"--trial-index {trial_index}: study {cfg.study.name} has {len(trials)} trials, "
+        raise UsageError(f"--trial-index {trial_index}: study {cfg.study.name} has {len(trials)} trials, "
                          f"indices 0-{len(trials) - 1}")
     return [trials[trial_index]]
 
@@ -185,11 +186,11 @@ def check_shared_tracking(uri: str) -> None:
     from mutransfer.train.tracking import server_reachable
 
     if not uri.startswith(("http://", "https://", "databricks")):
-        raise ValueError(f"--slurm needs an MLflow tracking server, got {uri!r}: start one (`mlflow server "
+        raise UsageError(f"--slurm needs an MLflow tracking server, got {uri!r}: start one (`mlflow server "
                          "--backend-store-uri ... --host 0.0.0.0`) and pass --tracking-uri http://HOST:PORT or "
                          "set MLFLOW_TRACKING_URI")
     if not server_reachable(uri):
-        raise ValueError(f"the MLflow server {uri} does not answer (GET /health)")
+        raise UsageError(f"the MLflow server {uri} does not answer (GET /health)")
 
 
 def pending_trials(cfg: StudyConfig, tracking_uri: str | None = None) -> tuple[str, list[int], str]:
@@ -209,11 +210,11 @@ def pending_trials(cfg: StudyConfig, tracking_uri: str | None = None) -> tuple[s
 def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, gpus_per_trial: int = 1,
               tracking_uri: str | None = None, progress: bool = True, trial_index: int | None = None) -> SweepSummary:
     if launcher not in LAUNCHERS:
-        raise ValueError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+        raise UsageError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
     if parallel < 1 or gpus_per_trial < 1:
-        raise ValueError("--parallel and --gpus-per-trial must be at least 1")
+        raise UsageError("--parallel and --gpus-per-trial must be at least 1")
     if launcher == "inprocess" and parallel > 1:
-        raise ValueError("--parallel needs --launcher deepspeed or torchrun (in-process trials run one by one)")
+        raise UsageError("--parallel needs --launcher deepspeed or torchrun (in-process trials run one by one)")
     selected = select_trials(cfg, trial_index)
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)

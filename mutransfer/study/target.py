@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from mutransfer.errors import UsageError
 from mutransfer.train.config import RunConfig
 
 from .trial import global_batch, run_steps
@@ -61,7 +62,7 @@ def matching_label(cfg: RunConfig, labels: set[str]) -> str:
         p = Parametrization(fields.pop("parametrization"), **fields)
         if (p.name, p.alpha, p.first_layer_lr_exponent) == wanted:
             return label
-    raise ValueError(f"the target uses {own.label!r} (alpha {own.alpha:g}, first_layer_lr_exponent "
+    raise UsageError(f"the target uses {own.label!r} (alpha {own.alpha:g}, first_layer_lr_exponent "
                      f"{own.first_layer_lr_exponent:g}) but the study tuned only {', '.join(sorted(labels))}")
 
 
@@ -94,7 +95,7 @@ def check_matches(proxy_params: dict[str, str], cfg: RunConfig) -> None:
     from mutransfer.train.tracking import flatten
 
     if "model.name" in proxy_params and family(proxy_params["model.name"]) != family(cfg.model.name):
-        raise ValueError(f"model.name: the target is a {cfg.model.name!r} ({family(cfg.model.name)}), the proxies "
+        raise UsageError(f"model.name: the target is a {cfg.model.name!r} ({family(cfg.model.name)}), the proxies "
                          f"a {proxy_params['model.name']!r} ({family(proxy_params['model.name'])}): another family")
     target = flatten(cfg.to_dict())  # as the proxies logged theirs
     name = resolved_label(cfg).name
@@ -104,7 +105,7 @@ def check_matches(proxy_params: dict[str, str], cfg: RunConfig) -> None:
         proxy_value = _effective(key, proxy_params[key], proxy_params.get("model.name", cfg.model.name), name)
         target_value = _effective(key, target.get(key), cfg.model.name, name)
         if proxy_value != target_value:
-            raise ValueError(f"{key}: the target has {target_value}, its proxies {proxy_value}; the study's lr holds "
+            raise UsageError(f"{key}: the target has {target_value}, its proxies {proxy_value}; the study's lr holds "
                              "only where they match: retune, or set the target's to the proxies'")
 
 
@@ -143,14 +144,14 @@ def parse_assumptions(items: list[str]) -> dict[str, Assumption]:
     for item in items:
         axis, _, rule = item.partition("=")
         if axis not in ASSUMED or not rule:
-            raise ValueError(f"--assume {item!r}: give length=RULE or batch=RULE")
+            raise UsageError(f"--assume {item!r}: give length=RULE or batch=RULE")
         if rule in ASSUMED[axis]:
             out[axis] = ASSUMED[axis][rule]
             continue
         try:
             slope = float(rule)
         except ValueError:
-            raise ValueError(f"--assume {item!r}: {axis} rules are {', '.join(ASSUMED[axis])} or a slope per "
+            raise UsageError(f"--assume {item!r}: {axis} rules are {', '.join(ASSUMED[axis])} or a slope per "
                              "doubling") from None
         out[axis] = Assumption(axis, slope, f"given on the command line: {slope:+g} log2 per doubling")
     return out

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mutransfer import tags
-from mutransfer.errors import ConfigError
+from mutransfer.errors import ConfigError, UsageError
 from mutransfer.tags import RunStatus
 from mutransfer.train.config import RunConfig, load_config, save_config, with_values
 from mutransfer.train.tracking import resolve_tracking_uri
@@ -228,10 +228,10 @@ def predict(trials: list[Trial], metric: str, label: str, target: dict[str, floa
     """The target's lr, momentum and weight decay from the proxies of `label`, by `rule`. `target` gives width
     and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
     if rule not in RULES:
-        raise ValueError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
+        raise UsageError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     fits = [f for shape, f in analysis.fit_shapes(trials, metric).items() if shape[0] == label]
     if not fits:
-        raise ValueError(f"no finished proxy of {label!r} to transfer from")
+        raise UsageError(f"no finished proxy of {label!r} to transfer from")
     largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
     trend = analysis.trend_of(label, fits)
     sizes = _axis_target(target, fits, trend.length_unit)
@@ -273,11 +273,11 @@ def plan_transfer(study: str, target: str, out: str | None = None, metric: str =
     client = client_for(uri)
     parent = find_study_run(client, study, experiment)
     if parent is None:
-        raise ValueError(f"no study named {study!r} in the MLflow store at {uri}")
+        raise UsageError(f"no study named {study!r} in the MLflow store at {uri}")
     trials = latest_per_key(load_trials(client, study, experiment))
     fits = analysis.fit_shapes(trials, metric)
     if not fits:
-        raise ValueError(f"study {study!r} has no finished trial with metric {metric!r} (all diverged or missing)")
+        raise UsageError(f"study {study!r} has no finished trial with metric {metric!r} (all diverged or missing)")
     target_cfg = load_config(target, list(overrides), check=False)
     label = matching_label(target_cfg, {s[0] for s in fits})
     check_matches(_proxy_params(trials, label), target_cfg)

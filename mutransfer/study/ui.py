@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mutransfer import tags
+from mutransfer.errors import UsageError
 from mutransfer.netutil import free_port
 from mutransfer.train.tracking import local_store_path, store_artifact_root
 
@@ -157,10 +158,10 @@ def start_server(tracking_uri: str, port: int | None = None,
     """
     _, path = local_store_path(tracking_uri)
     if not path.exists():
-        raise ValueError(f"no MLflow store at {path} ({tracking_uri})")
+        raise UsageError(f"no MLflow store at {path} ({tracking_uri})")
     # checked up front: /health answered by someone else's server must not pass for ours
     if port and port_in_use(port):
-        raise ValueError(f"port {port} on {HOST} is already in use")
+        raise UsageError(f"port {port} on {HOST} is already in use")
     port = port or free_port(HOST)
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     env.pop("MLFLOW_TRACKING_URI", None)  # the server's own store is the one on its command line

@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mutransfer.errors import ConfigError, DataError, UserError
 from mutransfer.tags import RunStatus
 
-from .config import ConfigError, load_config
+from .config import load_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,23 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"mutransfer.train: config error: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"mutransfer.train: {_kind(err)}: {err}", file=sys.stderr)
         return 2
-    from mutransfer.errors import DataError
-
     from .resume import CheckpointWriteError
     from .trainer import EXIT_DIVERGED, shutdown_distributed, train
 
     try:
         result = train(cfg)
-    except ConfigError as err:
+    except UserError as err:
         leave_after_error()
-        print(f"mutransfer.train: config error: {err}", file=sys.stderr)
-        return 2
-    except DataError as err:
-        leave_after_error()
-        print(f"mutransfer.train: data error: {err}", file=sys.stderr)
+        print(f"mutransfer.train: {_kind(err)}: {err}", file=sys.stderr)
         return 2
     except CheckpointWriteError as err:  # the disk, a quota or a file size limit: the OS's words, no traceback
         leave_after_error()
@@ -56,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
         raise
     shutdown_distributed()
     return EXIT_DIVERGED if result.status == RunStatus.DIVERGED else 0
+
+
+def _kind(err: UserError) -> str:
+    return "data error" if isinstance(err, DataError) else "config error" if isinstance(err, ConfigError) else "error"
 
 
 def leave_after_error() -> None:

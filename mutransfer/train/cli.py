@@ -36,7 +36,7 @@ def export_command(args: argparse.Namespace) -> int:
 
     try:
         out = export(args.run_dir, args.out, args.checkpoint, args.format)
-    except (ValueError, FileNotFoundError) as err:
+    except FileNotFoundError as err:  # a run folder or checkpoint that is not there
         raise UsageError(str(err)) from err
     print(f"wrote {out}")
     return 0

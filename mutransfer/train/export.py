@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from mutransfer.data import DataConfig
+from mutransfer.errors import UsageError
 from mutransfer.models import create_model
 from mutransfer.models.timm_export import save_timm
 from mutransfer.models.zoo import MODEL_METADATA_KEY
@@ -59,13 +60,13 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
     """Write the newest complete checkpoint of `run_dir` (or `checkpoint`) as one safetensors file, or (timm)
     as a timm folder."""
     if format not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+        raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run_dir, out = Path(run_dir), Path(out)
     if format == "timm" and out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; --format timm writes a folder")
+        raise UsageError(f"{out} is a file; --format timm writes a folder")
     folder = Path(checkpoint) if checkpoint else ckpt.latest_checkpoint(run_dir)
     if folder is None or not (folder / ckpt.STATE_FILE).is_file():
-        raise ValueError(f"{run_dir} holds no complete checkpoint (looked in {ckpt.checkpoint_root(run_dir)})")
+        raise UsageError(f"{run_dir} holds no complete checkpoint (looked in {ckpt.checkpoint_root(run_dir)})")
     state, raw_config = ckpt.read_state(folder)
     cfg = config_from_dict(raw_config)
     tensors = consolidated_state_dict(folder, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16)
@@ -77,7 +78,7 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
     found = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != found:
         diff = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
-        raise ValueError(f"checkpoint {folder} does not match model {cfg.model.name}: {', '.join(diff[:5])}")
+        raise UsageError(f"checkpoint {folder} does not match model {cfg.model.name}: {', '.join(diff[:5])}")
     out.parent.mkdir(parents=True, exist_ok=True)
     if format == "timm":
         model.load_state_dict(tensors, strict=True)

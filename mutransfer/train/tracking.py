@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mutransfer import tags
+from mutransfer.errors import UsageError
 from mutransfer.tags import RunStatus
 
 # Fail fast against a dead server instead of retrying for minutes (MLflow's default backoff): we retry
@@ -72,18 +73,18 @@ def local_store_path(tracking_uri: str) -> tuple[str, Path]:
     """("sqlite" | "file", path) of a local store; ValueError for anything else (a server, a remote DB)."""
     parsed = urllib.parse.urlparse(tracking_uri)
     if parsed.scheme in ("http", "https"):
-        raise ValueError(f"{tracking_uri} is an MLflow server already: open it in a browser instead")
+        raise UsageError(f"{tracking_uri} is an MLflow server already: open it in a browser instead")
     if parsed.scheme == "sqlite":
         # sqlite:////abs/path.db and sqlite:///rel/path.db (relative to the working directory)
         raw = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
         if not raw or raw == ":memory:":
-            raise ValueError(f"{tracking_uri} is not a sqlite file")
+            raise UsageError(f"{tracking_uri} is not a sqlite file")
         return "sqlite", Path(urllib.parse.unquote(raw)).resolve()
     if parsed.scheme == "file":
         return "file", Path(urllib.parse.unquote(parsed.path)).resolve()
     if parsed.scheme == "" or len(parsed.scheme) == 1:  # a plain path (or a Windows drive letter)
         return "file", Path(tracking_uri).resolve()
-    raise ValueError(f"{tracking_uri} is not a local sqlite or file store")
+    raise UsageError(f"{tracking_uri} is not a local sqlite or file store")
 
 
 def store_artifact_root(tracking_uri: str) -> Path:
