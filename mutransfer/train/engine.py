@@ -60,10 +60,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
 
 def build_model(cfg: RunConfig, ds_config: dict[str, Any], num_classes: int) -> torch.nn.Module:
     """The zoo model, initialised from run.seed identically whatever the ZeRO stage."""
-    import deepspeed
-
     kwargs = cfg.model.create_kwargs(cfg.data.img_size, num_classes)
     if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.zero3_init:
+        import deepspeed  # only here: a stack of trials builds its models without DeepSpeed
+
         # parameters are born partitioned; our init code must run on gathered full tensors
         with deepspeed.zero.Init(config_dict_or_path=ds_config):
             model = create_model(cfg.model.name, weight_init=False, **kwargs)

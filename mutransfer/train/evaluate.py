@@ -42,16 +42,42 @@ def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: to
             if sample_log is not None:
                 sample_log.eval(step, [key for key in batch.keys if key])
     engine.train()
-    extra = torch.tensor(loader.good_per_shard() + list(loader.skip_counts.values()), dtype=torch.float64,
-                         device=device)
-    totals = all_reduce_(torch.cat([sums, extra])).tolist()
+    totals = all_reduce_(torch.cat([sums, _loader_counts(loader, device)])).tolist()
+    return eval_metrics(loader, totals, rank, step, cfg.run.progress)
+
+
+def evaluate_members(forward: Any, members: int, cfg: RunConfig, device: torch.device,
+                     step: int = 0) -> list[dict[str, float]]:
+    """`evaluate` for a stack of `members` models in one process (no other rank): `forward(images)` gives
+    every member's logits [members, N, classes]. One pass over the eval shards serves them all."""
+    loader = build_eval_loader(cfg.data, 0, 1, device=device)
+    sums = torch.zeros(members, 4, dtype=torch.float64, device=device)
+    with torch.no_grad(), closing(iter(loader)) as iterator:
+        for batch in iterator:
+            targets, valid = batch.targets.to(device), batch.valid.to(device)
+            logits = forward(batch.images.to(device).float()).float()
+            sums += torch.stack([logit_sums(member, targets, valid) for member in logits])
+    counts = _loader_counts(loader, device)
+    return [eval_metrics(loader, torch.cat([row, counts]).tolist(), 0, step, cfg.run.progress and k == 0)
+            for k, row in enumerate(sums)]
+
+
+def _loader_counts(loader: Any, device: torch.device) -> torch.Tensor:
+    """The good samples per shard and the skip counts of this rank's eval loader, as one float64 tensor."""
+    return torch.tensor(loader.good_per_shard() + list(loader.skip_counts.values()), dtype=torch.float64,
+                        device=device)
+
+
+def eval_metrics(loader: Any, totals: list[float], rank: int, step: int, verbose: bool) -> dict[str, float]:
+    """The eval metrics from `totals` (all ranks): [loss sum, top-1 hits, top-5 hits, valid rows], then the
+    good samples per shard and the skip counts."""
     loss, top1, top5, count = totals[:4]
     if count == 0:
         from mutransfer.errors import DataError
 
         raise DataError(f"no sample of the eval shards {loader.shards.pattern} could be read")
     metrics = {"eval/loss": loss / count, "eval/top1": top1 / count, "eval/top5": top5 / count, "eval/samples": count}
-    metrics.update(_eval_coverage(loader, totals[4:], rank, step, cfg.run.progress))
+    metrics.update(_eval_coverage(loader, totals[4:], rank, step, verbose))
     return metrics
 
 
@@ -81,12 +107,16 @@ def _batch_sums(engine: Any, batch: Any, device: torch.device, dtype: torch.dtyp
     """[loss sum, top-1 hits, top-5 hits, valid rows] of one batch; padding rows (target -100) count nothing."""
     images = batch.images.to(device, non_blocking=True).to(dtype)
     targets = batch.targets.to(device, non_blocking=True)
-    logits = engine(images).float()
+    return logit_sums(engine(images).float(), targets, batch.valid.to(device))
+
+
+def logit_sums(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, valid rows] of one batch's float logits."""
     top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     hits = top5 == targets[:, None]
     return torch.stack([
         F.cross_entropy(logits, targets, reduction="sum", ignore_index=-100).double(),
         hits[:, 0].sum().double(),
         hits.any(dim=-1).sum().double(),
-        batch.valid.to(device).sum().double(),
+        valid.sum().double(),
     ])

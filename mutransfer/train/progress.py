@@ -46,24 +46,29 @@ class StepWindow:
     def exclude(self, seconds: float) -> None:
         self.excluded_s += seconds
 
-    def metrics(self, groups: list[dict[str, Any]], engine: Any, global_batch: int, flops: float | None,
+    def metrics(self, groups: list[dict[str, Any]], grad_norm: float | None, global_batch: int, flops: float | None,
                 peak: float | None, world_size: int) -> dict[str, float]:
         """The logged metrics of the window (call right after a sync point, so that the GPU is done)."""
-        steps = max(1, len(self.losses))
+        metrics = {"train/loss": sum(self.losses) / max(1, len(self.losses)),
+                   **self.perf_metrics(len(self.losses), global_batch, flops, peak, world_size)}
+        for group in groups:
+            metrics[f"lr/{group.get('group', 'all')}"] = group["lr"]
+        if grad_norm is not None and math.isfinite(float(grad_norm)):
+            metrics["train/grad_norm"] = float(grad_norm)
+        return metrics
+
+    def perf_metrics(self, steps: int, global_batch: int, flops: float | None, peak: float | None,
+                     world_size: int) -> dict[str, float]:
+        """Step time, images/s, the host's wait for data, peak memory and MFU over the window's `steps`."""
+        steps = max(1, steps)
         elapsed = max(time.perf_counter() - self.started - self.excluded_s, 1e-9)
         images_per_s = global_batch * steps / elapsed
         metrics = {
-            "train/loss": sum(self.losses) / steps,
             "perf/step_time_s": elapsed / steps,
             "perf/images_per_s": images_per_s,
             "perf/data_wait_frac": min(1.0, self.data_s / elapsed),
             "perf/peak_mem_gb": peak_memory_bytes() / 2**30,
         }
-        for group in groups:
-            metrics[f"lr/{group.get('group', 'all')}"] = group["lr"]
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None and math.isfinite(float(grad_norm)):
-            metrics["train/grad_norm"] = float(grad_norm)
         if flops and peak:
             metrics["perf/mfu"] = flops * images_per_s / (peak * world_size)
         return metrics

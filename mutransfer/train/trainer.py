@@ -189,8 +189,8 @@ def sync(run: Run, stop: StopRequest) -> str | None:
 
 def log_window(run: Run) -> None:
     """Log the metrics of the steps since the last logging point (to MLflow and metrics.jsonl)."""
-    metrics = run.window.metrics(param_groups_of(run.engine), run.engine, run.global_batch, run.flops,
-                                 peak_flops(), run.world_size)
+    metrics = run.window.metrics(param_groups_of(run.engine), run.engine.get_global_grad_norm(), run.global_batch,
+                                 run.flops, peak_flops(), run.world_size)
     run.pbar.set_postfix(loss=f"{metrics['train/loss']:.4f}", ips=f"{metrics['perf/images_per_s']:.0f}")
     _record(run, metrics)
     run.tracker.log_metrics(run.system_metrics.sample(), run.state.step)  # MLflow only: {} when off

@@ -1,0 +1,136 @@
+"""The pieces a stack of trials shares: its K models as stacked tensors run under `torch.func.vmap`, and its
+training data, one loader per distinct seed, each drawing its augmentation from that seed's own RNG streams.
+
+A member's model is built exactly as a lone trial builds it (`engine.build_model`: run.seed, then the zoo's
+init), and `torch.func.stack_module_state` stacks the K models' parameters into [K, ...] leaves. The forward
+pass calls the model's own code through `functional_call` under `vmap`, so every member computes what the
+lone model computes. A lone trial seeds its global RNGs from (run.seed, rank) after building its model
+(`engine.seed_rngs`); in-process augmentation (data.num_workers=0, random erasing) draws from them. Each seed's
+loader here gets those states swapped in while it draws and saved when it is done, so that several loaders
+in one process each see the stream a lone trial of their seed sees.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from mutransfer.data import build_train_loader
+
+from .batches import BatchStream
+from .checkpoint import TrainState
+from .config import RunConfig
+from .engine import seed_rngs
+
+
+class StackedModel:
+    """K models of one architecture: `params` and `buffers` map each name to a [K, ...] tensor."""
+
+    def __init__(self, models: list[torch.nn.Module], device: torch.device) -> None:
+        params, buffers = stack_module_state(models)
+        self.params = {name: p.detach().to(device).requires_grad_() for name, p in params.items()}
+        self.buffers = {name: b.to(device) for name, b in buffers.items()}
+        skeleton = copy.deepcopy(models[0])
+        if getattr(skeleton, "grad_checkpointing", False):  # a memory trade only; vmap runs the plain forward
+            skeleton.grad_checkpointing = False
+        self.skeleton = skeleton.to("meta")  # its code runs; its tensors come from `params`
+
+    def _logits(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                images: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.skeleton, (params, buffers), (images,))
+
+    def logits(self, images: torch.Tensor, shared: bool = True) -> torch.Tensor:
+        """Every member's logits [K, N, classes]; `shared`: one batch [N, ...] for all, else [K, N, ...]."""
+        return vmap(self._logits, in_dims=(0, 0, None if shared else 0))(self.params, self.buffers, images)
+
+    def losses(self, images: torch.Tensor, targets: torch.Tensor, criterion: torch.nn.Module,
+               shared: bool) -> torch.Tensor:
+        """Every member's training loss [K] (the lone trial's: criterion on the float logits)."""
+        def member_loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+            return criterion(self._logits(params, buffers, x).float(), y)
+
+        data_dim = None if shared else 0
+        return vmap(member_loss, in_dims=(0, 0, data_dim, data_dim))(self.params, self.buffers, images, targets)
+
+    def keep_buffers(self, index: torch.Tensor) -> None:
+        self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}
+
+
+def _rng_states() -> tuple[Any, ...]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_rng_states(states: tuple[Any, ...]) -> None:
+    python, numpy, cpu, cuda = states
+    random.setstate(python)
+    np.random.set_state(numpy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+class SeedStream:
+    """The training batches of one run.seed: the lone trial's loader, drawing from the lone trial's RNGs."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device) -> None:
+        self.loader = build_train_loader(cfg.data, 0, 1, device=device)
+        self.batches = BatchStream(self.loader, TrainState())
+        outside = _rng_states()
+        seed_rngs(cfg.run.seed, 0)
+        self.states = _rng_states()
+        _set_rng_states(outside)
+
+    @contextmanager
+    def _own_rngs(self) -> Iterator[None]:
+        outside = _rng_states()
+        _set_rng_states(self.states)
+        try:
+            yield
+        finally:
+            self.states = _rng_states()
+            _set_rng_states(outside)
+
+    def next(self) -> Any:
+        with self._own_rngs():
+            return self.batches.next()
+
+    def close(self) -> None:
+        self.batches.close()
+
+
+class StackData:
+    """One `SeedStream` per distinct seed of the members; `next()` gives the stack's micro-batch."""
+
+    def __init__(self, cfgs: list[RunConfig], device: torch.device) -> None:
+        seeds = list(dict.fromkeys(cfg.run.seed for cfg in cfgs))
+        by_seed = {cfg.run.seed: cfg for cfg in cfgs}
+        self.streams = [SeedStream(by_seed[seed], device) for seed in seeds]
+        self.slot = [seeds.index(cfg.run.seed) for cfg in cfgs]  # each member's stream, in stack order
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(images, targets, shared): one batch for every member when they share a stream, else the members'
+        batches stacked [K, ...] (members of one seed get the same one)."""
+        used = sorted(set(self.slot))
+        batches = {slot: self.streams[slot].next()[:2] for slot in used}
+        if len(used) == 1:
+            return (*batches[used[0]], True)
+        images = torch.stack([batches[slot][0] for slot in self.slot])
+        targets = torch.stack([batches[slot][1] for slot in self.slot])
+        return images, targets, False
+
+    def keep(self, indices: list[int]) -> None:
+        """Only the members at `indices` train on; a stream no member uses any more stops drawing."""
+        self.slot = [self.slot[i] for i in indices]
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()

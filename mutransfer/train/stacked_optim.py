@@ -1,0 +1,141 @@
+"""The optimizer of a stack of trials: AdamW or SGD with momentum over stacked parameters (one tensor of shape
+[K, ...] per parameter, slice k for member k), each member with its own lr, momentum (SGD momentum or Adam's
+beta1) and weight decay, each role group with the parametrization's lr / weight-decay / eps scales.
+
+The update is the one a lone trial's DeepSpeed engine applies: DeepSpeed's fp32 gradient clipping (the global
+norm of the member's own gradients, clip factor max_norm / (norm + 1e-6) when below 1), then torch's foreach
+AdamW / SGD (`models.optim.build_optimizer`), op for op, with each member's scalars computed on the host in
+float64 exactly as torch computes them. Where members share a scalar, the same kernel as torch's runs; where
+their values differ, the scalar becomes a [K, 1, ...] tensor, and an op that torch fuses (add with alpha,
+one rounding) becomes a multiply and an add (two): a difference in the last bit, within float32 rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class StackedGroup:
+    """One per-role group of `models.optim.param_groups`: its parameters' names and its scales."""
+
+    label: str
+    names: tuple[str, ...]
+    lr_scale: float
+    wd_scale: float
+    eps: float  # Adam's eps times the group's eps scale
+
+
+@dataclass(frozen=True)
+class MemberHypers:
+    """What a stack member tunes: base lr, momentum (SGD momentum, or beta1 under AdamW), weight decay."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+
+
+def groups_of(model: torch.nn.Module, optimizer: str, eps: float) -> list[StackedGroup]:
+    """The model's per-role groups with their scales (from `param_groups`, so the scales are the lone trial's)."""
+    from mutransfer.models.optim import param_groups
+
+    return [StackedGroup(g["group"], tuple(g["names"]), g["lr_scale"], g["wd_scale"], g.get("eps", eps))
+            for g in param_groups(model, optimizer, lr=1.0, weight_decay=1.0, eps=eps)]
+
+
+def member_values(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """A python float when every member has the same value (torch's own scalar kernel runs), else a float32
+    tensor [K, 1, ...] that broadcasts over `like`'s member dimension."""
+    if all(v == values[0] for v in values):
+        return values[0]
+    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, *[1] * (like.dim() - 1))
+
+
+class StackedOptimizer:
+    """AdamW (`name='adamw'`) or SGD over `params` (name -> [K, ...] leaf tensors), in `groups`.
+
+    `step(factor)` applies one update with every group's lr at (member lr x lr_scale) x factor, the product
+    torch's LambdaLR forms; `group_lrs` gives those lrs for logging. `keep(indices)` drops the other members
+    (a diverged one), states included.
+    """
+
+    def __init__(self, params: dict[str, torch.Tensor], groups: list[StackedGroup], name: str,
+                 hypers: list[MemberHypers], beta2: float = 0.999, grad_clip: float = 0.0) -> None:
+        if name not in ("adamw", "sgd"):
+            raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
+        self.params, self.groups, self.name = params, groups, name
+        self.hypers, self.beta2, self.grad_clip = list(hypers), beta2, grad_clip
+        self.steps = 0
+        slots = ("exp_avg", "exp_avg_sq") if name == "adamw" else ("momentum_buffer",)
+        self.state = {n: {slot: torch.zeros_like(p, memory_format=torch.preserve_format) for slot in slots}
+                      for n, p in params.items()}
+
+    def group_lrs(self, member: int, factor: float) -> dict[str, float]:
+        return {g.label: (self.hypers[member].lr * g.lr_scale) * factor for g in self.groups}
+
+    @torch.no_grad()
+    def step(self, factor: float) -> None:
+        if self.grad_clip > 0:
+            self._clip()
+        self.steps += 1
+        for group in self.groups:
+            lrs = [(h.lr * group.lr_scale) * factor for h in self.hypers]
+            wds = [h.weight_decay * group.wd_scale for h in self.hypers]
+            for name in group.names:
+                param = self.params[name]
+                if param.grad is None:
+                    continue
+                if self.name == "adamw":
+                    self._adamw(param, self.state[name], lrs, wds, group.eps)
+                else:
+                    self._sgd(param, self.state[name], lrs, wds)
+
+    def _adamw(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float],
+               eps: float) -> None:
+        """torch's `_multi_tensor_adam` (decoupled weight decay, no amsgrad), one member per slice."""
+        grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
+        if any(wds):
+            param.mul_(member_values([1 - lr * wd for lr, wd in zip(lrs, wds)], param))
+        exp_avg.lerp_(grad, member_values([1 - h.momentum for h in self.hypers], param))
+        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
+        step_size = [(lr / (1 - h.momentum ** float(self.steps))) * -1 for lr, h in zip(lrs, self.hypers)]
+        bias_correction2_sqrt = (1 - self.beta2 ** float(self.steps)) ** 0.5
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        scaled = exp_avg * member_values(step_size, param)  # addcdiv's order: (value * t1) / t2, then add
+        param.add_(scaled.div_(denom))
+
+    def _sgd(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float]) -> None:
+        """torch's `_multi_tensor_sgd` (coupled weight decay, momentum, no dampening, no nesterov)."""
+        grad, buffer = param.grad, state["momentum_buffer"]
+        decay = member_values(wds, param)
+        if isinstance(decay, torch.Tensor):
+            grad = grad + param * decay
+        elif decay:
+            grad = grad.add(param, alpha=decay)
+        # the first step's buffer is the gradient itself: 0 * momentum + grad is exactly that
+        buffer.mul_(member_values([h.momentum for h in self.hypers], param)).add_(grad)
+        step = member_values([-lr for lr in lrs], param)
+        if isinstance(step, torch.Tensor):
+            param.add_(buffer * step)
+        else:  # torch's own kernel: one rounding
+            param.add_(buffer, alpha=step)
+
+    def _clip(self) -> None:
+        """DeepSpeed's `clip_grad_norm_` at ZeRO-0 in fp32, per member: every parameter's gradient norm, their
+        root sum of squares, and the factor min(1, max_norm / (norm + 1e-6)) on all the member's gradients."""
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.stack([torch.linalg.vector_norm(g.float().flatten(1), dim=1) for g in grads])
+        total = norms.pow(2.0).sum(dim=0).float().pow(0.5)
+        coefficient = torch.clamp(torch.full_like(total, self.grad_clip) / (total + 1e-6), max=1.0)
+        for grad in grads:
+            grad.mul_(coefficient.view(-1, *[1] * (grad.dim() - 1)))
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the members at `indices` (positions in the current stack), parameters and states alike."""
+        index = torch.tensor(indices, dtype=torch.long, device=next(iter(self.params.values())).device)
+        for name, param in self.params.items():
+            self.params[name] = param.detach().index_select(0, index).requires_grad_(param.requires_grad)
+            self.state[name] = {slot: value.index_select(0, index) for slot, value in self.state[name].items()}
+        self.hypers = [self.hypers[i] for i in indices]

@@ -1,0 +1,142 @@
+"""Stacked trials (`train.stacked`): a member of a stack follows the same config trained alone by
+`trainer.train` (the DeepSpeed path), step for step, for every parametrization and both optimizers; a diverged
+member leaves the stack and the others still follow their lone runs; the batched optimizer steps like torch's;
+configs that cannot stack are refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_helpers import write_config
+
+from mutransfer.models import NAMES, create_model
+from mutransfer.models.optim import build_optimizer
+from mutransfer.train import trainer
+from mutransfer.train.config import ConfigError, RunConfig, load_config, with_values
+from mutransfer.train.schedule import build_scheduler, lr_factor
+from mutransfer.train.stacked import check_stack, stack_problem, train_stacked
+from mutransfer.train.stacked_optim import MemberHypers, StackedOptimizer, groups_of
+
+STEPS = 20
+# two members that differ in everything a member may differ in: lr, momentum, weight decay and seed (so their
+# data order and augmentation differ too). grad_clip 0.05 lies below every gradient norm of these runs, so
+# DeepSpeed clips at every step.
+MEMBERS = [dict(lr=3e-2, momentum=0.9, weight_decay=0.01, seed=0), dict(lr=1e-2, momentum=0.8, weight_decay=0.0, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def shards(shard_set) -> Path:
+    return shard_set(256, 32)
+
+
+def member_config(root: Path, shards: Path, parametrization: str, optimizer: str, member: dict, name: str,
+                  grad_clip: float = 0.0, **run: object) -> RunConfig:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    momentum_key = "momentum" if optimizer == "sgd" else "beta1"
+    optim = dict(name=optimizer, lr=member["lr"], weight_decay=member["weight_decay"], grad_clip=grad_clip,
+                 **{momentum_key: member["momentum"]})
+    return load_config(write_config(
+        folder / "run.yaml", shards, folder / "out", "sqlite:///unused.db", model=dict(parametrization=parametrization),
+        optim=optim, deepspeed=dict(zero_stage=0), tracking=dict(enabled=False),
+        run={"steps": STEPS, "log_interval": 1, "seed": member["seed"], "save_checkpoints": False, "progress": False,
+             **run}))
+
+
+def lone_run(cfg: RunConfig) -> tuple[list[float], trainer.RunResult]:
+    """Every step's training loss (run.log_interval=1) and the result of `cfg` trained alone."""
+    result = trainer.train(cfg)
+    rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [row["train/loss"] for row in rows if "train/loss" in row], result
+
+
+def assert_follows(stacked, lone_losses: list[float], lone_result) -> None:
+    assert stacked.status == lone_result.status == "finished"
+    assert len(stacked.losses) == len(lone_losses) == STEPS
+    assert stacked.losses == pytest.approx(lone_losses, rel=1e-4)
+    assert stacked.eval["eval/loss"] == pytest.approx(lone_result.eval["eval/loss"], rel=1e-4)
+    assert stacked.eval["eval/samples"] == lone_result.eval["eval/samples"]
+
+
+@pytest.mark.slow  # two in-process DeepSpeed runs per case
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("parametrization", NAMES)
+def test_stack_members_follow_their_lone_runs(parametrization, optimizer, shards, tmp_path) -> None:
+    clip = 0.05 if optimizer == "sgd" else 0.0  # clipping by each member's own norm, under one optimizer each
+    cfgs = [member_config(tmp_path, shards, parametrization, optimizer, m, f"m{i}", grad_clip=clip)
+            for i, m in enumerate(MEMBERS)]
+    outcomes = train_stacked(cfgs)
+    lone = [lone_run(cfg) for cfg in cfgs]
+    assert lone[0][0] != pytest.approx(lone[1][0], rel=1e-3)  # the members do train differently
+    for outcome, (losses, result) in zip(outcomes, lone):
+        assert_follows(outcome, losses, result)
+
+
+@pytest.mark.slow
+def test_a_diverged_member_leaves_the_stack_and_the_others_go_on(shards, tmp_path) -> None:
+    """The huge-lr member goes NaN between sync points; it ends where and as its lone run ends, and its NaNs
+    reach no other member."""
+    huge = dict(MEMBERS[0], lr=1e4)
+    members = [MEMBERS[0], huge, MEMBERS[1]]
+    cfgs = [member_config(tmp_path, shards, "depth_mup", "adamw", m, f"m{i}", log_interval=5)
+            for i, m in enumerate(members)]
+    outcomes = train_stacked(cfgs)
+    lone_diverged = trainer.train(cfgs[1])
+    assert outcomes[1].status == lone_diverged.status == "diverged"
+    assert outcomes[1].step == lone_diverged.step < STEPS
+    assert outcomes[1].message == lone_diverged.message
+    assert not all(loss == loss and abs(loss) < float("inf") for loss in outcomes[1].losses)  # NaN or inf was met
+    for index in (0, 2):
+        cfg = with_values(cfgs[index], {"run.log_interval": 1, "run.output_dir": str(tmp_path / f"lone{index}")})
+        assert_follows(outcomes[index], *lone_run(cfg))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_stacked_optimizer_steps_like_torchs_with_each_members_values(optimizer) -> None:
+    """Three members (different lr, momentum and weight decay; one with none) against torch's foreach optimizer
+    and LambdaLR schedule per member, over the parametrization's role groups."""
+    kwargs = dict(img_size=32, num_classes=10, width=32, depth=2, head_dim=16, patch_size=8,
+                  parametrization="completep", base_width=16, base_depth=1)
+    hypers = [MemberHypers(1e-2, 0.9, 0.1), MemberHypers(3e-3, 0.7, 0.0), MemberHypers(3e-2, 0.8, 0.05)]
+    models = []
+    for seed in range(len(hypers)):
+        torch.manual_seed(seed)
+        models.append(create_model("vit", **kwargs))
+    stacked = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
+               for name, _ in models[0].named_parameters()}
+    stacked_optimizer = StackedOptimizer(stacked, groups_of(models[0], optimizer, 1e-8), optimizer, hypers, beta2=0.99)
+    lone = [build_optimizer(m, optimizer, lr=h.lr, momentum=h.momentum, betas=(h.momentum, 0.99),
+                            weight_decay=h.weight_decay) for m, h in zip(models, hypers)]
+    schedules = [build_scheduler(opt, total_steps=6, warmup_steps=2) for opt in lone]
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for step in range(6):
+        for k, (model, opt, schedule) in enumerate(zip(models, lone, schedules)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            for name, param in model.named_parameters():
+                grad = stacked[name].grad if stacked[name].grad is not None else torch.zeros_like(stacked[name])
+                grad[k] = param.grad
+                stacked[name].grad = grad
+            opt.step()
+            schedule.step()
+        stacked_optimizer.step(lr_factor(step, 6, 2, "cosine", 0.0))
+        for param in stacked.values():
+            param.grad = None
+    for k, model in enumerate(models):
+        for name, param in model.named_parameters():
+            torch.testing.assert_close(stacked[name][k], param.detach(), rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_configs_that_cannot_stack_are_refused_by_name(shards, tmp_path) -> None:
+    cfg = member_config(tmp_path, shards, "mup", "adamw", MEMBERS[0], "a")
+    assert stack_problem(cfg) is None
+    assert "bf16" in stack_problem(with_values(cfg, {"deepspeed.bf16": True}))
+    assert "save_checkpoints" in stack_problem(with_values(cfg, {"run.save_checkpoints": True}))
+    check_stack([cfg, with_values(cfg, {"optim.lr": 1.0, "run.seed": 3, "run.output_dir": str(tmp_path / "b")})])
+    with pytest.raises(ConfigError, match="model"):
+        check_stack([cfg, with_values(cfg, {"model.width": 64})])
+    with pytest.raises(ConfigError, match="optim"):
+        check_stack([cfg, with_values(cfg, {"optim.beta2": 0.9})])
