@@ -32,6 +32,9 @@ def register_sweep(subparsers: argparse._SubParsersAction) -> None:
                    help="launches at once (deepspeed / torchrun; default 1); with --slurm, array tasks at once")
     s.add_argument("--gpus-per-trial", type=int, default=1)
     s.add_argument("--tracking-uri", default=None)
+    s.add_argument("--stack", type=int, default=None,
+                   help="in process, train K trials of one shape at a time as one stacked model (default: as many "
+                        "as fit in half the free memory; 1: one trial at a time)")
     s.add_argument("--trial-index", type=int, default=None,
                    help="run only trial I of the study (0-based; one task of a SLURM job array)")
     s.add_argument("--slurm", action="store_true",
@@ -120,7 +123,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.trial_index is not None and (args.parallel or 1) > 1:
         raise UsageError("--trial-index runs one trial: drop --parallel")
     summary = run_sweep(cfg, args.launcher, args.parallel or 1, args.gpus_per_trial, args.tracking_uri,
-                        trial_index=args.trial_index)
+                        trial_index=args.trial_index, stack=args.stack)
     counts = {s: list(summary.statuses.values()).count(s) for s in sorted(set(summary.statuses.values()))}
     print(f"study {summary.study}: ran {len(summary.ran)}, skipped {len(summary.skipped)} already done; "
           + ", ".join(f"{v} {k}" for k, v in counts.items())

@@ -5,8 +5,9 @@ Running the same command again resumes: trials whose child run finished or diver
 that was interrupted (or killed) continues its own child run, so that every trial key has one child run.
 (Trials are seeded, so a trial that starts over repeats the steps its run already holds, which are not
 recorded twice.) A trial that failed runs again in a new child run; the failed one goes to MLflow's trash.
-Trials run in this process one after another (CPU, small proxies), or as separate `deepspeed` / `torchrun`
-launches, `--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs
+Trials run in this process, trials of one shape `--stack K` at a time as one stacked model (`study.stacks`,
+`train.stacked`; by default as many as fit in memory, `--stack 1` one trial at a time), or as separate
+`deepspeed` / `torchrun` launches, `--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs
 only trial I (in the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
 
 Any number of sweeps of one study may run at once (terminals, array tasks, a job array relaunched over a
@@ -208,13 +209,18 @@ def pending_trials(cfg: StudyConfig, tracking_uri: str | None = None) -> tuple[s
 
 
 def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, gpus_per_trial: int = 1,
-              tracking_uri: str | None = None, progress: bool = True, trial_index: int | None = None) -> SweepSummary:
+              tracking_uri: str | None = None, progress: bool = True, trial_index: int | None = None,
+              stack: int | None = None) -> SweepSummary:
+    """Run the study's trials not yet done (or only `trial_index`). In process, trials of one shape train
+    `stack` at a time as one stacked model (None: as many as fit in memory; 1: one trial at a time)."""
     if launcher not in LAUNCHERS:
         raise UsageError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    if parallel < 1 or gpus_per_trial < 1:
-        raise UsageError("--parallel and --gpus-per-trial must be at least 1")
+    if parallel < 1 or gpus_per_trial < 1 or (stack is not None and stack < 1):
+        raise UsageError("--parallel, --gpus-per-trial and --stack must be at least 1")
     if launcher == "inprocess" and parallel > 1:
         raise UsageError("--parallel needs --launcher deepspeed or torchrun (in-process trials run one by one)")
+    if launcher != "inprocess" and stack not in (None, 1):
+        raise UsageError("--stack needs --launcher inprocess (launched trials train one per launch)")
     selected = select_trials(cfg, trial_index)
     uri = resolve_tracking_uri(tracking_uri)
     client = client_for(uri)
@@ -231,6 +237,7 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     if summary.skipped:
         print(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run",
               flush=True)
+    stacks = _plan(cfg, todo, parent, uri, stack) if launcher == "inprocess" else []
     whole_study = trial_index is None  # an array task leaves the parent run to the others
     if whole_study:
         mark_study(client, parent, "running")
@@ -238,7 +245,7 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     sweep = _Sweep(cfg, client, parent, uri, summary, bar)
     with SweepStop() as stop, TrialClaims(cfg.output_dir / "claims") as claims:
         if launcher == "inprocess":
-            _run_in_process(sweep, todo, claims, stop)
+            _run_in_process(sweep, stacks, claims, stop)
         else:
             _run_launched(sweep, todo, claims, stop, launcher, parallel, gpus_per_trial)
         summary.interrupted = stop.signal
@@ -292,29 +299,61 @@ def close_study(client, cfg: StudyConfig, parent: str, summary: SweepSummary, wh
         mark_study(client, parent, RunStatus.FINISHED)
 
 
-def _run_in_process(sweep: _Sweep, todo: list[TrialSpec], claims: TrialClaims, stop: SweepStop) -> None:
-    """One trial after another in this process, until done or told to stop."""
-    from mutransfer.train.trainer import train
+def _plan(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, stack: int | None) -> list[list[TrialSpec]]:
+    """The in-process trials cut into stacks (`study.stacks`), before anything is marked running: a study that
+    cannot stack at an explicit --stack K is refused here."""
+    from .stacks import plan_stacks, stack_sizer
 
-    for trial in todo:
+    return plan_stacks(todo, stack_sizer(stack, lambda trial: trial_config(cfg, trial, parent, uri)))
+
+
+def _run_in_process(sweep: _Sweep, stacks: list[list[TrialSpec]], claims: TrialClaims, stop: SweepStop) -> None:
+    """Stack after stack of trials in this process, until done or told to stop. Each trial of a stack is
+    claimed first; the ones another sweep holds or has finished drop out of it."""
+    for trials in stacks:
         if stop.signal is not None:
             break
-        continued = claim_trial(sweep.client, sweep.cfg, claims, trial, sweep.summary)
-        if continued is False:
-            sweep.bar.update(1)
+        claimed: dict[TrialSpec, str | None] = {}
+        for trial in trials:
+            continued = claim_trial(sweep.client, sweep.cfg, claims, trial, sweep.summary)
+            if continued is False:
+                sweep.bar.update(1)
+            else:
+                claimed[trial] = continued
+        if not claimed:
             continue
-        sweep.bar.set_postfix_str(trial.key)
         try:
-            result = train(trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued))
-            status = RunStatus.INTERRUPTED if result.status == RunStatus.PREEMPTED else result.status
-        except Exception as err:  # one broken trial must not end the study
-            print(f"trial {trial.key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-            status = RunStatus.FAILED
+            statuses = _train_claimed(sweep, claimed)
         finally:
-            claims.release(trial.key)
-        if status == "interrupted":  # the trainer's own handlers caught the signal
+            for trial in claimed:
+                claims.release(trial.key)
+        if RunStatus.INTERRUPTED in statuses:  # the trainer's own handlers caught the signal
             stop.signal = stop.signal or signal.SIGINT
-        sweep.record(trial, status)
+        for trial, status in zip(claimed, statuses):
+            sweep.record(trial, status)
+
+
+def _train_claimed(sweep: _Sweep, claimed: dict[TrialSpec, str | None]) -> list[str]:
+    """Train the claimed trials (each continuing its child run, if any): alone through `train` when there is
+    one, else as one stack. Their sweep statuses."""
+    from .stacks import run_stack
+
+    cfgs = [trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued) for trial, continued in claimed.items()]
+    keys = [trial.key for trial in claimed]
+    sweep.bar.set_postfix_str(keys[0] if len(keys) == 1 else f"{keys[0]} +{len(keys) - 1} stacked")
+    return [_train_alone(cfgs[0], keys[0])] if len(cfgs) == 1 else run_stack(cfgs, keys)
+
+
+def _train_alone(trial_cfg: RunConfig, key: str) -> str:
+    """One trial through `trainer.train`: its sweep status."""
+    from mutransfer.train.trainer import train
+
+    try:
+        result = train(trial_cfg)
+        return RunStatus.INTERRUPTED if result.status == RunStatus.PREEMPTED else result.status
+    except Exception as err:  # one broken trial must not end the study
+        print(f"trial {key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return RunStatus.FAILED
 
 
 def _run_launched(sweep: _Sweep, todo: list[TrialSpec], claims: TrialClaims, stop: SweepStop, launcher: str,

@@ -29,6 +29,7 @@ from .config import ConfigError, RunConfig, with_values
 from .engine import build_model, deepspeed_config
 from .evaluate import evaluate_members
 from .hardware import peak_flops
+from .mlflow_model import wants_model
 from .progress import StepWindow
 from .schedule import lr_factor
 from .signals import StopRequest
@@ -79,6 +80,8 @@ def stack_problem(cfg: RunConfig) -> str | None:
         return "run.record_samples"
     if cfg.data.decode == "gpu":
         return "data.decode=gpu"
+    if wants_model(cfg):
+        return "tracking.log_model (a stacked trial logs no model)"
     return None
 
 
@@ -164,8 +167,9 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
     num_classes = cfgs[0].data.num_classes or data.streams[0].loader.num_classes
     if not num_classes:
         raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
-    cfgs = [with_values(cfg, {"data.num_classes": num_classes, "deepspeed.zero3_init": False}) for cfg in cfgs]
-    models = [build_model(cfg, {}, num_classes) for cfg in cfgs]
+    cfgs = [with_values(cfg, {"data.num_classes": num_classes}) for cfg in cfgs]
+    # the same init as at every ZeRO stage, built whole (no DeepSpeed here)
+    models = [build_model(with_values(cfg, {"deepspeed.zero3_init": False}), {}, num_classes) for cfg in cfgs]
     for index, (cfg, model) in enumerate(zip(cfgs, models)):
         observer.started(index, cfg, model)
     optim = cfgs[0].optim

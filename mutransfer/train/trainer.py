@@ -219,13 +219,13 @@ def finish(run: Run, status: str) -> RunResult:
             "checkpoint saved, run.resume=auto continues" if run.cfg.run.save_checkpoints
             else "no checkpoint (run.save_checkpoints=false): the run starts over when run again"))
         _say(run, run.message)
-        run.tracker.log_metrics(_skips_for_mlflow(_data_summary(run)), run.state.step)
+        run.tracker.log_metrics(skips_for_mlflow(_data_summary(run)), run.state.step)
     else:
         run_evaluation(run)
         if run.cfg.run.save_checkpoints:
             save_checkpoint(run.engine, run.state, run.cfg, run.rank)
         final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
-        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **_skips_for_mlflow(_data_summary(run))},
+        run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **skips_for_mlflow(_data_summary(run))},
                                 run.state.step)
         log_final_model(run.engine, run.cfg, run.tracker, run.rank)
     result = RunResult(status=status, step=run.state.step, output_dir=str(run.output_dir),
@@ -249,7 +249,7 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
         raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
     cfg = with_values(cfg, {"data.num_classes": cfg.data.num_classes or loader.num_classes})
     if rank == 0:  # saved resolved (num_classes included), so that export and resume need no shards
-        _write_run_files(cfg, ds_config)
+        write_run_files(cfg, ds_config)
     model = build_model(cfg, ds_config, cfg.data.num_classes)  # seeds torch with run.seed: the same everywhere
     # Augmentation done in this process (num_workers=0, random erasing) draws from the global RNGs: seed them
     # per (seed, rank) so that a run does not depend on what ran before it in the process (sweeps).
@@ -275,7 +275,7 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
     return run
 
 
-def _write_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
+def write_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     import json
 
     output_dir = Path(cfg.run.output_dir)
@@ -340,7 +340,7 @@ def _data_summary(run: Run) -> dict[str, int]:
     return run.data_summary
 
 
-def _skips_for_mlflow(summary: dict[str, int]) -> dict[str, float]:
+def skips_for_mlflow(summary: dict[str, int]) -> dict[str, float]:
     """The kinds that skipped anything, and the total (always): two dozen zero metrics would crowd the final
     ones off MLflow's compare page; result.json keeps every kind."""
     return {**{k: float(v) for k, v in summary.items() if v}, "data/skipped_samples": float(sum(summary.values()))}

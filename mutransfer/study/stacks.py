@@ -1,0 +1,75 @@
+"""How an in-process sweep trains its trials in stacks (`mutransfer sweep --stack K`, `train.stacked`).
+
+Trials stack when every field of their TrialSpec but the ones a stack member may differ in (`MEMBER_FIELDS`:
+lr, momentum, weight decay, seed) is equal: the grouping reads the dataclass's fields, so a shape field
+added to TrialSpec groups correctly without a change here. Each group is cut into stacks of at most K trials
+(automatic: as many as fit in memory, `train.stack_memory`); a stack of one trial, and every trial of a
+study whose configs cannot stack (`stacked.stack_problem`) when K is automatic, trains alone as before.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import fields
+
+from mutransfer.errors import UsageError
+from mutransfer.tags import RunStatus
+from mutransfer.train.config import RunConfig
+
+from .trial import TrialSpec
+
+MEMBER_FIELDS = frozenset({"lr", "momentum", "weight_decay", "seed"})
+
+
+def shape_key(trial: TrialSpec) -> tuple:
+    """The values of every TrialSpec field but `MEMBER_FIELDS`: trials with equal keys may share a stack."""
+    return tuple(getattr(trial, f.name) for f in fields(trial) if f.name not in MEMBER_FIELDS)
+
+
+def plan_stacks(trials: list[TrialSpec], size_for: Callable[[TrialSpec, int], int]) -> list[list[TrialSpec]]:
+    """The trials cut into stacks: grouped by `shape_key` (groups in order of their first trial), each group
+    into runs of `size_for(first trial, group size)` trials."""
+    groups: dict[tuple, list[TrialSpec]] = {}
+    for trial in trials:
+        groups.setdefault(shape_key(trial), []).append(trial)
+    stacks = []
+    for group in groups.values():
+        size = max(1, size_for(group[0], len(group)))
+        stacks.extend(group[i:i + size] for i in range(0, len(group), size))
+    return stacks
+
+
+def stack_sizer(stack: int | None, config_of: Callable[[TrialSpec], RunConfig]) -> Callable[[TrialSpec, int], int]:
+    """`size_for` of `plan_stacks`: `stack` trials per stack, or (None) as many as fit in memory. A study whose
+    configs cannot stack runs one trial at a time when the size is automatic, and is refused when it is not."""
+    from mutransfer.train.stack_memory import auto_stack_size
+    from mutransfer.train.stacked import stack_problem
+
+    def size_for(trial: TrialSpec, count: int) -> int:
+        if stack == 1 or count == 1:
+            return 1
+        cfg = config_of(trial)
+        problem = stack_problem(cfg)
+        if problem is not None:
+            if stack is not None:
+                raise UsageError(f"--stack {stack}: the trials of this study cannot train in a stack: {problem}; "
+                                 "use --stack 1")
+            return 1
+        return stack if stack is not None else auto_stack_size(cfg, count)
+
+    return size_for
+
+
+def run_stack(cfgs: list[RunConfig], keys: list[str]) -> list[str]:
+    """Train one stack; each trial's sweep status (a stack that raised fails all its trials: each MLflow run
+    ends failed and the trials run again next time)."""
+    from mutransfer.train.stacked_run import train_stack
+
+    try:
+        results = train_stack(cfgs)
+    except Exception as err:  # one broken stack must not end the study
+        print(f"stack of {len(keys)} trials ({keys[0]}, ...) failed: {type(err).__name__}: {err}",
+              file=sys.stderr, flush=True)
+        return [RunStatus.FAILED] * len(keys)
+    return [RunStatus.INTERRUPTED if r.status == RunStatus.PREEMPTED else r.status for r in results]

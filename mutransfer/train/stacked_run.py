@@ -1,0 +1,113 @@
+"""A stack of trials recorded member by member as lone runs are: `train_stack(cfgs) -> [RunResult]`.
+
+Each member gets what `trainer.train` gives a run: config.yaml and deepspeed.json in its output folder,
+its own MLflow run (started, or continued from tracking.continue_run_id, with the same tags, params,
+artifacts, metrics at the same steps, system metrics, and final / divergence / skip metrics), metrics.jsonl,
+result.json, and an MLflow status that ends finished, diverged, preempted, or failed when the stack raised.
+A stacked trial keeps no checkpoint: one that is stopped starts over when run again (in the same MLflow run,
+which does not record again the steps it holds).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mutransfer.tags import RunStatus
+
+from .config import RunConfig
+from .engine import deepspeed_config
+from .run_log import RunResult, append_metrics, run_params, run_tags, write_result
+from .stacked import MemberOutcome, StackObserver, train_stacked
+from .system_metrics import SystemMetrics, start_system_metrics
+from .tracking import Tracker, trim_metrics_file
+from .trainer import skips_for_mlflow, write_run_files
+
+
+@dataclass
+class MemberRecord:
+    """What records one member: its folder, its MLflow run and its system-metrics sampler."""
+
+    cfg: RunConfig
+    tracker: Tracker
+    system_metrics: SystemMetrics = field(default_factory=SystemMetrics)
+    outcome: str = RunStatus.FAILED  # how its MLflow run ends; set once result.json is written
+    result: RunResult | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
+
+    def record(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+        append_metrics(self.output_dir, 0, step, metrics)
+
+
+class RecordingObserver(StackObserver):
+    """Records every member of a stack like `trainer.train` records its run; `teardown` ends the MLflow
+    runs (failed, for members the stack did not end)."""
+
+    def __init__(self, teardown: ExitStack) -> None:
+        self.teardown = teardown
+        self.records: dict[int, MemberRecord] = {}
+
+    def started(self, member: int, cfg: RunConfig, model: torch.nn.Module) -> None:
+        write_run_files(cfg, deepspeed_config(cfg, 1))
+        tracking = cfg.tracking
+        output_dir = Path(cfg.run.output_dir)
+        tracker = Tracker(tracking.uri, tracking.experiment, active=tracking.enabled,
+                          fallback=output_dir / "metrics.jsonl", wait_at_end_s=tracking.wait_at_end_s)
+        record = self.records[member] = MemberRecord(cfg, tracker)
+        self.teardown.callback(lambda: tracker.end(record.outcome))
+        run_id = tracker.start(tracking.run_name or output_dir.name, run_tags(cfg, model),
+                               parent_run_id=tracking.parent_run_id, run_id=tracking.continue_run_id)
+        trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0
+        if run_id and not tracking.continue_run_id:
+            tracker.log_params(run_params(cfg, model, 1))
+            tracker.log_artifact(output_dir / "config.yaml")
+            tracker.log_artifact(output_dir / "deepspeed.json")
+        record.system_metrics = start_system_metrics(tracking.system_metrics, tracker)
+
+    def logged(self, member: int, step: int, metrics: dict[str, float]) -> None:
+        record = self.records[member]
+        record.record(metrics, step)
+        if "train/loss" in metrics:  # a logging point, not an evaluation: the lone run samples the system here
+            record.tracker.log_metrics(record.system_metrics.sample(), step)
+
+    def ended(self, member: int, outcome: MemberOutcome) -> None:
+        record = self.records[member]
+        tracker, step = record.tracker, outcome.step
+        if outcome.status == RunStatus.DIVERGED:
+            loss = outcome.final_train_loss
+            tracker.log_metrics({"train/loss_at_divergence": loss if math.isfinite(loss) else 1e30}, step)
+            _say(f"run {record.output_dir} {outcome.message}; stopping")
+        elif outcome.status == RunStatus.PREEMPTED:
+            _say(outcome.message)
+            tracker.log_metrics(skips_for_mlflow(outcome.skipped), step)
+        else:
+            final = {f"final/{k.replace('/', '_')}": v for k, v in outcome.eval.items()}
+            tracker.log_metrics({"final/train_loss": outcome.final_train_loss, **final,
+                                 **skips_for_mlflow(outcome.skipped)}, step)
+        record.result = RunResult(status=outcome.status, step=step, output_dir=str(record.output_dir),
+                                  mlflow_run_id=tracker.run_id, final_train_loss=outcome.final_train_loss,
+                                  eval=outcome.eval, message=outcome.message, skipped=outcome.skipped)
+        write_result(record.result, record.output_dir, 0)
+        record.outcome = outcome.status
+
+
+def train_stack(cfgs: list[RunConfig], device: torch.device | None = None) -> list[RunResult]:
+    """Train `cfgs` as one stack (`stacked.train_stacked`), each recorded as its lone run would be; the
+    results in the order given."""
+    with ExitStack() as teardown:
+        observer = RecordingObserver(teardown)
+        train_stacked(cfgs, observer, device)
+        return [observer.records[i].result for i in range(len(cfgs))]
+
+
+def _say(message: str) -> None:
+    print(f"mutransfer: {message}", file=sys.stderr, flush=True)
