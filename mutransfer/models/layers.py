@@ -47,7 +47,10 @@ class Readout(nn.Linear):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through SDPA with the parametrization's logit scale."""
+    """Multi-head self-attention through SDPA with the parametrization's logit scale. `sdpa` is the attention
+    kernel's entry point (a stack of models under vmap puts one with a batching rule there)."""
+
+    sdpa = staticmethod(F.scaled_dot_product_attention)
 
     def __init__(self, dim: int, head_dim: int, scale: float, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -63,7 +66,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        x = self.sdpa(q, k, v, scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
 
 
