@@ -1,0 +1,164 @@
+"""Trials per minute of the demo study: stacked sweeps (`mutransfer sweep`, automatic --stack) against one trial
+at a time (`--stack 1`), in one process, interleaved round robin, plus the overhead per trial and the FLOP rate.
+
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_throughput.py                 # demo depth-4 group
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_throughput.py --depths 16 --rounds 2
+
+The study is configs/demo_study.yaml cut to one parametrization (--parametrization) and --depths, with all of
+its learning rates and seeds (18 trials per depth) at its 120 steps (--steps). Every round sweeps the same
+trials twice, once per mode (the order alternates between rounds), each into a fresh MLflow store and
+output folder, so that nothing is skipped. Reported, as medians over the rounds:
+
+- trials per minute of each mode (wall time of `run_sweep`, MLflow and evaluation included) and their ratio;
+- overhead per trial: a mode's seconds per trial minus the plain loop's (the same model and torch AdamW in
+  a bare loop over batches already in memory, the same steps, and the same 2,000-image evaluation), also
+  as a fraction of the plain loop;
+- achieved GFLOP/s of each mode (training FLOPs from the model's shapes x images, evaluation at a third of
+  that per image) against the measured fp32 GEMM peak (median `torch.mm` of 2048 x 2048);
+- that both modes found the same results: the largest relative difference of any trial's final eval loss.
+
+The load average before and after is printed: other processes on the machine slow both modes alike, but not
+their ratio only when they run throughout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mutransfer.study.config import load_study
+from mutransfer.study.demo import EVAL_SAMPLES, ensure_shards
+from mutransfer.study.store import client_for, latest_per_key, load_trials
+from mutransfer.study.sweep import run_sweep
+from mutransfer.typed_config import with_values
+
+STUDY = Path(__file__).resolve().parents[1] / "configs" / "demo_study.yaml"
+
+
+def gemm_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Median FLOP/s of an fp32 `torch.mm` of two size x size matrices."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times)
+
+
+def study_for(args: argparse.Namespace, root: Path, shards: Path):
+    overrides = [f"study.output_dir={root / 'trials'}", f"study.steps={args.steps}",
+                 f"shapes.parametrizations=[{args.parametrization}]",
+                 f"shapes.depths=[{','.join(map(str, args.depths))}]"]
+    cfg = load_study(str(STUDY), overrides)
+    cfg.base = with_values(cfg.base, {"data.shards_dir": str(shards)})
+    return cfg
+
+
+def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: str) -> tuple[float, dict[str, float]]:
+    """(wall seconds, final eval loss by trial key: NaN for a trial that did not finish) of one sweep into a
+    fresh store."""
+    root = Path(tempfile.mkdtemp(prefix=f"sweep_{tag}_", dir=args.work))
+    cfg = study_for(args, root, shards)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    start = time.perf_counter()
+    summary = run_sweep(cfg, tracking_uri=uri, progress=False, stack=stack)
+    seconds = time.perf_counter() - start
+    if summary.failed:
+        raise SystemExit(f"{tag}: trials failed: {summary.failed}")
+    trials = latest_per_key(load_trials(client_for(uri), cfg.study.name, cfg.study.experiment))
+    return seconds, {t.key: t.metrics.get("final/eval_loss", float("nan")) if t.status == "finished" else float("nan")
+                     for t in trials}
+
+
+def plain_loop_seconds(args: argparse.Namespace, shards: Path, depth: int) -> tuple[float, float]:
+    """(seconds, FLOPs) of one trial of `depth` as a bare torch loop: batches in memory, no engine, no MLflow."""
+    from mutransfer.models import create_model
+    from mutransfer.models.optim import build_optimizer
+
+    cfg = with_values(study_for(args, Path(args.work), shards).base, {"model.depth": depth})
+    model = create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, 10))
+    optimizer = build_optimizer(model, "adamw", lr=1e-3, betas=(0.9, cfg.optim.beta2))
+    images = torch.randn(cfg.data.batch_size, 3, cfg.data.img_size, cfg.data.img_size)
+    labels = torch.randint(0, 10, (cfg.data.batch_size,))
+    eval_images = torch.randn(cfg.data.eval_batch_size, 3, cfg.data.img_size, cfg.data.img_size)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = F.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        for _ in range(EVAL_SAMPLES // cfg.data.eval_batch_size):
+            model(eval_images)
+    seconds = time.perf_counter() - start
+    per_image = model.flops_per_image()
+    return seconds, per_image * (args.steps * cfg.data.batch_size + EVAL_SAMPLES / 3)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parametrization", default="depth_mup+fle0.5")
+    parser.add_argument("--depths", type=int, nargs="+", default=[4])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--work", default=None, help="folder for shards, stores and trials (default: a temp dir)")
+    args = parser.parse_args()
+    args.work = args.work or tempfile.mkdtemp(prefix="sweep_throughput_")
+    shards = Path(args.work) / "shards"
+    ensure_shards(shards)
+    warm = argparse.Namespace(**{**vars(args), "steps": 1})  # imports, DeepSpeed's op build, MLflow's tables
+    run_sweep(study_for(warm, Path(tempfile.mkdtemp(dir=args.work)), shards), progress=False, trial_index=0,
+              tracking_uri=f"sqlite:///{Path(tempfile.mkdtemp(dir=args.work)) / 'warm.db'}")
+    load_before = os.getloadavg()
+    peak = gemm_peak()
+    plain = [plain_loop_seconds(args, shards, depth) for depth in args.depths]
+    times: dict[str, list[float]] = {"stack 1": [], "stacked": []}
+    results: dict[str, dict[str, float]] = {}
+    for round_index in range(args.rounds):
+        modes = [("stack 1", 1), ("stacked", None)]
+        for name, stack in modes if round_index % 2 == 0 else modes[::-1]:
+            seconds, results[name] = sweep_once(args, shards, stack, name.replace(" ", ""))
+            times[name].append(seconds)
+            print(f"round {round_index}: {name}: {seconds:.1f} s", flush=True)
+    report(args, times, results, plain, peak, load_before)
+
+
+def report(args, times, results, plain, peak, load_before) -> None:
+    trials = len(results["stack 1"])
+    plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, the depths weighted alike
+    flops = sum(f for _, f in plain) / len(plain) * trials
+    print(f"\n{trials} trials ({args.parametrization}, depths {args.depths}, {args.steps} steps), "
+          f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; load average before "
+          f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"fp32 GEMM peak (torch.mm 2048^2): {peak / 1e9:.0f} GFLOP/s; plain loop: {plain_s:.2f} s per trial, "
+          f"{flops / trials / plain_s / 1e9:.1f} GFLOP/s ({flops / trials / plain_s / peak:.1%} of peak)")
+    print("| mode | s per sweep (median) | trials/min | overhead per trial | overhead / plain loop | GFLOP/s | % of GEMM peak |")
+    print("|---|---|---|---|---|---|---|")
+    rates = {}
+    for name, values in times.items():
+        seconds = statistics.median(values)
+        rates[name] = trials * 60 / seconds
+        overhead = seconds / trials - plain_s
+        print(f"| {name} | {seconds:.1f} | {rates[name]:.1f} | {overhead:.2f} s | {overhead / plain_s:.0%} | "
+              f"{flops / seconds / 1e9:.1f} | {flops / seconds / peak:.1%} |")
+    print(f"stacked / stack 1: {rates['stacked'] / rates['stack 1']:.2f}x trials per minute")
+    lone, stacked = results["stack 1"], results["stacked"]
+    finished = [k for k in lone if lone[k] == lone[k]]
+    same_status = all((stacked.get(k) == stacked.get(k)) == (lone[k] == lone[k]) for k in lone)
+    worst = max(finished, key=lambda k: abs(stacked[k] / lone[k] - 1), default=None)
+    gap = abs(stacked[worst] / lone[worst] - 1) if worst else float("nan")
+    print(f"same results: {len(finished)} of {trials} trials finished in both modes ({'same' if same_status else 'NOT the same'}"
+          f" statuses), final eval loss differs by at most {gap:.1e} (relative; {worst})")
+
+
+if __name__ == "__main__":
+    main()
