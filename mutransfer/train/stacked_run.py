@@ -64,9 +64,9 @@ class RecordingObserver(StackObserver):
                           fallback=output_dir / "metrics.jsonl", wait_at_end_s=tracking.wait_at_end_s)
         record = self.records[member] = MemberRecord(cfg, tracker)
         self.teardown.callback(lambda: tracker.end(record.outcome))
+        trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0
         run_id = tracker.start(tracking.run_name or output_dir.name, run_tags(cfg, model),
                                parent_run_id=tracking.parent_run_id, run_id=tracking.continue_run_id)
-        trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0
         if run_id and not tracking.continue_run_id:
             tracker.log_params(run_params(cfg, model, 1))
             tracker.log_artifact(output_dir / "config.yaml")
