@@ -328,7 +328,8 @@ def sweep_study(shards: Path, root: Path, steps: int) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_rerun_continues_its_trial(shards, tmp_path) -> None:
     study, uri = sweep_study(shards, tmp_path, steps=150)
-    command = [str(BIN / "mutransfer"), "sweep", "--config", str(study), "--tracking-uri", uri]
+    # one trial at a time (a stack stops all its trials: tests/test_stacked_sweep.py)
+    command = [str(BIN / "mutransfer"), "sweep", "--config", str(study), "--tracking-uri", uri, "--stack", "1"]
     job = Job(command, tmp_path)
     trials = tmp_path / "trials"
     try:

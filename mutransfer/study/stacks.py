@@ -49,7 +49,10 @@ def stack_sizer(stack: int | None, config_of: Callable[[TrialSpec], RunConfig]) 
     def size_for(trial: TrialSpec, count: int) -> int:
         if stack == 1 or count == 1:
             return 1
-        cfg = config_of(trial)
+        try:
+            cfg = config_of(trial)
+        except Exception:  # a trial that cannot even configure trains alone, and fails there as before
+            return 1
         problem = stack_problem(cfg)
         if problem is not None:
             if stack is not None:

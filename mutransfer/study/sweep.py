@@ -338,9 +338,14 @@ def _train_claimed(sweep: _Sweep, claimed: dict[TrialSpec, str | None]) -> list[
     one, else as one stack. Their sweep statuses."""
     from .stacks import run_stack
 
-    cfgs = [trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued) for trial, continued in claimed.items()]
     keys = [trial.key for trial in claimed]
     sweep.bar.set_postfix_str(keys[0] if len(keys) == 1 else f"{keys[0]} +{len(keys) - 1} stacked")
+    try:  # a trial whose config cannot be built fails like one that cannot train
+        cfgs = [trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued)
+                for trial, continued in claimed.items()]
+    except Exception as err:
+        print(f"trial {keys[0]} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return [RunStatus.FAILED] * len(keys)
     return [_train_alone(cfgs[0], keys[0])] if len(cfgs) == 1 else run_stack(cfgs, keys)
 
 
