@@ -64,15 +64,22 @@ def stack_sizer(stack: int | None, config_of: Callable[[TrialSpec], RunConfig]) 
     return size_for
 
 
-def run_stack(cfgs: list[RunConfig], keys: list[str]) -> list[str]:
-    """Train one stack; each trial's sweep status (a stack that raised fails all its trials: each MLflow run
-    ends failed and the trials run again next time)."""
-    from mutransfer.train.stacked_run import train_stack
-
+def train_trials(configs: Callable[[], list[RunConfig]], keys: list[str]) -> list[str]:
+    """Train the trials of `keys`, whose run configs `configs()` builds, one alone (`trainer.train`) or several
+    as one stack; each trial's sweep status (a trial whose config cannot be built, or that raised, fails:
+    one broken trial, or stack, must not end the study)."""
     try:
-        results = train_stack(cfgs)
-    except Exception as err:  # one broken stack must not end the study
-        print(f"stack of {len(keys)} trials ({keys[0]}, ...) failed: {type(err).__name__}: {err}",
-              file=sys.stderr, flush=True)
+        cfgs = configs()
+        if len(cfgs) == 1:
+            from mutransfer.train.trainer import train
+
+            results = [train(cfgs[0])]
+        else:
+            from mutransfer.train.stacked_run import train_stack
+
+            results = train_stack(cfgs)
+    except Exception as err:
+        what = f"trial {keys[0]}" if len(keys) == 1 else f"stack of {len(keys)} trials ({keys[0]}, ...)"
+        print(f"{what} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return [RunStatus.FAILED] * len(keys)
     return [RunStatus.INTERRUPTED if r.status == RunStatus.PREEMPTED else r.status for r in results]

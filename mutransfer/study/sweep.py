@@ -5,10 +5,10 @@ Running the same command again resumes: trials whose child run finished or diver
 that was interrupted (or killed) continues its own child run, so that every trial key has one child run.
 (Trials are seeded, so a trial that starts over repeats the steps its run already holds, which are not
 recorded twice.) A trial that failed runs again in a new child run; the failed one goes to MLflow's trash.
-Trials run in this process, trials of one shape `--stack K` at a time as one stacked model (`study.stacks`,
-`train.stacked`; by default as many as fit in memory, `--stack 1` one trial at a time), or as separate
-`deepspeed` / `torchrun` launches, `--parallel K` at a time, each pinned to its own `--gpus-per-trial G` GPUs. `--trial-index I` runs
-only trial I (in the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
+Trials run in this process, those of one shape `--stack K` at a time as one stacked model (`study.stacks`; by
+default as many as fit in memory, `--stack 1` one at a time), or as `deepspeed` / `torchrun` launches,
+`--parallel K` at a time, each on its own `--gpus-per-trial G` GPUs. `--trial-index I` runs only trial I (in
+the order of `StudyConfig.trials()`): one task of a SLURM job array (`mutransfer sweep --slurm`).
 
 Any number of sweeps of one study may run at once (terminals, array tasks, a job array relaunched over a
 running one): each trial is claimed before it runs (`claims.py`) and read back from MLflow once claimed, so
@@ -43,6 +43,7 @@ from mutransfer.train.tracking import flatten, folder_lock, resolve_tracking_uri
 
 from .claims import TrialClaims
 from .config import StudyConfig
+from .stacks import plan_stacks, stack_sizer, train_trials
 from .store import client_for, find_study_run, latest_per_key, load_trials
 from .trial import TrialSpec
 
@@ -237,7 +238,9 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     if summary.skipped:
         print(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run",
               flush=True)
-    stacks = _plan(cfg, todo, parent, uri, stack) if launcher == "inprocess" else []
+    # planned before anything is marked running: a study that cannot stack at an explicit --stack K is refused
+    stacks = plan_stacks(todo, stack_sizer(stack, lambda t: trial_config(cfg, t, parent, uri))) \
+        if launcher == "inprocess" else []
     whole_study = trial_index is None  # an array task leaves the parent run to the others
     if whole_study:
         mark_study(client, parent, "running")
@@ -299,14 +302,6 @@ def close_study(client, cfg: StudyConfig, parent: str, summary: SweepSummary, wh
         mark_study(client, parent, RunStatus.FINISHED)
 
 
-def _plan(cfg: StudyConfig, todo: list[TrialSpec], parent: str, uri: str, stack: int | None) -> list[list[TrialSpec]]:
-    """The in-process trials cut into stacks (`study.stacks`), before anything is marked running: a study that
-    cannot stack at an explicit --stack K is refused here."""
-    from .stacks import plan_stacks, stack_sizer
-
-    return plan_stacks(todo, stack_sizer(stack, lambda trial: trial_config(cfg, trial, parent, uri)))
-
-
 def _run_in_process(sweep: _Sweep, stacks: list[list[TrialSpec]], claims: TrialClaims, stop: SweepStop) -> None:
     """Stack after stack of trials in this process, until done or told to stop. Each trial of a stack is
     claimed first; the ones another sweep holds or has finished drop out of it."""
@@ -334,31 +329,12 @@ def _run_in_process(sweep: _Sweep, stacks: list[list[TrialSpec]], claims: TrialC
 
 
 def _train_claimed(sweep: _Sweep, claimed: dict[TrialSpec, str | None]) -> list[str]:
-    """Train the claimed trials (each continuing its child run, if any): alone through `train` when there is
-    one, else as one stack. Their sweep statuses."""
-    from .stacks import run_stack
-
+    """Train the claimed trials (each continuing its child run, if any): alone when there is one, else as one
+    stack. Their sweep statuses."""
     keys = [trial.key for trial in claimed]
     sweep.bar.set_postfix_str(keys[0] if len(keys) == 1 else f"{keys[0]} +{len(keys) - 1} stacked")
-    try:  # a trial whose config cannot be built fails like one that cannot train
-        cfgs = [trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued)
-                for trial, continued in claimed.items()]
-    except Exception as err:
-        print(f"trial {keys[0]} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return [RunStatus.FAILED] * len(keys)
-    return [_train_alone(cfgs[0], keys[0])] if len(cfgs) == 1 else run_stack(cfgs, keys)
-
-
-def _train_alone(trial_cfg: RunConfig, key: str) -> str:
-    """One trial through `trainer.train`: its sweep status."""
-    from mutransfer.train.trainer import train
-
-    try:
-        result = train(trial_cfg)
-        return RunStatus.INTERRUPTED if result.status == RunStatus.PREEMPTED else result.status
-    except Exception as err:  # one broken trial must not end the study
-        print(f"trial {key} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
-        return RunStatus.FAILED
+    return train_trials(lambda: [trial_config(sweep.cfg, trial, sweep.parent, sweep.uri, continued)
+                                 for trial, continued in claimed.items()], keys)
 
 
 def _run_launched(sweep: _Sweep, todo: list[TrialSpec], claims: TrialClaims, stop: SweepStop, launcher: str,
