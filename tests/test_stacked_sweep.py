@@ -113,13 +113,18 @@ def test_each_stacked_trial_is_recorded_as_the_same_trial_alone(shards, tmp_path
 
 
 def test_stacks_group_every_field_but_the_member_ones() -> None:
-    trials = [TrialSpec("mup", 16, 1, lr, 0.9, 0.0, seed) for lr in (1e-3, 1e-2, 1e-1) for seed in (0, 1)]
-    trials += [TrialSpec("mup", 32, 1, 1e-3, 0.9, 0.0, 0), TrialSpec("sp", 16, 1, 1e-3, 0.5, 0.1, 2)]
-    assert shape_key(trials[0]) == ("mup", 16, 1)
+    def spec(**values) -> TrialSpec:
+        return TrialSpec(**{**dict(parametrization="mup", width=16, depth=1, batch_size=16, steps=6, lr=1e-3,
+                                   momentum=0.9, weight_decay=0.0, seed=0), **values})
+
+    trials = [spec(lr=lr, seed=seed) for lr in (1e-3, 1e-2, 1e-1) for seed in (0, 1)]
+    trials += [spec(width=32), spec(parametrization="sp", momentum=0.5, weight_decay=0.1, seed=2),
+               spec(batch_size=32), spec(steps=12, lr=1e-2)]
+    assert shape_key(trials[0]) == ("mup", 16, 1, 16, 6)  # every field but lr, momentum, weight decay, seed
     stacks = plan_stacks(trials, lambda trial, count: 4)
-    assert [len(s) for s in stacks] == [4, 2, 1, 1]
+    assert [len(s) for s in stacks] == [4, 2, 1, 1, 1, 1]
     assert all(len({shape_key(t) for t in s}) == 1 for s in stacks)
-    assert [len(s) for s in plan_stacks(trials, lambda trial, count: 1)] == [1] * 8
+    assert [len(s) for s in plan_stacks(trials, lambda trial, count: 1)] == [1] * 10
 
 
 def test_explicit_stack_refuses_configs_that_cannot_stack(shards, tmp_path) -> None:

@@ -57,7 +57,7 @@ class MemberOutcome:
 class StackObserver:
     """What a stack reports about each member (its index in the configs given). Does nothing itself."""
 
-    def started(self, member: int, cfg: RunConfig, model: torch.nn.Module) -> None:
+    def started(self, member: int, cfg: RunConfig, model: torch.nn.Module, total_steps: int) -> None:
         """The member's model is built (before the first step); `cfg` has data.num_classes resolved."""
 
     def logged(self, member: int, step: int, metrics: dict[str, float]) -> None:
@@ -170,18 +170,19 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
     cfgs = [with_values(cfg, {"data.num_classes": num_classes}) for cfg in cfgs]
     # the same init as at every ZeRO stage, built whole (no DeepSpeed here)
     models = [build_model(with_values(cfg, {"deepspeed.zero3_init": False}), {}, num_classes) for cfg in cfgs]
-    for index, (cfg, model) in enumerate(zip(cfgs, models)):
-        observer.started(index, cfg, model)
     optim = cfgs[0].optim
+    steps_per_epoch = max(1, len(data.streams[0].loader) // optim.accumulation)
+    total_steps = cfgs[0].run.total_steps(steps_per_epoch)
+    for index, (cfg, model) in enumerate(zip(cfgs, models)):
+        observer.started(index, cfg, model, total_steps)
     model = StackedModel(models, device)
     hypers = [MemberHypers(cfg.optim.lr, cfg.optim.momentum_value, cfg.optim.weight_decay) for cfg in cfgs]
     optimizer = StackedOptimizer(model.params, groups_of(models[0], optim.name, optim.eps), optim.name, hypers,
                                  beta2=optim.beta2, grad_clip=deepspeed_config(cfgs[0], 1)["gradient_clipping"])
-    steps_per_epoch = max(1, len(data.streams[0].loader) // optim.accumulation)
     flops = models[0].flops_per_image() if hasattr(models[0], "flops_per_image") else None
     return Stack(cfgs=cfgs, members=list(range(len(cfgs))), model=model, optimizer=optimizer, data=data,
                  criterion=train_loss(cfgs[0].data), device=device,
-                 total_steps=cfgs[0].run.total_steps(steps_per_epoch),
+                 total_steps=total_steps,
                  warmup_steps=optim.warmup_steps_for(steps_per_epoch), observer=observer, flops=flops,
                  losses={i: [] for i in range(len(cfgs))}, window_losses={i: [] for i in range(len(cfgs))})
 

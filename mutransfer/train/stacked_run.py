@@ -56,7 +56,7 @@ class RecordingObserver(StackObserver):
         self.teardown = teardown
         self.records: dict[int, MemberRecord] = {}
 
-    def started(self, member: int, cfg: RunConfig, model: torch.nn.Module) -> None:
+    def started(self, member: int, cfg: RunConfig, model: torch.nn.Module, total_steps: int) -> None:
         write_run_files(cfg, deepspeed_config(cfg, 1))
         tracking = cfg.tracking
         output_dir = Path(cfg.run.output_dir)
@@ -65,7 +65,7 @@ class RecordingObserver(StackObserver):
         record = self.records[member] = MemberRecord(cfg, tracker)
         self.teardown.callback(lambda: tracker.end(record.outcome))
         trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0
-        run_id = tracker.start(tracking.run_name or output_dir.name, run_tags(cfg, model),
+        run_id = tracker.start(tracking.run_name or output_dir.name, run_tags(cfg, model, 1, total_steps),
                                parent_run_id=tracking.parent_run_id, run_id=tracking.continue_run_id)
         if run_id and not tracking.continue_run_id:
             tracker.log_params(run_params(cfg, model, 1))
