@@ -39,6 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-size", type=int, default=8, help="ViT models only")
     p.add_argument("--head-dim", type=int, default=None, help="ViT models only (default 64; width / heads)")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--drop-path-rate", type=float, default=0.0,
+                   help="stochastic depth of the last block, ViT models only (trained in train mode, so on)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--first-layers", action="store_true",
                    help="also record fc1 inside each block (the NFD paper: does the first layer still learn? docs/parametrizations.md)")
@@ -62,6 +64,8 @@ def coord_check_command(args: argparse.Namespace) -> int:
     )
     if "patch_size" in entry.arguments():
         kwargs.update(patch_size=args.patch_size, head_dim=args.head_dim)
+    if args.drop_path_rate:
+        kwargs.update(drop_path_rate=args.drop_path_rate)
     records = run_coord_check(
         model=args.model, parametrization=args.parametrization, vary=args.vary, values=args.values,
         steps=args.steps, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from mutransfer.errors import UsageError
@@ -86,23 +86,44 @@ def prefixed(prefix: str, info: dict[str, ParamInfo]) -> dict[str, ParamInfo]:
     return {f"{prefix}.{name}": value for name, value in info.items()}
 
 
+def drop_path_rates(rate: float, depth: int) -> list[float]:
+    """Stochastic depth per block, timm's rule: rising linearly from 0 at the first block to `rate` at the
+    last (torch.linspace(0, rate, depth) in timm's VisionTransformer)."""
+    if not 0 <= rate < 1:
+        raise ValueError(f"drop_path_rate must lie in [0, 1), got {rate}")
+    return [rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
+
+
+def drop_path_layer(rate: float) -> nn.Module:
+    """timm's DropPath (a per-sample mask, kept branches divided by 1 - rate; identity in eval mode), or
+    nn.Identity at rate 0, as timm builds it: no RNG draw, the forward of a model without drop path."""
+    return DropPath(rate) if rate > 0 else nn.Identity()
+
+
 class TransformerBlock(nn.Module):
-    """Pre-LN block; each residual branch is scaled by m_L ** -alpha (1 at base depth and under sp/mup)."""
+    """Pre-LN block; each residual branch is scaled by m_L ** -alpha (1 at base depth and under sp/mup).
+
+    With stochastic depth, a branch is x <- x + m * (mask / (1 - p)) * F(x): the keep-rescale multiplies the
+    branch multiplier, so the branch keeps its mean, and its extra variance over the L blocks sums to
+    L * m ** 2 * p / (1 - p) = m_L ** (1 - 2 alpha) * p / (1 - p) times a branch's (docs/parametrizations.md)."""
 
     def __init__(
-        self, dim: int, head_dim: int, mlp_ratio: float, attn_scale: float, branch_multiplier: float
+        self, dim: int, head_dim: int, mlp_ratio: float, attn_scale: float, branch_multiplier: float,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, head_dim, attn_scale)
+        self.drop_path1 = drop_path_layer(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.drop_path2 = drop_path_layer(drop_path)
         self.branch_multiplier = float(branch_multiplier)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # add(..., alpha=m) fuses the branch multiplier into the residual add: no extra kernel
-        x = torch.add(x, self.attn(self.norm1(x)), alpha=self.branch_multiplier)
-        return torch.add(x, self.mlp(self.norm2(x)), alpha=self.branch_multiplier)
+        x = torch.add(x, self.drop_path1(self.attn(self.norm1(x))), alpha=self.branch_multiplier)
+        return torch.add(x, self.drop_path2(self.mlp(self.norm2(x))), alpha=self.branch_multiplier)
 
     def own_param_info(self) -> dict[str, ParamInfo]:
         return {

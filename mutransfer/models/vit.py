@@ -18,6 +18,7 @@ from .layers import (
     Readout,
     TransformerBlock,
     collect_param_info,
+    drop_path_rates,
     init_block_linear,
     init_norm,
     init_readout,
@@ -42,10 +43,12 @@ class VisionTransformer(nn.Module):
         parametrization: str | Parametrization | None = None,
         base_width: int | None = None,
         base_depth: int | None = None,
+        drop_path_rate: float = 0.0,
         weight_init: bool = True,
         **parametrization_overrides,
     ) -> None:
-        """`weight_init=False` leaves parameters as torch made them, for callers that initialise later
+        """`drop_path_rate`: stochastic depth of the last block, rising linearly from 0 at the first (timm's
+        rule). `weight_init=False` leaves parameters as torch made them, for callers that initialise later
         (under ZeRO-3, parameters are partitioned at construction and init_weights must run gathered)."""
         super().__init__()
         require_positive_ints(width=width, depth=depth, head_dim=head_dim, patch_size=patch_size,
@@ -60,6 +63,7 @@ class VisionTransformer(nn.Module):
         param = self.parametrization
         self.width, self.depth, self.head_dim = width, depth, head_dim
         self.num_classes, self.img_size, self.patch_size, self.mlp_ratio = num_classes, img_size, patch_size, mlp_ratio
+        self.drop_path_rate = float(drop_path_rate)
 
         self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=width)
         num_patches = self.patch_embed.num_patches
@@ -72,8 +76,9 @@ class VisionTransformer(nn.Module):
                 mlp_ratio,
                 attn_scale=param.attention_scale(head_dim),
                 branch_multiplier=param.branch_multiplier(depth),
+                drop_path=rate,
             )
-            for _ in range(depth)
+            for rate in drop_path_rates(drop_path_rate, depth)
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = Readout(width, num_classes, multiplier=param.readout_scale(width))

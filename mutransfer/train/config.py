@@ -89,6 +89,10 @@ class ModelSection(Section):
     init_std: float | None = None
     """Init std sigma of hidden matrices at the base width (None: 0.02, timm's ViT init); the residual-MLP
     studies use 1/sqrt(base_width), the fan-in init their theory assumes."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth (timm's --drop-path): the last block drops each residual branch per sample with this
+    probability, rising linearly from 0 at the first block (timm's rule); 0 is the model without it. Keep it
+    the same at every depth when transferring (docs/parametrizations.md). ViT models only."""
     grad_checkpointing: bool = False
     """Activation checkpointing per block (timm's `set_grad_checkpointing()`): each block's activations are
     recomputed in the backward pass instead of kept, for about one more forward of compute. For ViT-L/H
@@ -109,6 +113,7 @@ class ModelSection(Section):
                 raise ConfigError(key, f"must be a positive number, got {value}")
         if self.first_layer_lr_exponent is not None and not math.isfinite(self.first_layer_lr_exponent):
             raise ConfigError("first_layer_lr_exponent", f"must be finite, got {self.first_layer_lr_exponent}")
+        self._check_drop_path(entry)
         if self.alpha is not None and (self.parametrization or "depth_mup") not in DEPTH_AWARE:
             raise ConfigError("alpha", f"only applies to {' and '.join(DEPTH_AWARE)}, not {self.parametrization}")
         if self.alpha is not None and not 0.5 <= self.alpha <= 1:
@@ -118,12 +123,20 @@ class ModelSection(Section):
             raise ConfigError("width" if self.width else "head_dim", f"width {width} is not divisible by head_dim "
                               f"{head_dim}")
 
+    def _check_drop_path(self, entry: Any) -> None:
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError("drop_path_rate", f"must lie in [0, 1), got {self.drop_path_rate}")
+        if self.drop_path_rate and "drop_path_rate" not in entry.arguments():
+            raise ConfigError("drop_path_rate", f"{self.name} has no stochastic depth (ViT models have)")
+
     def create_kwargs(self, img_size: int, num_classes: int) -> dict[str, Any]:
         kwargs = {k: getattr(self, k) for k in (
             "width", "depth", "head_dim", "patch_size", "mlp_ratio", "alpha", "base_width", "base_depth",
             "readout_multiplier", "first_layer_lr_exponent", "init_std")}
         kwargs.update(parametrization=self.parametrization, img_size=img_size, num_classes=num_classes,
                       zero_readout=self.zero_init, zero_query=self.zero_init)
+        if self.drop_path_rate:  # left out at 0, so models without stochastic depth take these kwargs too
+            kwargs["drop_path_rate"] = self.drop_path_rate
         return {k: v for k, v in kwargs.items() if v is not None}
 
 
