@@ -20,6 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="safetensors: our file, read by mutransfer.models.load_model; timm: model.safetensors + "
                         "config.json for timm.create_model('local-dir:OUT', pretrained=True), multipliers folded in")
     e.add_argument("--checkpoint", default=None, help="a checkpoint folder (default: the newest complete one)")
+    e.add_argument("--ema", action="store_true",
+                   help="write the weight EMA (run.ema_decay) the checkpoint holds instead of the weights")
     e.set_defaults(func=export_command)
 
 
@@ -35,7 +37,7 @@ def export_command(args: argparse.Namespace) -> int:
     from .export import export
 
     try:
-        out = export(args.run_dir, args.out, args.checkpoint, args.format)
+        out = export(args.run_dir, args.out, args.checkpoint, args.format, ema=args.ema)
     except FileNotFoundError as err:  # a run folder or checkpoint that is not there
         raise UsageError(str(err)) from err
     print(f"wrote {out}")

@@ -261,6 +261,14 @@ class RunSection(Section):
     compiled and eager runs load into each other, and DeepSpeed keeps handling the module it wrapped.
     ZeRO 0-2 only: at ZeRO-3, dynamo traces DeepSpeed's per-module parameter gather hooks, breaking the
     graph and recompiling at every submodule (DeepSpeed's DeepCompile is the ZeRO-3 path; not wired here)."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (timm's --model-ema-decay; 0: none),
+    updated after every optimizer step as timm's ModelEmaV3 does, evaluated beside the weights (eval/ema_loss,
+    eval/ema_top1), saved in checkpoints and written by `mutransfer export --ema`. ZeRO-3 shards it like the
+    parameters (mutransfer/train/ema.py)."""
+    ema_warmup: bool = False
+    """Warm the EMA's decay up as timm's --model-ema-warmup does: min(ema_decay, 1 - (1 + t) ** -2/3) after
+    t steps, so that early weights leave the average quickly."""
     record_samples: bool = False
     """Debugging aid: every rank appends the keys of each batch it trains on (with step, epoch and batch
     index) and of each eval batch to output_dir/samples_rank<R>.jsonl. Costs a line per batch."""
@@ -276,6 +284,10 @@ class RunSection(Section):
             _at_least(key, getattr(self, key), 1)
         for key in ("eval_interval", "checkpoint_interval"):
             _at_least(key, getattr(self, key), 0)
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError("ema_decay", f"must lie in [0, 1) (0 turns the EMA off), got {self.ema_decay}")
+        if self.ema_warmup and not self.ema_decay:
+            raise ConfigError("ema_warmup", "needs run.ema_decay > 0")
         if not self.divergence_loss > 0:
             raise ConfigError("divergence_loss", f"must be positive, got {self.divergence_loss}")
         if not self.resume.strip():

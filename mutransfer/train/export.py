@@ -1,5 +1,8 @@
 """`mutransfer export RUN_DIR OUT`: consolidated fp32 weights of a run, as our safetensors or as plain timm.
 
+`--ema` writes the checkpoint's weight EMA (run.ema_decay, `ema.safetensors`, already full fp32 tensors)
+instead of its weights, in either format.
+
 `--format safetensors` (the default) writes one file whose metadata names the zoo model and its arguments,
 so `mutransfer.models.load_model(OUT)` (or `create_model(name, checkpoint_path=OUT, **same_args)`) rebuilds
 it. `--format timm` writes a folder (`model.safetensors` + `config.json`) that
@@ -18,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mutransfer.data import DataConfig
 from mutransfer.errors import UsageError
@@ -28,6 +31,7 @@ from mutransfer.models.zoo import MODEL_METADATA_KEY
 
 from . import checkpoint as ckpt
 from .config import config_from_dict
+from .ema import EMA_FILE
 
 
 @contextlib.contextmanager
@@ -55,10 +59,20 @@ def consolidated_state_dict(folder: Path, zero_stage: int, bf16: bool) -> dict[s
 FORMATS = ("safetensors", "timm")
 
 
+def checkpoint_weights(folder: Path, zero_stage: int, bf16: bool, ema: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint's full fp32 weights, or with `ema` the weight EMA it holds."""
+    if not ema:
+        return consolidated_state_dict(folder, zero_stage, bf16)
+    path = folder / EMA_FILE
+    if not path.is_file():
+        raise UsageError(f"checkpoint {folder} holds no weight EMA ({EMA_FILE}): the run had run.ema_decay=0")
+    return load_file(str(path))
+
+
 def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
-           format: str = "safetensors") -> Path:
+           format: str = "safetensors", ema: bool = False) -> Path:
     """Write the newest complete checkpoint of `run_dir` (or `checkpoint`) as one safetensors file, or (timm)
-    as a timm folder."""
+    as a timm folder; with `ema`, its weight EMA."""
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     run_dir, out = Path(run_dir), Path(out)
@@ -69,7 +83,7 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
         raise UsageError(f"{run_dir} holds no complete checkpoint (looked in {ckpt.checkpoint_root(run_dir)})")
     state, raw_config = ckpt.read_state(folder)
     cfg = config_from_dict(raw_config)
-    tensors = consolidated_state_dict(folder, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16)
+    tensors = checkpoint_weights(folder, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, ema)
     # runs save the resolved class count; the head's shape tells it for older configs
     num_classes = cfg.data.num_classes or int(tensors["head.weight"].shape[0])
     kwargs = cfg.model.create_kwargs(cfg.data.img_size, num_classes)
@@ -83,10 +97,10 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
     if format == "timm":
         model.load_state_dict(tensors, strict=True)
         provenance = {"model": cfg.model.name, "kwargs": kwargs, "step": state.step, "checkpoint": str(folder),
-                      "mlflow_run_id": state.mlflow_run_id}
+                      "mlflow_run_id": state.mlflow_run_id, "weights": "ema" if ema else "trained"}
         return save_timm(model, out, eval_data_config(cfg.data), provenance)
     metadata = {MODEL_METADATA_KEY: json.dumps({"name": cfg.model.name, "kwargs": kwargs}),
-                "mutransfer_step": str(state.step)}
+                "mutransfer_step": str(state.step), "mutransfer_weights": "ema" if ema else "trained"}
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out), metadata=metadata)
     return out
 

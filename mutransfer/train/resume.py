@@ -77,9 +77,9 @@ def _load(engine: Any, folder: Path) -> str | None:
     return None
 
 
-def save_checkpoint(engine: Any, state: ckpt.TrainState, cfg: RunConfig, rank: int) -> Path:
-    """All ranks save their part; rank 0 marks the checkpoint pending first and complete last, then prunes
-    old ones."""
+def save_checkpoint(engine: Any, state: ckpt.TrainState, cfg: RunConfig, rank: int, ema: Any = None) -> Path:
+    """All ranks save their part (and the weight EMA's, when there is one); rank 0 marks the checkpoint
+    pending first and complete last, then prunes old ones."""
     root = ckpt.checkpoint_root(cfg.run.output_dir)
     tag = ckpt.tag_for(state.step)
     if rank == 0:
@@ -88,6 +88,8 @@ def save_checkpoint(engine: Any, state: ckpt.TrainState, cfg: RunConfig, rank: i
     try:
         engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
         ckpt.save_rng(root / tag, rank)
+        if ema is not None:
+            ema.save(root / tag, rank)
     except (OSError, RuntimeError) as err:
         raise CheckpointWriteError(write_failure(root / tag, err)) from err
     barrier()

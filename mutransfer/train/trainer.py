@@ -53,6 +53,7 @@ from .distributed import (
     init_distributed,
     shutdown_distributed,
 )
+from .ema import WeightEma, build_ema
 from .engine import build_engine, build_model, deepspeed_config, param_groups_of, seed_rngs
 from .evaluate import evaluate
 from .hardware import peak_flops
@@ -85,6 +86,7 @@ class Run:
     rng_restore: Path | None  # the checkpoint whose RNG states to load once the data order is replayed
     criterion: torch.nn.Module
     flops: float | None  # training FLOPs per image, for MFU
+    ema: WeightEma | None = None  # run.ema_decay
     tracker: Tracker | None = None
     system_metrics: SystemMetrics = field(default_factory=SystemMetrics)
     mlflow_run_id: str | None = None
@@ -131,7 +133,7 @@ def train_loop(run: Run) -> str:
             if eval_now:
                 _excluded(run, run_evaluation)
             if save_now:
-                _excluded(run, lambda r: save_checkpoint(r.engine, r.state, r.cfg, r.rank))
+                _excluded(run, lambda r: save_checkpoint(r.engine, r.state, r.cfg, r.rank, r.ema))
     return RunStatus.FINISHED
 
 
@@ -159,6 +161,8 @@ def train_step(run: Run) -> None:
         run.engine.step()
         loss_sum += loss.detach()
     run.state.step += 1
+    if run.ema is not None:  # timm's model_ema.update(model, step=num_updates)
+        run.ema.update(run.state.step)
     run.state.samples_seen += run.global_batch
     if run.sample_log is not None:
         run.sample_log.train(run.state.step, positions, [batch[2] for batch in micro])
@@ -198,8 +202,13 @@ def log_window(run: Run) -> None:
 
 
 def run_evaluation(run: Run) -> None:
+    """eval/* of the weights, and eval/ema_* of their average beside them when run.ema_decay is set."""
     run.eval_metrics = evaluate(run.engine, run.cfg, run.rank, run.world_size, run.device, run.sample_log,
                                 run.state.step)
+    if run.ema is not None:
+        with run.ema.swapped_in():
+            averaged = evaluate(run.engine, run.cfg, run.rank, run.world_size, run.device, None, run.state.step)
+        run.eval_metrics.update({f"eval/ema_{key}": averaged[f"eval/{key}"] for key in ("loss", "top1", "top5")})
     _record(run, run.eval_metrics)
 
 
@@ -214,7 +223,7 @@ def finish(run: Run, status: str) -> RunResult:
         _say(run, f"run {run.output_dir} {run.message}; stopping")
     elif status == RunStatus.PREEMPTED:
         if run.cfg.run.save_checkpoints:
-            save_checkpoint(run.engine, run.state, run.cfg, run.rank)
+            save_checkpoint(run.engine, run.state, run.cfg, run.rank, run.ema)
         run.message = (f"stopped by {signal.Signals(run.stop_signal).name} at step {run.state.step}; " + (
             "checkpoint saved, run.resume=auto continues" if run.cfg.run.save_checkpoints
             else "no checkpoint (run.save_checkpoints=false): the run starts over when run again"))
@@ -223,7 +232,7 @@ def finish(run: Run, status: str) -> RunResult:
     else:
         run_evaluation(run)
         if run.cfg.run.save_checkpoints:
-            save_checkpoint(run.engine, run.state, run.cfg, run.rank)
+            save_checkpoint(run.engine, run.state, run.cfg, run.rank, run.ema)
         final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
         run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **skips_for_mlflow(_data_summary(run))},
                                 run.state.step)
@@ -259,7 +268,8 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
     engine = build_engine(cfg, model, ds_config, total_steps, cfg.optim.warmup_steps_for(steps_per_epoch))
     teardown.callback(engine.destroy)
     state, resume_from = resume_run(engine, cfg, rank, world_size, device)
-    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, engine=engine,
+    ema = build_ema(engine, cfg.run.ema_decay, cfg.run.ema_warmup, cfg.deepspeed.zero_stage, resume_from, rank)
+    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, engine=engine, ema=ema,
               batches=BatchStream(loader, state), state=state, total_steps=total_steps, rng_restore=resume_from,
               criterion=train_loss(cfg.data),  # soft targets under mixup / cutmix, label smoothing otherwise
               flops=model.flops_per_image() if hasattr(model, "flops_per_image") else None)
