@@ -51,9 +51,12 @@ def launch(tmp_path: Path, shards: Path, name: str, stage: int, **run_values) ->
     """A 2-rank run of STEPS steps, a checkpoint after every step, evaluated at steps 2 and 4 and the end."""
     out = tmp_path / name
     deepspeed = dict(zero_stage=stage)
-    if stage == 3:  # weights partitioned, biases and norms (32 entries) persistent: both ZeRO-3 paths
+    if stage == 3:  # both ZeRO-3 paths: biases and norms (32 entries) persistent, held gathered; weights
+        # partitioned and released after each use (nothing kept live or for reuse), gathered from the partitions
         ds_json = tmp_path / "ds.json"
-        ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 100}}))
+        ds_json.write_text(json.dumps({"zero_optimization": {
+            "stage3_param_persistence_threshold": 100, "stage3_max_live_parameters": 0,
+            "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}))
         deepspeed["config"] = str(ds_json)
     config = write_config(tmp_path / f"{name}.yaml", shards, out, "", deepspeed=deepspeed,
                           run=dict(steps=STEPS, checkpoint_interval=1, keep_checkpoints=STEPS, eval_interval=2,

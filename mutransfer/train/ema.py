@@ -115,8 +115,9 @@ class WeightEma:
                 self._write(kept)
 
     def _write(self, values: list[torch.Tensor]) -> None:
-        """Set each parameter's local copy; at ZeRO-3 also the full tensors of parameters held gathered
-        (persistent ones, below stage3_param_persistence_threshold), which the forward uses as they are."""
+        """Set each parameter's local copy; at ZeRO-3 also the full tensor of every parameter held gathered
+        (persistent ones, below stage3_param_persistence_threshold, and those the last forward left gathered
+        for reuse), which the next forward uses as it is. The others are gathered from the partitions."""
         for value, (_, param) in zip(values, self.named):
             self._local(param).copy_(value)
         if self.zero3:
