@@ -135,3 +135,17 @@ def test_depth_parametrizations_stay_flat_with_drop_path(parametrization: str, r
 @pytest.mark.parametrize("rates", [FIXED, GROWING], ids=["fixed_rate", "rate_grows_with_depth"])
 def test_sp_without_branch_scaling_grows_with_drop_path_negative_control(rates: tuple) -> None:
     assert depth_growth("sp", rates) > GROWS
+
+
+def test_activation_checkpointing_replays_the_same_masks() -> None:
+    """The recomputed forward draws the masks of the first (torch's checkpoint restores the RNG state)."""
+    model, x = trained_looking(0.4).train(), images()
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(5)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads):
+        assert torch.allclose(plain, checkpointed, rtol=1e-5, atol=1e-7)
