@@ -76,7 +76,7 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     largest = [t for t in trials if t.spec.width == 32 and t.status == "finished"]
     best = min(largest, key=lambda t: t.metrics["final/eval_loss"])
     target = write_config(root / "target.yaml", workspace["shards"], root / "target_run", uri,
-                          model=dict(PROXY_MODEL, width=64, depth=2),
+                          model=dict(PROXY_MODEL, width=64, depth=2, drop_path_rate=0.3),
                           optim=dict(lr=0.5, beta1=0.5, warmup_steps=0),
                           run=dict(steps=4, log_interval=2), deepspeed=dict(zero_stage=1))
     out = root / "transferred.yaml"
@@ -86,6 +86,8 @@ def test_sweep_resume_divergence_and_transfer(workspace) -> None:
     assert "by rule 'largest'" in transfer.stdout and "deepspeed --num_gpus" in transfer.stdout
     cfg = load_config(out, check=False)
     assert cfg.optim.lr == best.spec.lr and cfg.optim.beta1 == 0.9
+    # the proxies' stochastic depth (none) is carried over the target's own, and said so
+    assert cfg.model.drop_path_rate == 0.0 and "replaces the target config's 0.3" in transfer.stdout
     target_runs = load_trials(client, STUDY, role="target")
     assert len(target_runs) == 1 and target_runs[0].status == "finished"
     target_tags = client.get_run(target_runs[0].run_id).data.tags

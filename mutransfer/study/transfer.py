@@ -285,6 +285,7 @@ def plan_transfer(study: str, target: str, out: str | None = None, metric: str =
                          target_cfg.optim.name)
     if keep_beta2_half_life and target_cfg.optim.name == "adamw":
         _move_beta2(prediction, trials, label)
+    target_cfg = _carry_drop_path(trials, label, target_cfg, overrides, prediction)
     experiment_name = client.get_experiment(parent.info.experiment_id).name
     out_path = _write_target(study, target, target_cfg, out, prediction, metric,
                              {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.info.run_id})
@@ -309,6 +310,27 @@ def _move_beta2(prediction: Prediction, trials: list[Trial], label: str) -> None
     largest = max(own, key=lambda t: analysis.proxy_size(t.shape))
     prediction.beta2 = half_life_beta2(float(largest.params["optim.beta2"]), largest.spec.batch_size,
                                        prediction.target["batch"])
+
+
+def _carry_drop_path(trials: list[Trial], label: str, target_cfg: RunConfig, overrides: list[str],
+                     prediction: Prediction) -> RunConfig:
+    """The target with the model.drop_path_rate its proxies trained with (their MLflow param): the rate
+    transfers as it is (docs/parametrizations.md), unless the command line sets it."""
+    if any(o.split("=", 1)[0].strip() == "model.drop_path_rate" for o in overrides):
+        return target_cfg
+    rates = {float(t.params.get("model.drop_path_rate", 0.0)) for t in trials
+             if t.spec.parametrization == label and t.params}  # a proxy that logged no params tells nothing
+    if not rates:
+        return target_cfg
+    if len(rates) != 1:
+        prediction.warnings.append(f"the proxies trained with several model.drop_path_rate values ({sorted(rates)}); "
+                                   f"the target keeps its own, {target_cfg.model.drop_path_rate:g}")
+        return target_cfg
+    rate = rates.pop()
+    if rate != target_cfg.model.drop_path_rate:
+        prediction.warnings.append(f"model.drop_path_rate {rate:g}, which the proxies trained with, replaces the "
+                                   f"target config's {target_cfg.model.drop_path_rate:g}")
+    return with_values(target_cfg, {"model.drop_path_rate": rate})
 
 
 def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | None, prediction: Prediction,
