@@ -31,7 +31,7 @@ from mutransfer.typed_config import (
     with_values,
 )
 
-from .paths import check_output_dir, check_shard_sets, is_local
+from .paths import check_run_paths
 
 __all__ = ["ConfigError", "DataConfig", "DeepSpeedSection", "ModelSection", "OptimSection", "RunConfig",
            "RunSection", "TrackingSection", "apply_overrides", "check_paths", "config_from_dict", "load_config",
@@ -90,9 +90,8 @@ class ModelSection(Section):
     """Init std sigma of hidden matrices at the base width (None: 0.02, timm's ViT init); the residual-MLP
     studies use 1/sqrt(base_width), the fan-in init their theory assumes."""
     drop_path_rate: float = 0.0
-    """Stochastic depth (timm's --drop-path): the last block drops each residual branch per sample with this
-    probability, rising linearly from 0 at the first block (timm's rule); 0 is the model without it. Keep it
-    the same at every depth when transferring (docs/parametrizations.md). ViT models only."""
+    """Stochastic depth (timm's --drop-path) of the last block, rising linearly from 0 at the first (timm's
+    rule); 0: none. ViT models only. Keep it fixed over depth when transferring (docs/parametrizations.md)."""
     grad_checkpointing: bool = False
     """Activation checkpointing per block (timm's `set_grad_checkpointing()`): each block's activations are
     recomputed in the backward pass instead of kept, for about one more forward of compute. For ViT-L/H
@@ -113,7 +112,8 @@ class ModelSection(Section):
                 raise ConfigError(key, f"must be a positive number, got {value}")
         if self.first_layer_lr_exponent is not None and not math.isfinite(self.first_layer_lr_exponent):
             raise ConfigError("first_layer_lr_exponent", f"must be finite, got {self.first_layer_lr_exponent}")
-        self._check_drop_path(entry)
+        if not 0 <= self.drop_path_rate < 1:
+            raise ConfigError("drop_path_rate", f"must lie in [0, 1), got {self.drop_path_rate}")
         if self.alpha is not None and (self.parametrization or "depth_mup") not in DEPTH_AWARE:
             raise ConfigError("alpha", f"only applies to {' and '.join(DEPTH_AWARE)}, not {self.parametrization}")
         if self.alpha is not None and not 0.5 <= self.alpha <= 1:
@@ -123,20 +123,13 @@ class ModelSection(Section):
             raise ConfigError("width" if self.width else "head_dim", f"width {width} is not divisible by head_dim "
                               f"{head_dim}")
 
-    def _check_drop_path(self, entry: Any) -> None:
-        if not 0 <= self.drop_path_rate < 1:
-            raise ConfigError("drop_path_rate", f"must lie in [0, 1), got {self.drop_path_rate}")
-        if self.drop_path_rate and "drop_path_rate" not in entry.arguments():
-            raise ConfigError("drop_path_rate", f"{self.name} has no stochastic depth (ViT models have)")
-
     def create_kwargs(self, img_size: int, num_classes: int) -> dict[str, Any]:
         kwargs = {k: getattr(self, k) for k in (
             "width", "depth", "head_dim", "patch_size", "mlp_ratio", "alpha", "base_width", "base_depth",
             "readout_multiplier", "first_layer_lr_exponent", "init_std")}
         kwargs.update(parametrization=self.parametrization, img_size=img_size, num_classes=num_classes,
                       zero_readout=self.zero_init, zero_query=self.zero_init)
-        if self.drop_path_rate:  # left out at 0, so models without stochastic depth take these kwargs too
-            kwargs["drop_path_rate"] = self.drop_path_rate
+        kwargs["drop_path_rate"] = self.drop_path_rate or None  # left out at 0: models without it take these too
         return {k: v for k, v in kwargs.items() if v is not None}
 
 
@@ -262,13 +255,11 @@ class RunSection(Section):
     ZeRO 0-2 only: at ZeRO-3, dynamo traces DeepSpeed's per-module parameter gather hooks, breaking the
     graph and recompiling at every submodule (DeepSpeed's DeepCompile is the ZeRO-3 path; not wired here)."""
     ema_decay: float = 0.0
-    """Keep an exponential moving average of the weights with this decay (timm's --model-ema-decay; 0: none),
-    updated after every optimizer step as timm's ModelEmaV3 does, evaluated beside the weights (eval/ema_loss,
-    eval/ema_top1), saved in checkpoints and written by `mutransfer export --ema`. ZeRO-3 shards it like the
-    parameters (mutransfer/train/ema.py)."""
+    """Weight EMA with this decay after every optimizer step, as timm's ModelEmaV3 (--model-ema-decay; 0: none):
+    evaluated beside the weights (eval/ema_loss, eval/ema_top1), checkpointed, `mutransfer export --ema`
+    writes it; ZeRO-3 shards it like the parameters (mutransfer/train/ema.py)."""
     ema_warmup: bool = False
-    """Warm the EMA's decay up as timm's --model-ema-warmup does: min(ema_decay, 1 - (1 + t) ** -2/3) after
-    t steps, so that early weights leave the average quickly."""
+    """Warm the EMA's decay up as timm's --model-ema-warmup: min(ema_decay, 1 - (1 + t) ** -2/3) at step t."""
     record_samples: bool = False
     """Debugging aid: every rank appends the keys of each batch it trains on (with step, epoch and batch
     index) and of each eval batch to output_dir/samples_rank<R>.jsonl. Costs a line per batch."""
@@ -383,21 +374,8 @@ def check_model_fits_data(cfg: RunConfig) -> None:
 
 def check_paths(cfg: RunConfig) -> None:
     """Paths the run reads must exist before any work starts; local shard sets must be complete."""
-    if cfg.data.shards_dir and is_local(cfg.data.shards_dir) and not Path(cfg.data.shards_dir).is_dir():
-        raise ConfigError("data.shards_dir", f"no such directory: {cfg.data.shards_dir}")
-    check_shard_sets(cfg.data)
-    if cfg.deepspeed.config and not Path(cfg.deepspeed.config).is_file():
-        raise ConfigError("deepspeed.config", f"no such file: {cfg.deepspeed.config}")
-    check_output_dir(cfg.run.output_dir, sections={f.name for f in dataclasses.fields(RunConfig)})
-    resume = cfg.run.resume
-    if resume not in ("auto", "never") and not Path(resume).is_dir():
-        raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
-    if resume not in ("auto", "never"):
-        from .checkpoint import checkpoint_problem
-
-        problem = checkpoint_problem(Path(resume))
-        if problem is not None:
-            raise ConfigError("run.resume", f"{resume} is not an intact checkpoint: {problem}")
+    check_run_paths(cfg.data, cfg.deepspeed.config, cfg.run.output_dir, cfg.run.resume,
+                    sections={f.name for f in dataclasses.fields(RunConfig)})
 
 
 def config_from_dict(raw: dict[str, Any]) -> RunConfig:

@@ -67,3 +67,23 @@ def check_shard_sets(data: DataConfig) -> None:
                 shards_from_info(data.shards_dir, getattr(data, split_key))
         except DataError as err:
             raise ConfigError(f"data.{pattern_key if pattern is not None else 'shards_dir'}", str(err)) from None
+
+
+def check_run_paths(data: DataConfig, deepspeed_json: str | None, output_dir: str, resume: str,
+                    sections: set[str]) -> None:
+    """Paths a run reads must exist before any work starts; local shard sets must be complete (`sections`:
+    the run config's section names, which an output folder's config.yaml may hold)."""
+    if data.shards_dir and is_local(data.shards_dir) and not Path(data.shards_dir).is_dir():
+        raise ConfigError("data.shards_dir", f"no such directory: {data.shards_dir}")
+    check_shard_sets(data)
+    if deepspeed_json and not Path(deepspeed_json).is_file():
+        raise ConfigError("deepspeed.config", f"no such file: {deepspeed_json}")
+    check_output_dir(output_dir, sections=sections)
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        raise ConfigError("run.resume", f"must be auto, never or a checkpoint directory; no such directory: {resume}")
+    if resume not in ("auto", "never"):
+        from .checkpoint import checkpoint_problem
+
+        problem = checkpoint_problem(Path(resume))
+        if problem is not None:
+            raise ConfigError("run.resume", f"{resume} is not an intact checkpoint: {problem}")
