@@ -314,22 +314,17 @@ def _move_beta2(prediction: Prediction, trials: list[Trial], label: str) -> None
 
 def _carry_drop_path(trials: list[Trial], label: str, target_cfg: RunConfig, overrides: list[str],
                      prediction: Prediction) -> RunConfig:
-    """The target with the model.drop_path_rate its proxies trained with (their MLflow param): the rate
-    transfers as it is (docs/parametrizations.md), unless the command line sets it."""
-    if any(o.split("=", 1)[0].strip() == "model.drop_path_rate" for o in overrides):
+    """The target with the model.drop_path_rate its proxies logged (the rate transfers as it is,
+    docs/parametrizations.md), unless the command line sets it or the proxies disagree (a warning)."""
+    rates = {float(t.params.get("model.drop_path_rate", 0.0)) for t in trials if t.spec.parametrization == label and t.params}
+    if len(rates) != 1 or any(o.split("=", 1)[0].strip() == "model.drop_path_rate" for o in overrides):
+        if len(rates) > 1:
+            prediction.warnings.append("the proxies logged several model.drop_path_rate values: the target keeps its own")
         return target_cfg
-    rates = {float(t.params.get("model.drop_path_rate", 0.0)) for t in trials
-             if t.spec.parametrization == label and t.params}  # a proxy that logged no params tells nothing
-    if not rates:
-        return target_cfg
-    if len(rates) != 1:
-        prediction.warnings.append(f"the proxies trained with several model.drop_path_rate values ({sorted(rates)}); "
-                                   f"the target keeps its own, {target_cfg.model.drop_path_rate:g}")
-        return target_cfg
-    rate = rates.pop()
-    if rate != target_cfg.model.drop_path_rate:
+    rate, own = rates.pop(), target_cfg.model.drop_path_rate
+    if rate != own:
         prediction.warnings.append(f"model.drop_path_rate {rate:g}, which the proxies trained with, replaces the "
-                                   f"target config's {target_cfg.model.drop_path_rate:g}")
+                                   f"target config's {own:g}")
     return with_values(target_cfg, {"model.drop_path_rate": rate})
 
 
