@@ -11,11 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import deepspeed_command, losses, result, run, write_config
+from train_helpers import deepspeed_command, eval_loss_of_weights, losses, result, run, write_config
 
-from mutransfer.data import DataConfig, build_eval_loader
 from mutransfer.errors import ConfigError
-from mutransfer.models import load_model
 from mutransfer.train.config import RunSection
 from mutransfer.train.ema import EMA_FILE, ema_decay_at
 from mutransfer.train.export import consolidated_state_dict
@@ -86,14 +84,7 @@ def exported_eval_loss(out: Path, tmp_path: Path, shards: Path, *flags: str) -> 
     weights = tmp_path / f"{out.name}{'_'.join(flags)}.safetensors"
     proc = run([str(Path(sys.executable).parent / "mutransfer"), "export", str(out), str(weights), *flags], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    model = load_model(str(weights)).eval()
-    cfg = DataConfig(shards_dir=str(shards), img_size=32, batch_size=50, num_workers=0, interpolation="bilinear")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in build_eval_loader(cfg, 0, 1):
-            total += torch.nn.functional.cross_entropy(model(batch.images), batch.targets, reduction="sum").item()
-            count += int(batch.valid.sum())
-    return total / count
+    return eval_loss_of_weights(weights, shards)
 
 
 def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tolerance: float) -> None:

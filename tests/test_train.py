@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from train_helpers import (
     deepspeed_command,
+    eval_loss_of_weights,
     expected_lr_scales,
     losses,
     python_command,
@@ -25,8 +25,6 @@ from train_helpers import (
     write_config,
 )
 
-from mutransfer.data import DataConfig, build_eval_loader
-from mutransfer.models import load_model
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
 
@@ -41,18 +39,6 @@ def shards(shard_set) -> Path:
 @pytest.fixture(scope="module")
 def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
-
-
-def exported_eval_loss(weights: Path, shards: Path) -> float:
-    """Evaluate exported weights in this process, independent of the trainer's evaluation code."""
-    model = load_model(str(weights)).eval()
-    cfg = DataConfig(shards_dir=str(shards), img_size=32, batch_size=50, num_workers=0, interpolation="bilinear")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in build_eval_loader(cfg, 0, 1):
-            total += torch.nn.functional.cross_entropy(model(batch.images), batch.targets, reduction="sum").item()
-            count += int(batch.valid.sum())
-    return total / count
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -99,7 +85,7 @@ def test_two_rank_zero_training_learns_and_keeps_group_lr_ratios(stage, shards, 
         exported = run([str(Path(sys.executable).parent / "mutransfer"), "export", str(out), str(weights)],
                        tmp_path)
         assert exported.returncode == 0, exported.stderr[-2000:]
-        assert exported_eval_loss(weights, shards) == pytest.approx(res["eval"]["eval/loss"], rel=1e-4)
+        assert eval_loss_of_weights(weights, shards) == pytest.approx(res["eval"]["eval/loss"], rel=1e-4)
 
 
 def test_zero3_init_matches_single_process(shards, mlflow_uri, tmp_path) -> None:

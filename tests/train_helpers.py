@@ -103,3 +103,21 @@ def losses(output_dir: Path) -> dict[int, float]:
         if "train/loss" in row:
             out[row["step"]] = row["train/loss"]
     return out
+
+
+def eval_loss_of_weights(weights: Path, shards: Path) -> float:
+    """Evaluate exported weights in this process over the shards' validation split, independent of the
+    trainer's evaluation code."""
+    import torch
+
+    from mutransfer.data import DataConfig, build_eval_loader
+    from mutransfer.models import load_model
+
+    model = load_model(str(weights)).eval()
+    cfg = DataConfig(shards_dir=str(shards), img_size=32, batch_size=50, num_workers=0, interpolation="bilinear")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in build_eval_loader(cfg, 0, 1):
+            total += torch.nn.functional.cross_entropy(model(batch.images), batch.targets, reduction="sum").item()
+            count += int(batch.valid.sum())
+    return total / count
