@@ -24,6 +24,7 @@ their ratio only when they run throughout.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -42,14 +43,23 @@ from mutransfer.typed_config import with_values
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "demo_study.yaml"
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def gemm_peak(size: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of an fp32 `torch.mm` of two size x size matrices."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    """Median FLOP/s of an fp32 `torch.mm` of two size x size matrices (on the GPU when there is one: 8192)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = 8192 if device.type == "cuda" else size
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         torch.mm(a, b)
+        synchronize()
         times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times)
 
@@ -58,6 +68,8 @@ def study_for(args: argparse.Namespace, root: Path, shards: Path):
     overrides = [f"study.output_dir={root / 'trials'}", f"study.steps={args.steps}",
                  f"shapes.parametrizations=[{args.parametrization}]",
                  f"shapes.depths=[{','.join(map(str, args.depths))}]"]
+    overrides += [f"shapes.widths=[{','.join(map(str, args.widths))}]"] if args.widths else []
+    overrides += [f"seeds=[{','.join(map(str, args.seeds))}]"] if args.seeds else []
     cfg = load_study(str(STUDY), overrides)
     cfg.base = with_values(cfg.base, {"data.shards_dir": str(shards)})
     return cfg
@@ -80,16 +92,20 @@ def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: s
 
 
 def plain_loop_seconds(args: argparse.Namespace, shards: Path, depth: int) -> tuple[float, float]:
-    """(seconds, FLOPs) of one trial of `depth` as a bare torch loop: batches in memory, no engine, no MLflow."""
+    """(seconds, FLOPs) of one trial of `depth` as a bare torch loop: batches in memory, no engine, no MLflow;
+    on the GPU when there is one (float32, as stacks train)."""
     from mutransfer.models import create_model
     from mutransfer.models.optim import build_optimizer
 
-    cfg = with_values(study_for(args, Path(args.work), shards).base, {"model.depth": depth})
-    model = create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, 10))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = with_values(study_for(args, Path(args.work), shards).base,
+                      {"model.depth": depth, **({"model.width": args.widths[0]} if args.widths else {})})
+    model = create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, 10)).to(device)
     optimizer = build_optimizer(model, "adamw", lr=1e-3, betas=(0.9, cfg.optim.beta2))
-    images = torch.randn(cfg.data.batch_size, 3, cfg.data.img_size, cfg.data.img_size)
-    labels = torch.randint(0, 10, (cfg.data.batch_size,))
-    eval_images = torch.randn(cfg.data.eval_batch_size, 3, cfg.data.img_size, cfg.data.img_size)
+    images = torch.randn(cfg.data.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)
+    labels = torch.randint(0, 10, (cfg.data.batch_size,), device=device)
+    eval_images = torch.randn(cfg.data.eval_batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)
+    synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
         loss = F.cross_entropy(model(images), labels)
@@ -99,6 +115,7 @@ def plain_loop_seconds(args: argparse.Namespace, shards: Path, depth: int) -> tu
     with torch.no_grad():
         for _ in range(EVAL_SAMPLES // cfg.data.eval_batch_size):
             model(eval_images)
+    synchronize()
     seconds = time.perf_counter() - start
     per_image = model.flops_per_image()
     return seconds, per_image * (args.steps * cfg.data.batch_size + EVAL_SAMPLES / 3)
@@ -110,7 +127,10 @@ def main() -> None:
     parser.add_argument("--depths", type=int, nargs="+", default=[4])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--widths", type=int, nargs="+", default=None, help="default: the demo study's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the demo study's")
     parser.add_argument("--work", default=None, help="folder for shards, stores and trials (default: a temp dir)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
     args.work = args.work or tempfile.mkdtemp(prefix="sweep_throughput_")
     shards = Path(args.work) / "shards"
@@ -146,11 +166,13 @@ def report(args, times, results, plain, peak, load_before) -> None:
           f"{flops / trials / plain_s / 1e9:.1f} GFLOP/s ({flops / trials / plain_s / peak:.1%} of peak)")
     print("| mode | s per sweep (median) | trials/min | overhead per trial | overhead / plain loop | GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|---|---|---|")
-    rates = {}
+    rates, modes = {}, {}
     for name, values in times.items():
         seconds = statistics.median(values)
         rates[name] = trials * 60 / seconds
         overhead = seconds / trials - plain_s
+        modes[name] = dict(seconds=seconds, trials_per_min=rates[name], overhead_s=overhead,
+                           overhead_share=overhead / plain_s, gflops=flops / seconds / 1e9, of_peak=flops / seconds / peak)
         print(f"| {name} | {seconds:.1f} | {rates[name]:.1f} | {overhead:.2f} s | {overhead / plain_s:.0%} | "
               f"{flops / seconds / 1e9:.1f} | {flops / seconds / peak:.1%} |")
     print(f"stacked / stack 1: {rates['stacked'] / rates['stack 1']:.2f}x trials per minute")
@@ -161,6 +183,12 @@ def report(args, times, results, plain, peak, load_before) -> None:
     gap = abs(stacked[worst] / lone[worst] - 1) if worst else float("nan")
     print(f"same results: {len(finished)} of {trials} trials finished in both modes ({'same' if same_status else 'NOT the same'}"
           f" statuses), final eval loss differs by at most {gap:.1e} (relative; {worst})")
+    if args.json:
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        Path(args.json).write_text(json.dumps(dict(
+            device=where, trials=trials, widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
+            speedup=rates["stacked"] / rates["stack 1"], plain_s=plain_s, gemm_peak_gflops=peak / 1e9,
+            finished=len(finished), same_status=same_status, max_rel_gap=gap), indent=1))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ World size 1: ZeRO's partitioning is trivial, but its code paths and copies are 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -190,6 +192,24 @@ def data_stall(args, shape: dict, batch_size: int, device: torch.device) -> tupl
     return batch_size / seconds["fed"], batch_size / seconds["fixed"]
 
 
+def print_table(args, shape: dict, batch_size: int, device: torch.device, where: str) -> list[dict]:
+    """Measure and print the table; its rows as dicts (name, images/s, ratio to timm, MFU, peak GB)."""
+    from mutransfer.train.hardware import peak_flops
+
+    rows, flops = benchmark_rows(args, shape, batch_size, device)
+    peak = peak_flops()
+    print(f"\n{args.preset} {shape}, batch {batch_size}, on {where}; interleaved, median of {args.rounds} blocks "
+          f"of {args.block} steps after {args.warmup}; {flops / 1e9:.2f} GFLOP per training image")
+    print(f"{'configuration':<44} {'images/s':>10} {'vs timm':>8} {'MFU':>7} {'peak GB':>8}")
+    table = []
+    for name, ips, base, memory in rows:
+        mfu = flops * ips / peak if peak else None
+        table.append(dict(name=name, images_per_s=ips, vs_timm=ips / base, mfu=mfu, peak_gb=memory))
+        print(f"{name:<44} {ips:>10.1f} {ips / base:>8.3f} {f'{mfu:.1%}' if mfu else '-':>7} "
+              f"{f'{memory:.2f}' if memory else '-':>8}")
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
@@ -203,28 +223,28 @@ def main() -> None:
     parser.add_argument("--data-fed", action="store_true", help="also measure the data stall ratio")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     parser.add_argument("--decode", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--data-fed-only", action="store_true", help="skip the table: only the data stall ratio")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from mutransfer.train.distributed import exit_process, init_distributed, shutdown_distributed
-    from mutransfer.train.hardware import peak_flops
 
     init_distributed()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = dict(PRESETS[args.preset])
-    batch_size = args.batch_size or shape.pop("batch_size")
-    rows, flops = benchmark_rows(args, shape, batch_size, device)
-    peak = peak_flops()
+    preset_batch = shape.pop("batch_size")
+    batch_size = args.batch_size or preset_batch
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"\n{args.preset} {shape}, batch {batch_size}, on {where}; interleaved, median of {args.rounds} blocks "
-          f"of {args.block} steps after {args.warmup}; {flops / 1e9:.2f} GFLOP per training image")
-    print(f"{'configuration':<44} {'images/s':>10} {'vs timm':>8} {'MFU':>7} {'peak GB':>8}")
-    for name, ips, base, memory in rows:
-        mfu = f"{flops * ips / peak:.1%}" if peak else "-"
-        print(f"{name:<44} {ips:>10.1f} {ips / base:>8.3f} {mfu:>7} {f'{memory:.2f}' if memory else '-':>8}")
-    if args.data_fed:
+    figures: dict = {"preset": args.preset, "batch_size": batch_size, "device": where, "rows": []}
+    if not args.data_fed_only:
+        figures["rows"] = print_table(args, shape, batch_size, device, where)
+    if args.data_fed or args.data_fed_only:
         fed, fixed = data_stall(args, shape, batch_size, device)
+        figures["data_fed"] = dict(fed=fed, fixed=fixed, decode=args.decode, workers=args.workers)
         print(f"data-fed {fed:.1f} images/s vs synthetic-fed {fixed:.1f}: ratio {fed / fixed:.3f} "
               f"({args.workers} loader workers, decode={args.decode}; goal >= 0.95)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=1))
     shutdown_distributed()
     exit_process(0)
 

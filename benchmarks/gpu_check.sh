@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one GPU check: everything only a GPU can show, in one call of at most 8 minutes on one H100 / H200,
+# written as one table (gpu_check.md) plus each step's log and figures (JSON) in the output folder.
+#
+#   benchmarks/gpu_check.sh --out DIR             # on the GPU machine, from the repository root
+#   benchmarks/gpu_check.sh --dry-run --out DIR   # rehearsal on CPU: the same steps at toy sizes
+#
+# Steps, most important first, each under its own time limit and the whole under a deadline (a step that
+# would start past it is skipped and said), so that one slow step costs its own row and not the others:
+#   1. tests/test_gpu.py: flash / memory-efficient SDPA in bf16, fused AdamW with the per-role groups, no
+#      host sync inside a training step, nvJPEG against the CPU decoder;
+#   2. ViT-B/16 bf16 images/s and MFU, eager and compiled, ZeRO-0 and ZeRO-1 against timm's plain loop
+#      (benchmarks/train_throughput.py);
+#   3. stacked against one-at-a-time proxies: trials per minute of a sweep (benchmarks/sweep_throughput.py);
+#   4. data-fed against synthetic-fed, decode=cpu then decode=gpu (train_throughput.py --data-fed-only).
+#
+# The GPU machine has torch, torchvision, timm and pytest but no deepspeed, mlflow or webdataset: wheels for
+# them (and their own needs) travel in .whl/ and are installed into /tmp/site first when .whl/ is there.
+# Expected on an H200: about 6-8 minutes in all; docs/benchmarks.md holds the figures measured.
+set -uo pipefail
+
+DRY_RUN=0
+OUT_DIR=${OUT:-gpu_check_out}
+BUDGET_S=470
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1 ;;
+    --out) OUT_DIR="$2"; shift ;;
+    --budget) BUDGET_S="$2"; shift ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (expected --dry-run, --out DIR, --budget SECONDS)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+cd "$REPO" || exit 2
+mkdir -p "$OUT_DIR" || exit 2
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+STEPS="$OUT_DIR/steps.tsv"
+: > "$STEPS"
+
+SCALE=1
+if [ "$DRY_RUN" = 1 ]; then
+  # CPU runs the toy sizes slower than the GPU the real ones (compiles, DeepSpeed's CPU op build): 5x the time
+  SCALE=5
+  [ "$BUDGET_S" = 470 ] && BUDGET_S=$((470 * SCALE))
+  PY=${PY:-$REPO/.venv/bin/python}
+  export DS_ACCELERATOR=cpu
+  export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$REPO"
+else
+  PY=${PY:-python3}
+  if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      > "$OUT_DIR/install.log" 2>&1 || { echo "installing the wheels failed: see install.log" >&2; tail "$OUT_DIR/install.log"; exit 1; }
+    export PYTHONPATH="/tmp/site:$REPO"
+  else
+    export PYTHONPATH="$REPO"
+  fi
+fi
+export PYTHONUNBUFFERED=1 MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false
+
+# step NAME LIMIT_S COMMAND...: run COMMAND under min(LIMIT_S, what is left of the budget); log to NAME.log and
+# record NAME, exit code and seconds in steps.tsv (124: stopped at its limit; skipped: no time left).
+step() {
+  local name=$1 limit=$(($2 * SCALE)) left=$((BUDGET_S - SECONDS))
+  shift 2
+  if [ "$left" -lt 20 ]; then
+    printf '%s\tskipped\t0\n' "$name" >> "$STEPS"; echo "[$name] skipped: ${left}s of the budget left"; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local start=$SECONDS
+  echo "[$name] up to ${limit}s: $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  printf '%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" >> "$STEPS"
+  echo "[$name] exit $rc after $((SECONDS - start))s"; tail -n 4 "$OUT_DIR/$name.log"
+}
+
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')" \
+  | tee "$OUT_DIR/env.txt"
+
+if [ "$DRY_RUN" = 1 ]; then
+  MODEL=(--preset tiny --rounds 2 --block 1 --warmup 1)
+  FED=(--preset tiny --rounds 2 --block 1 --warmup 1 --workers 1)
+  SWEEP=(--depths 4 --widths 32 --seeds 0 --steps 10 --rounds 1)
+else
+  MODEL=(--preset vit_b16 --rounds 4 --block 3 --warmup 3)
+  FED=(--preset vit_b16 --rounds 3 --block 2 --warmup 3 --workers 14)
+  SWEEP=(--depths 12 --widths 384 --seeds 0 1 --steps 120 --rounds 2)
+fi
+
+step test_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT_DIR/test_gpu.xml"
+step train_throughput 190 "$PY" benchmarks/train_throughput.py "${MODEL[@]}" --stages 0,1 --precisions bf16 \
+  --compile both --json "$OUT_DIR/train_throughput.json"
+step sweep_throughput 120 "$PY" benchmarks/sweep_throughput.py "${SWEEP[@]}" --work "$(mktemp -d)" \
+  --json "$OUT_DIR/sweep_throughput.json"
+for decode in cpu gpu; do
+  step "data_fed_$decode" 70 "$PY" benchmarks/train_throughput.py "${FED[@]}" --stages 0 --precisions bf16 \
+    --compile off --data-fed-only --decode "$decode" --json "$OUT_DIR/data_fed_$decode.json"
+done
+
+"$PY" benchmarks/gpu_check_table.py "$OUT_DIR" | tee "$OUT_DIR/gpu_check.md"
+echo "gpu_check: ${SECONDS}s in all; table in $OUT_DIR/gpu_check.md"
