@@ -56,7 +56,7 @@ BATCH_AT_FIXED_SAMPLES = [(32, 4, batch, 25600 // batch) for batch in (16, 32, 6
 FOUR_AXES = [(w, d, b, s) for w in (32, 64) for d in (2, 4) for b in (32, 64) for s in (100, 400)]
 
 
-def law(trials: list[Trial]) -> analysis.ParamTrend:
+def law(trials: list[Trial]) -> analysis.VariantTrend:
     return analysis.trends(analysis.fit_shapes(trials, METRIC))["depth_mup+fle0.5"]
 
 
@@ -157,18 +157,18 @@ def test_transfer_moves_weight_decay_with_the_targets_lr_batch_and_length() -> N
 
 def test_depth_mup_means_one_thing_in_a_run_config_and_a_study_label() -> None:
     plain = with_values(RunConfig(run=RunSection(steps=1)), {"model.parametrization": "depth_mup"})
-    assert target.resolved_label(plain).label == "depth_mup"  # a bare name: first_layer_lr_exponent 0
+    assert target.resolved_variant(plain).label == "depth_mup"  # a bare name: first_layer_lr_exponent 0
     assert resolve_parametrization("depth_mup").first_layer_lr_exponent == 0.0
-    assert target.resolved_label(RunConfig(run=RunSection(steps=1))).label == "depth_mup+fle0.5"  # no name
-    assert target.matching_label(plain, {"depth_mup+fle0.5", "depth_mup"}) == "depth_mup"
+    assert target.resolved_variant(RunConfig(run=RunSection(steps=1))).label == "depth_mup+fle0.5"  # no name
+    assert target.matching_variant(plain, {"depth_mup+fle0.5", "depth_mup"}) == "depth_mup"
 
 
 def test_transfer_matches_a_target_to_its_proxies_by_resolved_values_not_spelling() -> None:
     cfg = with_values(RunConfig(run=RunSection(steps=1)), {"model.parametrization": "depth_mup",
                                                            "model.first_layer_lr_exponent": 0.5})
-    assert target.matching_label(cfg, {"depth_mup+alpha0.5+fle0.5", "mup"}) == "depth_mup+alpha0.5+fle0.5"
+    assert target.matching_variant(cfg, {"depth_mup+alpha0.5+fle0.5", "mup"}) == "depth_mup+alpha0.5+fle0.5"
     with pytest.raises(ValueError, match="tuned only mup"):
-        target.matching_label(cfg, {"mup"})
+        target.matching_variant(cfg, {"mup"})
 
 
 @pytest.mark.parametrize("change, field", [({"optim.name": "sgd"}, "optim.name"),
@@ -206,7 +206,7 @@ def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], drop: 
     for trial in planted({"length": -0.22}, shapes, seeds=1):
         spec = trial.spec
         run_tags = {"mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY, "mutransfer.role": "proxy",
-                    "mutransfer.trial_key": spec.key, "mutransfer.variant": spec.parametrization,
+                    "mutransfer.trial_key": spec.key, "mutransfer.variant": spec.variant,
                     "mutransfer.width": str(spec.width), "mutransfer.depth": str(spec.depth),
                     "mutransfer.batch_size": str(spec.batch_size), "mutransfer.steps": str(spec.steps),
                     "mutransfer.lr": repr(spec.lr), "mutransfer.momentum": "0.9", "mutransfer.weight_decay": "0.0",
@@ -311,13 +311,13 @@ def test_lengths_in_samples_or_epochs_become_steps_per_batch(tmp_path: Path) -> 
     trial = by_samples.trials()[-1]
     cfg = trial.run_config(by_samples.base_run_config(), ranks=2)
     assert (cfg.data.batch_size, cfg.run.steps, cfg.run.epochs) == (32, 100, None)  # 64 over 2 ranks
-    assert "_b64_t100_" in trial.key and trial.shape == (trial.parametrization, 32, 2, 64, 100)
+    assert "_b64_t100_" in trial.key and trial.shape == (trial.variant, 32, 2, 64, 100)
 
 
 @pytest.mark.parametrize("shapes, message", [
     ({"batch_sizes": [48], "samples": [1000]}, "not a whole number of batches"),
     ({"steps": [10], "samples": [100]}, "one unit"),
-    ({"list": [{"parametrization": "mup", "width": 8, "depth": 2, "steps": 5, "epochs": 1}]}, "one of steps"),
+    ({"list": [{"variant": "mup", "width": 8, "depth": 2, "steps": 5, "epochs": 1}]}, "one of steps"),
 ])
 def test_bad_lengths_are_config_errors(tmp_path: Path, shapes: dict, message: str) -> None:
     from mutransfer.errors import ConfigError

@@ -96,7 +96,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_optima_csv_has_the_fitted_optimum_and_the_grid_argmin_of_every_shape(report) -> None:
-    rows = {(r["parametrization"], int(r["width"]), int(r["depth"])): r
+    rows = {(r["variant"], int(r["width"]), int(r["depth"])): r
             for r in read_csv(report["out"] / "optima.csv")}
     assert set(rows) == set(SHAPES)
     for shape, (best_log2_lr, best_momentum, _) in SHAPES.items():
@@ -114,7 +114,7 @@ def test_report_flags_the_planted_drift_and_passes_the_flat_parametrization(repo
     verdict = {line.split("**")[1].split(":")[0]: line for line in text.splitlines() if line.startswith("- **")}
     assert "drifts (depth -0.50 log2 per doubling)" in verdict["mup"]
     assert "depth_mup: transfers" in verdict["depth_mup"]
-    trends = {(r["parametrization"], r["axis"]): r for r in read_csv(report["out"] / "trends.csv")}
+    trends = {(r["variant"], r["axis"]): r for r in read_csv(report["out"] / "trends.csv")}
     assert float(trends[("mup", "depth")]["slope_per_doubling"]) == pytest.approx(-0.5, abs=0.02)
     assert trends[("mup", "depth")]["outcome"] == "drifts" and trends[("depth_mup", "depth")]["outcome"] == "holds"
     assert trends[("mup", "depth")]["bigger_is_better"] == "True"
@@ -135,7 +135,7 @@ def test_trials_csv_lists_every_trial_with_its_status(report) -> None:
     diverged = [r for r in rows if r["status"] != "finished"]
     assert len(diverged) == len(SEEDS)
     row = diverged[0]
-    assert (row["parametrization"], int(row["width"]), int(row["depth"])) == DIVERGED[0]
+    assert (row["variant"], int(row["width"]), int(row["depth"])) == DIVERGED[0]
     assert row["status"] == "diverged" and math.log2(float(row["lr"])) == DIVERGED[1]
 
 

@@ -91,7 +91,7 @@ def _sweep(cfg, shards: Path, uri: str):
     from .sweep import run_sweep
 
     print(f"[demo] study {cfg.study.name}: {len(cfg.trials())} proxy trials "
-          f"({', '.join(sorted(set(cfg.shapes.parametrizations)))}; widths {cfg.shapes.widths}, depths "
+          f"({', '.join(sorted(set(cfg.shapes.variants)))}; widths {cfg.shapes.widths}, depths "
           f"{cfg.shapes.depths}; {len(cfg.lrs())} learning rates; seeds {cfg.seeds}), {cfg.study.steps} steps each",
           flush=True)
     return run_sweep(cfg, tracking_uri=uri)

@@ -4,7 +4,7 @@ A study is one parent run (tags `mutransfer.study=<name>`, `mutransfer.role=stud
 experiment. Each trial is a child run (`mlflow.parentRunId`) tagged with:
 
     mutransfer.study, mutransfer.trial_key, mutransfer.role=proxy (target for the transferred run),
-    mutransfer.width, mutransfer.depth, mutransfer.variant (the parametrization label), mutransfer.batch_size,
+    mutransfer.width, mutransfer.depth, mutransfer.variant (the variant's label), mutransfer.batch_size,
     mutransfer.steps, mutransfer.lr, mutransfer.momentum, mutransfer.weight_decay, mutransfer.seed,
     mutransfer.status (a `tags.RunStatus`)
 
@@ -139,7 +139,7 @@ def stored_spec(run) -> TrialSpec:
                                  "mutransfer; delete it or tag it") from None
 
     label = found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION)
-    return TrialSpec(parametrization=read(tags.VARIANT, str, label), width=read(tags.WIDTH, int),
+    return TrialSpec(variant=read(tags.VARIANT, str, label), width=read(tags.WIDTH, int),
                      depth=read(tags.DEPTH, int), batch_size=read(tags.BATCH_SIZE, int, _logged_batch(params)),
                      steps=read(tags.STEPS, int, params.get("run.steps")), lr=read(tags.LR, float),
                      momentum=read(tags.MOMENTUM, float),

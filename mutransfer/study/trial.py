@@ -1,7 +1,8 @@
 """One trial of a study as the sweep plans it: a shape and a grid point, the run config made from them, and
 the key that names the trial in MLflow. The store reads the same fields back (`store.Trial.spec`).
 
-A shape is everything a trial is trained as except its grid point and seed: the parametrization label, the
+A shape is everything a trial is trained as except its grid point and seed: the variant (a parametrization
+with its knobs, spelled as a label such as `depth_mup+fle0.5`; see `models.parametrization.parse_label`), the
 model's width and depth, the global batch (samples per optimizer step, over accumulation and ranks) and the
 training length in optimizer steps (its canonical form; `Shape.samples` is steps x batch). Each length is
 its own run with its own schedule: warmup, then decay to the end of its own steps.
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # the store reads trials without torch; building a run config
 class Shape(NamedTuple):
     """What a trial is trained as, apart from its grid point and seed; trials of one shape form a stack."""
 
-    parametrization: str
+    variant: str
     width: int
     depth: int
     batch_size: int
@@ -39,7 +40,7 @@ class Shape(NamedTuple):
 class TrialSpec:
     """One trial of a study: a shape and a grid point."""
 
-    parametrization: str
+    variant: str
     width: int
     depth: int
     batch_size: int
@@ -52,7 +53,7 @@ class TrialSpec:
     @property
     def shape(self) -> Shape:
         """Every field but the grid point and the seed."""
-        return Shape(self.parametrization, self.width, self.depth, self.batch_size, self.steps)
+        return Shape(self.variant, self.width, self.depth, self.batch_size, self.steps)
 
     @property
     def point(self) -> tuple[float, float, float]:
@@ -61,7 +62,7 @@ class TrialSpec:
 
     @property
     def key(self) -> str:
-        return (f"{self.parametrization}_w{self.width}_d{self.depth}_b{self.batch_size}_t{self.steps}"
+        return (f"{self.variant}_w{self.width}_d{self.depth}_b{self.batch_size}_t{self.steps}"
                 f"_lr{self.lr:.6g}_m{self.momentum:g}_wd{self.weight_decay:g}_s{self.seed}")
 
     def values(self, base: RunConfig, ranks: int = 1) -> dict[str, Any]:
@@ -69,7 +70,7 @@ class TrialSpec:
         global batch is split over `ranks` and the base config's accumulation."""
         from mutransfer.models.parametrization import parse_label
 
-        model = {f"model.{key}": value for key, value in parse_label(self.parametrization).items()}
+        model = {f"model.{key}": value for key, value in parse_label(self.variant).items()}
         return {**model, "model.width": self.width, "model.depth": self.depth, "optim.lr": self.lr,
                 f"optim.{base.optim.momentum_key}": self.momentum, "optim.weight_decay": self.weight_decay,
                 "run.seed": self.seed, "data.batch_size": per_rank_batch(self.batch_size, base, ranks),
