@@ -19,7 +19,8 @@ from mutransfer.cli import main
 from mutransfer.models.parametrization import resolve_parametrization
 from mutransfer.study import analysis, holdout, target
 from mutransfer.study.store import Trial
-from mutransfer.study.transfer import predict
+from mutransfer.study.study_analysis import StudyAnalysis
+from mutransfer.study.transfer import Prediction, predict
 from mutransfer.study.trial import TrialSpec
 from mutransfer.train.config import RunConfig, RunSection, load_config, with_values
 from mutransfer.train.tracking import flatten
@@ -54,6 +55,11 @@ def planted(slopes: dict[str, float], shapes: list[tuple[int, int, int, int]], s
 LENGTHS = [(32, 4, 64, steps) for steps in (100, 200, 400, 800, 1600)]
 BATCH_AT_FIXED_SAMPLES = [(32, 4, batch, 25600 // batch) for batch in (16, 32, 64, 128, 256)]
 FOUR_AXES = [(w, d, b, s) for w in (32, 64) for d in (2, 4) for b in (32, 64) for s in (100, 400)]
+
+
+def predict_for(trials: list[Trial], target_shape: dict[str, float], **options) -> Prediction:
+    """`transfer.predict` for the planted variant, from the analysis of `trials`."""
+    return predict(StudyAnalysis.of(trials, METRIC), "depth_mup+fle0.5", target_shape, **options)
 
 
 def law(trials: list[Trial]) -> analysis.VariantTrend:
@@ -96,14 +102,14 @@ def test_four_axes_are_fitted_jointly() -> None:
 
 def test_transfer_extrapolates_along_length_and_batch_with_each_contribution() -> None:
     trials = planted({"length": -0.22}, LENGTHS, noise=0.02)
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    prediction = predict_for(trials, {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
     assert prediction.contributions["length"].doublings == pytest.approx(2.0)
     assert prediction.contributions["length"].value == pytest.approx(-0.44, abs=0.06)
     assert prediction.log2_lr == pytest.approx(-6.0 - 0.22 * 6, abs=0.1)
     assert prediction.contributions["length"].error > 0
     assert prediction.params()["transfer.contribution_length"].startswith("-0.4")
     batch = planted({"batch": 0.29}, BATCH_AT_FIXED_SAMPLES, noise=0.02)
-    wide = predict(batch, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 1024, "samples": 25600})
+    wide = predict_for(batch, {"width": 32, "depth": 4, "batch": 1024, "samples": 25600})
     assert wide.contributions["batch"].doublings == pytest.approx(2.0)
     assert wide.log2_lr == pytest.approx(-6.0 + 0.29 * 6, abs=0.1)
 
@@ -111,12 +117,11 @@ def test_transfer_extrapolates_along_length_and_batch_with_each_contribution() -
 def test_an_axis_the_study_did_not_vary_is_warned_by_name_and_assumed_only_when_asked() -> None:
     trials = planted({"depth": 0.0}, [(32, d, 64, 100) for d in (2, 4, 8)])
     longer = {"width": 32, "depth": 8, "batch": 64, "steps": 6400}
-    plain = predict(trials, METRIC, "depth_mup+fle0.5", longer)
+    plain = predict_for(trials, longer)
     warning = next(w for w in plain.warnings if "longer" in w)
     assert "the target trains 64x longer than the proxies; this study did not measure how the optimum moves " \
            "with length" in warning and "--assume length=RULE" in warning
-    assumed = predict(trials, METRIC, "depth_mup+fle0.5", longer,
-                      assumed=target.parse_assumptions(["length=measured"]))
+    assumed = predict_for(trials, longer, assumed=target.parse_assumptions(["length=measured"]))
     assert assumed.log2_lr == pytest.approx(plain.log2_lr - 0.22 * 6)
     assert "Bjorck" in assumed.contributions["length"].source
     with pytest.raises(ValueError, match="length rules are"):
@@ -130,7 +135,7 @@ def test_held_out_check_passes_a_straight_law_and_flags_a_planted_miss() -> None
     bent = planted({"length": -0.22}, LENGTHS, bend={LENGTHS[-1]: 1.0})
     missed = holdout.held_out(list(analysis.fit_shapes(bent, METRIC).values()))
     assert not missed[0].within and missed[0].miss == pytest.approx(1.0, abs=0.1)
-    prediction = predict(bent, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    prediction = predict_for(bent, {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
     assert any("held-out shapes miss their 95 % interval" in w for w in prediction.warnings)
 
 
@@ -148,7 +153,7 @@ def test_transfer_moves_weight_decay_with_the_targets_lr_batch_and_length() -> N
     trials = [Trial(t.run_id, t.key, t.role, TrialSpec(*t.spec.shape, lr=t.spec.lr, momentum=0.9, weight_decay=0.05,
                                                         seed=t.spec.seed), t.status, t.metrics)
               for t in planted({"length": -0.22}, LENGTHS)]
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 256, "steps": 1600})
+    prediction = predict_for(trials, {"width": 32, "depth": 4, "batch": 256, "steps": 1600})
     largest = analysis.fit_shapes(trials, METRIC)[max(t.shape for t in trials if t.spec.steps == 1600)]
     expected = target.timescale_weight_decay(0.05, largest.lr_value, 64, 64 * 1600, prediction.lr, 256, 256 * 1600)
     assert prediction.weight_decay == pytest.approx(expected)
@@ -189,7 +194,7 @@ def test_a_target_that_does_not_share_its_proxies_fields_is_refused_naming_the_f
 
 def test_a_target_below_the_proxies_is_warned() -> None:
     trials = planted({"depth": 0.0}, [(32, d, 64, 100) for d in (4, 8, 16)])
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 2, "batch": 64, "steps": 100})
+    prediction = predict_for(trials, {"width": 32, "depth": 2, "batch": 64, "steps": 100})
     assert any("below every proxy's" in w and "-1.0 doublings" in w for w in prediction.warnings)
 
 
@@ -342,5 +347,5 @@ def test_a_swept_weight_decay_follows_its_fitted_law() -> None:
             spec = TrialSpec(*base.spec.shape, lr=base.spec.lr, momentum=0.9, weight_decay=wd, seed=base.spec.seed)
             trials.append(Trial(spec.key, spec.key, "proxy", spec, "finished",
                                 {METRIC: base.metrics[METRIC] + penalty}))
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    prediction = predict_for(trials, {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
     assert prediction.weight_decay == pytest.approx(0.1) and "fitted law" in prediction.weight_decay_rule

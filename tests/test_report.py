@@ -171,3 +171,28 @@ def test_unknown_metric_is_a_usage_error_listing_the_logged_ones(report, capsys)
                  "--metric", "final/nope"])
     assert code == 2
     assert "final/eval_loss" in capsys.readouterr().err
+
+
+def test_report_and_transfer_read_one_analysis(report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One StudyAnalysis, loaded once, is what the report tabulates and what transfer predicts from: transfer
+    reads no trial again, and its law and held-out check are the very objects the report wrote."""
+    from mutransfer.study import store, study_analysis
+    from mutransfer.study.report import write_report
+    from mutransfer.study.transfer import plan_transfer
+
+    study = study_analysis.StudyAnalysis.load(report["client"], STUDY, "final/eval_loss")
+    written = write_report(report["client"], study, tmp_path / "report", log_to_parent=False)
+    assert written.analysis is study and written.artifact_uri is None
+    trends = {(r["variant"], r["axis"]): r for r in read_csv(tmp_path / "report" / "trends.csv")}
+    assert float(trends[("mup", "depth")]["slope_per_doubling"]) == pytest.approx(study.trends["mup"].verdicts["depth"].slope, abs=1e-4)
+
+    def no_second_read(*_args, **_kwargs):
+        raise AssertionError("transfer read the study's trials again")
+
+    monkeypatch.setattr(store, "load_trials", no_second_read)
+    monkeypatch.setattr(study_analysis, "load_trials", no_second_read)
+    target = tmp_path / "target.yaml"
+    target.write_text("run: {steps: 100}\nmodel: {parametrization: mup, width: 64, depth: 32}\ndata: {batch_size: 64}\n")
+    plan = plan_transfer(study, str(target), out=str(tmp_path / "planned.yaml"), tracking_uri=report["uri"])
+    assert plan.study is study and plan.prediction.variant == "mup"
+    assert plan.prediction.trend is study.trends["mup"] and plan.prediction.held_out is study.heldout["mup"]

@@ -1,7 +1,7 @@
 """`mutransfer report`: plots and tables that show whether a study's optimum stays put across proxy shapes.
 
-Everything is computed by `analysis` from the trials `store` reads back; `figures` and `grid_figures` draw it,
-and this module writes the files and logs them:
+Everything is computed once, by `study_analysis.StudyAnalysis` (the analysis `transfer` and the demo read too);
+`figures` and `grid_figures` draw it, and this module writes the files and logs them:
 
     lr_curves.png        metric vs log2 lr, a panel per variant, a curve per proxy size, fitted optima
     trend.png            fitted optimum (and the loss there) vs log2 width / depth, with each trend line
@@ -32,12 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mutransfer.tags import RunStatus
-
 from . import analysis, figures, holdout
-from .analysis import Optimum, Point, Shape, ShapeFit, VariantTrend
+from .analysis import Optimum, Shape, ShapeFit, VariantTrend
 from .grid_figures import curve_figure, heatmap, lr_momentum_grid, lr_profile, momentum_slice, value_range
-from .store import DEFAULT_METRIC, MAXIMISED, Trial, find_study_run, grid_order, latest_per_key, load_trials
+from .store import MAXIMISED, Trial, grid_order
+from .study_analysis import StudyAnalysis
 
 ARTIFACT_PATH = "report"
 
@@ -144,9 +143,8 @@ def _heldout_lines(checks: dict[str, list[holdout.HeldOut]]) -> list[str]:
     return lines
 
 
-def _write_markdown(path: Path, study: str, metric: str, fits: dict[Shape, ShapeFit], trends: dict[str, VariantTrend],
-                    all_diverged: list[Shape], trials: list[Trial], targets: list[Trial],
-                    extra: list[str] = ()) -> None:
+def _write_markdown(path: Path, a: StudyAnalysis, extra: list[str] = ()) -> None:
+    study, metric, fits, trends = a.name, a.metric, a.fits, a.trends
     lines = [f"# Study `{study}`: does the optimum transfer?", "",
              f"Metric `{metric}` ({'higher' if metric in MAXIMISED else 'lower'} is better). Each seed's optimum is "
              "the vertex of the parabola in log2(lr) through its best grid point and their neighbours; a best point "
@@ -156,7 +154,7 @@ def _write_markdown(path: Path, study: str, metric: str, fits: dict[Shape, Shape
              f"the bar is {analysis.TOLERANCE_PER_DOUBLING:.3f} per doubling (0.5 log2 over x8).", "", "## Verdict",
              ""]
     lines += _verdict_lines(trends)
-    counts = Counter(t.status for t in trials)
+    counts = Counter(t.status for t in a.trials)
     lines += ["", "Trials: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
               + ". Only finished trials have a value; the others count as diverged.", "", "## Fitted optima", ""]
     lines += _markdown_table(
@@ -171,25 +169,26 @@ def _write_markdown(path: Path, study: str, metric: str, fits: dict[Shape, Shape
                              [[r["variant"], r["axis"], f"{float(r['slope_per_doubling']):+.3f} +- "
                                f"{float(r['slope_error']):.3f}", f"{float(r['drift_log2']):+.2f}", r["outcome"],
                                f"{float(r['loss_slope_per_doubling']):+.3f}"] for r in _trend_rows(trends)])
-    if all_diverged:
+    if a.all_diverged:
         lines += ["", "Shapes where every trial diverged or failed: "
                   + ", ".join(f"{s.variant} width {s.width} depth {s.depth} batch {s.batch_size} steps {s.steps}"
-                              for s in all_diverged)
+                              for s in a.all_diverged)
                   + "."]
     lines += extra
-    if targets:
+    if a.targets:
         lines += ["", "## Target runs", ""]
         lines += _markdown_table(
             ["key", "variant", "width", "depth", "batch", "steps", "lr", "momentum", "status", metric],
             [[t.key, *t.shape, f"{t.spec.lr:.4g}", f"{t.spec.momentum:g}", t.status,
-              f"{t.metrics[metric]:.4g}" if metric in t.metrics else ""] for t in targets])
+              f"{t.metrics[metric]:.4g}" if metric in t.metrics else ""] for t in a.targets])
     path.write_text("\n".join(lines) + "\n")
 
 
-def _log_numbers(client, run_id: str, fits: dict[Shape, ShapeFit], trends: dict[str, VariantTrend],
-                 checks: dict[str, list[holdout.HeldOut]]) -> None:
+def _log_numbers(client, run_id: str, a: StudyAnalysis) -> None:
     """The fitted numbers as metrics of the study's parent run (MLflow names allow no '+': it becomes '_')."""
     from mlflow.entities import Metric
+
+    fits, trends, checks = a.fits, a.trends, a.heldout
 
     def name(variant: str) -> str:
         return _file_name(variant.replace("+", "_"))
@@ -214,20 +213,6 @@ def _log_numbers(client, run_id: str, fits: dict[Shape, ShapeFit], trends: dict[
 # the report
 
 
-def _chance_loss(client, trials: list[Trial], metric: str) -> float | None:
-    """ln(num_classes) when the metric is a loss and the runs' logged config gives the number of classes."""
-    if "loss" not in metric or metric in MAXIMISED:
-        return None
-    for trial in trials:
-        if trial.status == RunStatus.FINISHED:
-            classes = client.get_run(trial.run_id).data.params.get("data.num_classes")
-            try:
-                return math.log(int(classes)) if classes and int(classes) > 1 else None
-            except ValueError:
-                return None
-    return None
-
-
 def shape_name(shape: Shape, shapes: list[Shape]) -> str:
     """'w32_d8', with '_b64_t400' where the study varies the batch or the length (names stay as they were for
     studies that do not)."""
@@ -241,80 +226,34 @@ def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
 
 
-def _study_trials(client, study: str, experiment: str | None, metric: str) -> tuple[Any, list[Trial]]:
-    """(parent run, proxy trials with a valid lr and momentum); UsageError naming what is missing."""
-    from mutransfer.errors import UsageError
-
-    parent = find_study_run(client, study, experiment)
-    where = f"the MLflow store at {client.tracking_uri}" + (f", experiment {experiment!r}" if experiment else "")
-    if parent is None:
-        raise UsageError(f"no study named {study!r} in {where}")
-    trials = [t for t in latest_per_key(load_trials(client, study, experiment))
-              if math.isfinite(t.spec.lr) and t.spec.lr > 0 and math.isfinite(t.spec.momentum)]
-    if not trials:
-        raise UsageError(f"study {study!r} in {where} has no proxy trials with a valid lr and momentum yet")
-    logged = {name for t in trials for name in t.metrics}
-    if any(t.status == RunStatus.FINISHED for t in trials) and metric not in logged:
-        raise UsageError(f"no trial of study {study!r} logged {metric!r}; metrics logged: "
-                         + ", ".join(sorted(n for n in logged if n.startswith("final/")) or sorted(logged)))
-    return parent, trials
-
-
-@dataclass
-class _Analysed:
-    """Everything the report draws and tabulates, computed once."""
-
-    study: str
-    metric: str
-    trials: list[Trial]
-    per_shape: dict[Shape, dict[Point, float]]
-    optima: dict[Shape, Optimum]
-    shifts: dict[Shape, tuple[int, int]]
-    fits: dict[Shape, ShapeFit]
-    trends: dict[str, VariantTrend]
-    chance: float | None
-    heldout: dict[str, list[holdout.HeldOut]]
-
-    @classmethod
-    def of(cls, client, study: str, trials: list[Trial], metric: str) -> _Analysed:
-        optima = analysis.optimum_per_shape(trials, metric)
-        fits = analysis.fit_shapes(trials, metric)
-        checks = {variant: holdout.held_out([f for s, f in fits.items() if s.variant == variant])
-                  for variant in sorted({s.variant for s in fits})}
-        return cls(study, metric, trials, analysis.mean_over_seeds(trials, metric), optima, analysis.shifts(optima),
-                   fits, analysis.trends(fits), _chance_loss(client, trials, metric), checks)
-
-
-def _write_figures(a: _Analysed, out: Path) -> list[Path]:
+def _write_figures(a: StudyAnalysis, out: Path) -> list[Path]:
     lr_grid, momentum_grid, wd_grid = analysis.grids(a.trials)
     # one y range for the lr curves and every heat map, so that shapes compare at a glance
-    y_range = value_range([v for points in a.per_shape.values() for v in points.values()], a.metric, a.chance)
+    y_range = value_range([v for points in a.per_shape.values() for v in points.values()], a.metric, a.chance_loss)
     several = len(momentum_grid) > 1 or len(wd_grid) > 1
     files = [out / "lr_curves.png", out / "trend.png", out / "momentum_curves.png"]
     figures.transfer_curves({shape: lr_profile(points, a.metric) for shape, points in a.per_shape.items()}, a.fits,
-                            (y_range.low, y_range.high), a.metric, f"{a.study}: {a.metric} vs learning rate"
+                            (y_range.low, y_range.high), a.metric, f"{a.name}: {a.metric} vs learning rate"
                             + (" (best momentum and decay at each lr)" if several else ""), files[0])
-    figures.trend_figure(a.fits, a.trends, a.metric, f"{a.study}: where the optimum goes as the proxies grow", files[1])
+    figures.trend_figure(a.fits, a.trends, a.metric, f"{a.name}: where the optimum goes as the proxies grow", files[1])
     momentum_curves = {shape: momentum_slice(a.per_shape[shape], opt) for shape, opt in a.optima.items()}
     curve_figure(
         momentum_curves, {shape: opt.momentum for shape, opt in a.optima.items()},
-        value_range([v for curve in momentum_curves.values() for v in curve.values()], a.metric, a.chance),
-        a.metric, "momentum", float, f"{a.study}: {a.metric} vs momentum, at each shape's best lr"
+        value_range([v for curve in momentum_curves.values() for v in curve.values()], a.metric, a.chance_loss),
+        a.metric, "momentum", float, f"{a.name}: {a.metric} vs momentum, at each shape's best lr"
         + ("" if len(momentum_grid) > 1 else " (the study used a single momentum)"), files[2])
     for shape, points in sorted(a.per_shape.items()) if several else ():
         files.append(out / f"heatmap_{_file_name(shape.variant)}_{shape_name(shape, list(a.per_shape))}.png")
         heatmap(shape, lr_momentum_grid(points, a.metric), a.optima.get(shape), lr_grid, momentum_grid, a.metric,
-                 y_range, a.study, files[-1])
+                 y_range, a.name, files[-1])
     return files
 
 
-def _write_tables(a: _Analysed, out: Path, targets: list[Trial]) -> list[Path]:
+def _write_tables(a: StudyAnalysis, out: Path) -> list[Path]:
     files = [out / "optima.csv", out / "trends.csv", out / "optima.md", out / "trials.csv", out / "heldout.csv"]
     _write_csv(files[0], OPTIMA_COLUMNS, _optima_rows(a.optima, a.shifts, a.metric, a.fits))
     _write_csv(files[1], TREND_COLUMNS, _trend_rows(a.trends))
-    all_diverged = sorted(s for s in a.per_shape if s not in a.optima)
-    _write_markdown(files[2], a.study, a.metric, a.fits, a.trends, all_diverged, a.trials, targets,
-                    _heldout_lines(a.heldout))
+    _write_markdown(files[2], a, _heldout_lines(a.heldout))
     _write_csv(files[4], HELDOUT_COLUMNS, _heldout_rows(a.heldout))
     _write_csv(files[3], TRIAL_COLUMNS, [_trial_row(t, a.metric) for t in sorted(a.trials, key=grid_order)])
     return files
@@ -332,25 +271,25 @@ def _trial_row(trial: Trial, metric: str) -> dict[str, Any]:
     }
 
 
-def write_report(client, study: str, out_dir: str | Path, metric: str = DEFAULT_METRIC,
-                 experiment: str | None = None, log_to_parent: bool = True) -> dict[str, Any]:
-    """Write the study's plots and tables to `out_dir`; log them to its parent run (artifacts under `report/`,
-    the fitted numbers as metrics).
+@dataclass(frozen=True)
+class WrittenReport:
+    """What `write_report` wrote: its files, and where they were logged (None when they were not)."""
 
-    Returns {"files", "optima", "shifts", "fits", "trends", "parent_run_id", "artifact_uri"}. Raises
-    UsageError for an unknown study, a study without proxy trials, or a metric no trial logged.
-    """
-    parent, trials = _study_trials(client, study, experiment, metric)
+    analysis: StudyAnalysis
+    files: list[Path]
+    artifact_uri: str | None
+
+
+def write_report(client, a: StudyAnalysis, out_dir: str | Path, log_to_parent: bool = True) -> WrittenReport:
+    """Write the analysis's plots and tables to `out_dir`; log them to the study's parent run (artifacts under
+    `report/`, the fitted numbers as metrics) where the analysis was loaded from MLflow and `log_to_parent`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    analysed = _Analysed.of(client, study, trials, metric)
-    targets = latest_per_key(load_trials(client, study, experiment, role="target"))
-    files = _write_figures(analysed, out) + _write_tables(analysed, out, targets)
+    files = _write_figures(a, out) + _write_tables(a, out)
     artifact_uri = None
-    if log_to_parent:
+    if log_to_parent and a.parent is not None:
         for file in files:
-            client.log_artifact(parent.info.run_id, str(file), ARTIFACT_PATH)
-        artifact_uri = f"{parent.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
-        _log_numbers(client, parent.info.run_id, analysed.fits, analysed.trends, analysed.heldout)
-    return {"files": files, "optima": analysed.optima, "shifts": analysed.shifts, "fits": analysed.fits,
-            "trends": analysed.trends, "heldout": analysed.heldout, "parent_run_id": parent.info.run_id, "artifact_uri": artifact_uri}
+            client.log_artifact(a.parent.info.run_id, str(file), ARTIFACT_PATH)
+        artifact_uri = f"{a.parent.info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+        _log_numbers(client, a.parent.info.run_id, a)
+    return WrittenReport(a, files, artifact_uri)

@@ -31,7 +31,8 @@ from mutransfer.train.config import RunConfig, load_config, save_config, with_va
 from mutransfer.train.tracking import resolve_tracking_uri
 
 from . import analysis, fit, holdout
-from .store import DEFAULT_METRIC, Trial, client_for, find_study_run, latest_per_key, load_trials
+from .store import Trial, client_for
+from .study_analysis import StudyAnalysis
 from .target import Assumption, check_matches, matching_variant, target_sizes, timescale_weight_decay
 
 RULES = ("trend", "largest")
@@ -200,14 +201,15 @@ def _warnings(prediction: Prediction, what: str = "optimal lr") -> list[str]:
     return out
 
 
-def _weight_decay(trials: list[Trial], fits: list[analysis.ShapeFit], x: float, target: dict[str, float],
-                  trend: analysis.VariantTrend, optimizer: str, metric: str) -> tuple[float, str]:
+def _weight_decay(study: StudyAnalysis, variant: str, x: float, target: dict[str, float], optimizer: str
+                  ) -> tuple[float, str]:
     """(target weight decay, how it was chosen): AdamW's timescale held at the largest proxy's, or the fitted
     law of the grid optima where the study swept weight decay (and every optimum is positive)."""
-    largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
-    swept = len({t.spec.weight_decay for t in trials}) > 1
-    optima = analysis.optimum_per_shape([t for t in trials if t.shape in {f.shape for f in fits}], metric)
-    if swept and all(o.weight_decay > 0 for o in optima.values()):
+    largest, trend = study.largest_fit(variant), study.trends[variant]
+    swept = len({t.spec.weight_decay for t in study.trials_of(variant)}) > 1
+    own = {f.shape for f in study.fits_of(variant)}
+    optima = {s: o for s, o in study.optima.items() if s in own}
+    if swept and optima and all(o.weight_decay > 0 for o in optima.values()):
         law = fit.flat_where_insignificant([analysis.axis_sizes(s, trend.length_unit) for s in optima],
                                            [math.log2(o.weight_decay) for o in optima.values()], axes=analysis.AXES)
         return 2.0 ** law.predict(target)[0], "the fitted law of the swept weight decay's grid optima"
@@ -223,74 +225,69 @@ def _weight_decay(trials: list[Trial], fits: list[analysis.ShapeFit], x: float, 
                 "(Wang & Aitchison, arXiv 2405.13698)")
 
 
-def predict(trials: list[Trial], metric: str, variant: str, target: dict[str, float], rule: str = "trend",
+def predict(study: StudyAnalysis, variant: str, target: dict[str, float], rule: str = "trend",
             assumed: dict[str, Assumption] | None = None, optimizer: str = "adamw") -> Prediction:
-    """The target's lr, momentum and weight decay from the proxies of `variant`, by `rule`. `target` gives width
-    and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
+    """The target's lr, momentum and weight decay from the study's proxies of `variant`, by `rule`. `target`
+    gives width and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
     if rule not in RULES:
         raise UsageError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    fits = [f for shape, f in analysis.fit_shapes(trials, metric).items() if shape.variant == variant]
+    fits = study.fits_of(variant)
     if not fits:
         raise UsageError(f"no finished proxy of {variant!r} to transfer from")
-    largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
-    trend = analysis.trend_of(variant, fits)
+    largest, trend = study.largest_fit(variant), study.trends[variant]
     sizes = _axis_target(target, fits, trend.length_unit)
     contributions: dict[str, Contribution] = {}
     if rule == "largest":
-        grid_best = analysis.optimum_per_shape([t for t in trials if t.shape == largest.shape], metric)[largest.shape]
+        grid_best = study.optima.get(largest.shape)
+        if grid_best is None:
+            raise UsageError(f"no grid point of the largest {variant} proxy finished in every seed: use --from trend")
         x, error, flat, momentum = math.log2(grid_best.lr), 0.0, (), grid_best.momentum
     else:
         x, error, flat, contributions = _predict_trend(fits, trend, sizes, assumed or {})
         momentum = _predict_momentum(fits, sizes, trend.length_unit)
-    own = [t for t in trials if t.spec.variant == variant]
-    wd, wd_rule = _weight_decay(own, fits, x, sizes, trend, optimizer, metric)
+    wd, wd_rule = _weight_decay(study, variant, x, sizes, optimizer)
     prediction = Prediction(rule, variant, sizes, x, error, momentum, wd, _extrapolation(trend, sizes), trend, flat,
-                            contributions=contributions, weight_decay_rule=wd_rule, held_out=holdout.held_out(fits))
+                            contributions=contributions, weight_decay_rule=wd_rule, held_out=study.heldout[variant])
     prediction.warnings = _warnings(prediction)
     return prediction
 
 
 @dataclass
 class TransferPlan:
-    study: str
-    parent_run_id: str
+    study: StudyAnalysis
+    """The analysis the prediction came from."""
     prediction: Prediction
-    fits: dict
     target_config: Path
     command: list[str]
 
 
-def plan_transfer(study: str, target: str, out: str | None = None, metric: str = DEFAULT_METRIC,
-                  tracking_uri: str | None = None, experiment: str | None = None, num_gpus: int = 1,
-                  overrides: list[str] = (), rule: str = "trend", ranks: int | None = None,
+def plan_transfer(study: StudyAnalysis, target: str, out: str | None = None, tracking_uri: str | None = None,
+                  num_gpus: int = 1, overrides: list[str] = (), rule: str = "trend", ranks: int | None = None,
                   assume: list[str] = (), keep_beta2_half_life: bool = False) -> TransferPlan:
-    """Predict the target's settings and write its config. The target's batch counts `ranks` data-parallel
-    ranks (default: `num_gpus`, the GPUs of the printed command)."""
+    """Predict the target's settings from a study's analysis (`StudyAnalysis.load` from the MLflow store at
+    `tracking_uri`) and write its config. The target's batch counts `ranks` data-parallel ranks (default:
+    `num_gpus`, the GPUs of the printed command)."""
     from .target import parse_assumptions
 
     assumed = parse_assumptions(list(assume))
-    uri = resolve_tracking_uri(tracking_uri)
-    client = client_for(uri)
-    parent = find_study_run(client, study, experiment)
-    if parent is None:
-        raise UsageError(f"no study named {study!r} in the MLflow store at {uri}")
-    trials = latest_per_key(load_trials(client, study, experiment))
-    fits = analysis.fit_shapes(trials, metric)
-    if not fits:
-        raise UsageError(f"study {study!r} has no finished trial with metric {metric!r} (all diverged or missing)")
+    if not study.fits:
+        raise UsageError(f"study {study.name!r} has no finished trial with metric {study.metric!r} (all diverged "
+                         "or missing)")
     target_cfg = load_config(target, list(overrides), check=False)
-    variant = matching_variant(target_cfg, {s.variant for s in fits})
-    check_matches(_proxy_params(trials, variant), target_cfg)
-    prediction = predict(trials, metric, variant, target_shape(target_cfg, ranks or num_gpus), rule, assumed,
+    variant = matching_variant(target_cfg, set(study.variants))
+    check_matches(_proxy_params(study.trials, variant), target_cfg)
+    prediction = predict(study, variant, target_shape(target_cfg, ranks or num_gpus), rule, assumed,
                          target_cfg.optim.name)
     if keep_beta2_half_life and target_cfg.optim.name == "adamw":
-        _move_beta2(prediction, trials, variant)
-    target_cfg = _carry_drop_path(trials, variant, target_cfg, overrides, prediction)
-    experiment_name = client.get_experiment(parent.info.experiment_id).name
-    out_path = _write_target(study, target, target_cfg, out, prediction, metric,
-                             {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.info.run_id})
+        _move_beta2(prediction, study.trials, variant)
+    target_cfg = _carry_drop_path(study.trials, variant, target_cfg, overrides, prediction)
+    uri = resolve_tracking_uri(tracking_uri)
+    parent = study.parent.info
+    experiment_name = client_for(uri).get_experiment(parent.experiment_id).name
+    out_path = _write_target(study.name, target, target_cfg, out, prediction, study.metric,
+                             {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.run_id})
     command = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "mutransfer.train", "--config", str(out_path)]
-    return TransferPlan(study, parent.info.run_id, prediction, fits, out_path, command)
+    return TransferPlan(study, prediction, out_path, command)
 
 
 def _proxy_params(trials: list[Trial], variant: str) -> dict[str, str]:
@@ -349,14 +346,15 @@ def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | Non
     return out_path
 
 
-def describe(plan: TransferPlan, metric: str) -> str:
+def describe(plan: TransferPlan) -> str:
     """The table of fitted optima, the law in words, each axis's contribution, the prediction, the weight
     decay, the held-out check and the warnings."""
     p = plan.prediction
-    lines = [f"study {plan.study}: fitted optimum per proxy shape ({metric}; lr = 2^x, x averaged over seeds)",
+    lines = [f"study {plan.study.name}: fitted optimum per proxy shape ({plan.study.metric}; lr = 2^x, x averaged "
+             "over seeds)",
              f"  {'variant':<20}{'width':>6}{'depth':>6}{'batch':>6}{'steps':>7}{'lr':>11}{'log2 lr':>9}"
              f"{'+-':>6}{'momentum':>10}{'value':>9}  edge"]
-    for shape, f in plan.fits.items():
+    for shape, f in plan.study.fits.items():
         lines.append(f"  {shape.variant:<20}{shape.width:>6}{shape.depth:>6}{shape.batch_size:>6}{shape.steps:>7}{f.lr_value:>11.4g}"
                      f"{f.lr.x:>9.2f}{f.lr.spread:>6.2f}{f.momentum_value:>10.3g}{f.lr.value:>9.4f}  "
                      f"{','.join(f.lr.edges) or '-'}")
