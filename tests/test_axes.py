@@ -5,7 +5,9 @@ known answers; the store and `transfer` through a real sqlite MLflow store."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import math
 import zlib
 from pathlib import Path
@@ -202,8 +204,9 @@ def test_a_target_below_the_proxies_is_warned() -> None:
 STUDY = "axes-study"
 
 
-def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], drop: str = "") -> str:
-    """A study whose proxies logged `target_cfg`'s config (at their own shapes) and the tags a sweep writes."""
+def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], edit=None) -> str:
+    """A study whose proxies logged `target_cfg`'s config (at their own shapes) and the tags a sweep writes
+    (passed through `edit`, where given, to spoil them)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("axes")
@@ -211,13 +214,8 @@ def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], drop: 
     for trial in planted({"length": -0.22}, shapes, seeds=1):
         spec = trial.spec
         run_tags = {"mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY, "mutransfer.role": "proxy",
-                    "mutransfer.trial_key": spec.key, "mutransfer.variant": spec.variant,
-                    "mutransfer.width": str(spec.width), "mutransfer.depth": str(spec.depth),
-                    "mutransfer.batch_size": str(spec.batch_size), "mutransfer.steps": str(spec.steps),
-                    "mutransfer.lr": repr(spec.lr), "mutransfer.momentum": "0.9", "mutransfer.weight_decay": "0.0",
-                    "mutransfer.seed": str(spec.seed), "mutransfer.status": "finished"}
-        run_tags.pop(drop, None)
-        run = client.create_run(experiment, tags=run_tags)
+                    "mutransfer.trial_key": spec.key, "mutransfer.status": "finished", **spec.identity_tags()}
+        run = client.create_run(experiment, tags=edit(run_tags) if edit else run_tags)
         logged = flatten(with_values(target_cfg, {"run.steps": spec.steps, "model.width": spec.width}).to_dict())
         logged["world_size"] = "1"
         client.log_batch(run.info.run_id, metrics=[Metric(METRIC, trial.metrics[METRIC], 0, 0)],
@@ -270,22 +268,80 @@ def test_transfer_refuses_a_target_with_another_optimizer(target_file: Path, sto
     assert code == 2 and "optim.name: the target has sgd, its proxies adamw" in capsys.readouterr().err
 
 
-def test_a_stored_run_without_a_shape_tag_is_an_error_naming_it(tmp_path: Path, target_file: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def _identity_without(field: str):
+    """An `edit` for `_store`: the identity tag without `field` (its single-field copy stays)."""
+    def edit(run_tags: dict[str, str]) -> dict[str, str]:
+        identity = json.loads(run_tags["mutransfer.trial"])
+        del identity[field]
+        return {**run_tags, "mutransfer.trial": json.dumps(identity)}
+
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (_identity_without("width"), "missing ['width']"),
+    (_identity_without("lr"), "missing ['lr']"),
+    (lambda t: {k: v for k, v in t.items() if k != "mutransfer.trial"}, "has no tag mutransfer.trial"),
+    (lambda t: {**t, "mutransfer.trial": t["mutransfer.trial"].replace('"depth": ', '"depth": 0.5 * ')},
+     "malformed tag mutransfer.trial"),
+    (lambda t: {**t, "mutransfer.trial": t["mutransfer.trial"].replace('"width": ', '"width": "') + "x"},
+     "malformed tag mutransfer.trial"),
+])
+def test_a_stored_run_with_a_missing_or_malformed_identity_is_an_error_naming_it(
+        tmp_path: Path, target_file: Path, edit, said: str) -> None:
+    """The store reads a trial's identity from its one structured tag and fills nothing in: a run recorded
+    without it (or an older one), or with a field missing or spoilt, is an error that names the run, even
+    where the single-field copies a user filters on in the UI are all there."""
+    from mutransfer.study.store import StoredRunError, client_for, load_trials
+
     uri = _store(tmp_path, load_config(str(target_file), ["run.epochs=null", "run.steps=1"], check=False),
-                 LENGTHS[:1], drop="mutransfer.width")
-    assert main(["report", "--study", STUDY, "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
-    assert "has no valid tag mutransfer.width" in capsys.readouterr().err
+                 LENGTHS[:1], edit=edit)
+    client = client_for(uri)
+    with pytest.raises(StoredRunError) as raised:
+        load_trials(client, STUDY)
+    run_ids = {run.info.run_id for run in client.search_runs([client.get_experiment_by_name("axes").experiment_id])}
+    assert said in str(raised.value) and any(f"run {run_id} " in str(raised.value) for run_id in run_ids)
 
 
-def test_runs_recorded_before_the_batch_and_length_tags_are_read_from_their_logged_config(
-        tmp_path: Path, target_file: Path) -> None:
-    from mutransfer.study.store import client_for, load_trials
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("lr", float("nan"), "lr nan is out of range"), ("lr", 0.0, "out of range"), ("momentum", 1.0, "out of range"),
+    ("width", 32.0, "not a whole number"), ("depth", 0, "not positive"), ("seed", True, "not a number"),
+    ("variant", "", "not a variant's label"),
+])
+def test_an_identity_is_read_strictly(field: str, value, said: str) -> None:
+    spec = TrialSpec("mup", 32, 2, 64, 100, 0.01, 0.9, 0.0, 0)
+    identity = json.loads(spec.identity_tags()["mutransfer.trial"])
+    assert TrialSpec.from_identity(identity) == spec
+    with pytest.raises(ValueError, match=said):
+        TrialSpec.from_identity({**identity, field: value})
+    with pytest.raises(ValueError, match="unknown"):
+        TrialSpec.from_identity({**identity, "extra": 1})
 
-    base = load_config(str(target_file), ["run.epochs=null", "run.steps=1"], check=False)
-    uri = _store(tmp_path, with_values(base, {"optim.accumulation": 2}), LENGTHS[:1], drop="mutransfer.batch_size")
-    trials = load_trials(client_for(uri), STUDY)
-    assert trials and all(t.spec.batch_size == 32 for t in trials)  # data.batch_size 16 x accumulation 2 x 1
+
+def test_the_trainer_writes_the_identity_the_store_reads() -> None:
+    """What a run trained (resolved width and depth, global batch over accumulation and ranks, length in
+    steps) goes into its identity tag, and reads back as that TrialSpec."""
+    from types import SimpleNamespace
+
+    from mutransfer.models.parametrization import Parametrization
+    from mutransfer.train.run_log import run_tags
+
+    cfg = with_values(RunConfig(run=RunSection(steps=1)), {"data.batch_size": 8, "optim.accumulation": 2,
+                                                          "optim.lr": 0.004, "optim.weight_decay": 0.05, "run.seed": 3})
+    model = SimpleNamespace(parametrization=Parametrization("depth_mup", first_layer_lr_exponent=0.5), width=48,
+                            depth=6)
+    written = run_tags(cfg, model, world_size=4, total_steps=250)
+    spec = TrialSpec.from_identity(json.loads(written["mutransfer.trial"]))
+    assert spec == TrialSpec("depth_mup+fle0.5", 48, 6, 64, 250, 0.004, cfg.optim.momentum_value, 0.05, 3)
+    assert written["mutransfer.batch_size"] == "64" and written["mutransfer.samples"] == str(64 * 250)
+
+
+def test_the_identity_tag_holds_every_trial_field_and_its_copies_match() -> None:
+    spec = TrialSpec("depth_mup+fle0.5", 32, 2, 64, 100, 2.0 ** -7, 0.9, 0.05, 3)
+    written = spec.identity_tags()
+    assert set(json.loads(written["mutransfer.trial"])) == {f.name for f in dataclasses.fields(TrialSpec)}
+    assert written["mutransfer.variant"] == "depth_mup+fle0.5" and written["mutransfer.lr"] == repr(2.0 ** -7)
+    assert written["mutransfer.width"] == "32" and written["mutransfer.weight_decay"] == "0.05"
 
 
 # --- the study's shapes ---------------------------------------------------------------------------------

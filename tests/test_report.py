@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from mutransfer.cli import main
+from mutransfer.study.trial import TrialSpec
 
 STUDY = "report-study"
 LOG2_LRS = list(range(-11, -3))  # lr = 2**-11 .. 2**-4, one grid step = x2
@@ -62,11 +63,8 @@ def log_trial(client: MlflowClient, experiment: str, parent_id: str, shape: tupl
     key = f"{param}-w{width}-d{depth}-lr{log2_lr}-m{momentum}-s{seed}"
     run = client.create_run(experiment, run_name=key, tags={
         "mlflow.parentRunId": parent_id, "mutransfer.study": STUDY,
-        "mutransfer.trial_key": key, "mutransfer.role": "proxy", "mutransfer.width": str(width),
-        "mutransfer.depth": str(depth), "mutransfer.parametrization": param,
-        "mutransfer.lr": repr(2.0 ** log2_lr), "mutransfer.momentum": repr(momentum),
-        "mutransfer.weight_decay": "0.0", "mutransfer.seed": str(seed), "mutransfer.batch_size": "64",
-        "mutransfer.steps": "100",
+        "mutransfer.trial_key": key, "mutransfer.role": "proxy",
+        **TrialSpec(param, width, depth, 64, 100, 2.0 ** log2_lr, momentum, 0.0, seed).identity_tags(),
         "mutransfer.status": "diverged" if diverged else "finished",
     })
     value = 0.01 if diverged else loss(shape, log2_lr, momentum, seed)
