@@ -33,7 +33,8 @@ def read_trials(path: Path) -> list[Trial]:
     trials = []
     with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
-            spec = TrialSpec(row["parametrization"], int(row["width"]), int(row["depth"]),
+            variant = row["variant"] if "variant" in row else row["parametrization"]  # reports before the rename
+            spec = TrialSpec(variant, int(row["width"]), int(row["depth"]),
                              int(row.get("batch_size") or 1), int(row.get("steps") or 1), float(row["lr"]),
                              float(row["momentum"]), float(row["weight_decay"]), int(row["seed"]))
             metrics = {row["metric"]: float(row["value"])} if row["value"] else {}
@@ -76,7 +77,7 @@ def measure(path: Path, resamples: int) -> list[dict[str, str]]:
     rows = []
     for label, (seeds, mean) in base.items():
         for axis in seeds.axes:
-            rows.append({"study": path.parent.name, "parametrization": label, "axis": axis,
+            rows.append({"study": path.parent.name, "variant": label, "axis": axis,
                          "seeds_slope": f"{seeds.slopes[axis]:+.3f}", "seeds_analytic": f"{seeds.errors[axis]:.3f}",
                          "seeds_bootstrap": f"{_spread(boot.get((label, axis, 0), [])):.3f}",
                          "mean_slope": f"{mean.slopes[axis]:+.3f}" if mean else "",
@@ -95,7 +96,7 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=200)
     args = parser.parse_args()
     paths = args.paths or sorted(Path("docs/results").glob("*/trials.csv"))
-    columns = ["study", "parametrization", "axis", "seeds_slope", "seeds_analytic", "seeds_bootstrap", "mean_slope",
+    columns = ["study", "variant", "axis", "seeds_slope", "seeds_analytic", "seeds_bootstrap", "mean_slope",
                "mean_analytic", "mean_bootstrap"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))

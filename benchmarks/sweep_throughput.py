@@ -4,7 +4,7 @@ at a time (`--stack 1`), in one process, interleaved round robin, plus the overh
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_throughput.py                 # demo depth-4 group
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_throughput.py --depths 16 --rounds 2
 
-The study is configs/demo_study.yaml cut to one parametrization (--parametrization) and --depths, with all of
+The study is configs/demo_study.yaml cut to one variant (--variant) and --depths, with all of
 its learning rates and seeds (18 trials per depth) at its 120 steps (--steps). Every round sweeps the same
 trials twice, once per mode (the order alternates between rounds), each into a fresh MLflow store and
 output folder, so that nothing is skipped. Reported, as medians over the rounds:
@@ -66,7 +66,7 @@ def gemm_peak(size: int = 2048, repeats: int = 5) -> float:
 
 def study_for(args: argparse.Namespace, root: Path, shards: Path):
     overrides = [f"study.output_dir={root / 'trials'}", f"study.steps={args.steps}",
-                 f"shapes.parametrizations=[{args.parametrization}]",
+                 f"shapes.variants=[{args.variant}]",
                  f"shapes.depths=[{','.join(map(str, args.depths))}]"]
     overrides += [f"shapes.widths=[{','.join(map(str, args.widths))}]"] if args.widths else []
     overrides += [f"seeds=[{','.join(map(str, args.seeds))}]"] if args.seeds else []
@@ -123,7 +123,7 @@ def plain_loop_seconds(args: argparse.Namespace, shards: Path, depth: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parametrization", default="depth_mup+fle0.5")
+    parser.add_argument("--variant", default="depth_mup+fle0.5")
     parser.add_argument("--depths", type=int, nargs="+", default=[4])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=3)
@@ -159,7 +159,7 @@ def report(args, times, results, plain, peak, load_before) -> None:
     trials = len(results["stack 1"])
     plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, the depths weighted alike
     flops = sum(f for _, f in plain) / len(plain) * trials
-    print(f"\n{trials} trials ({args.parametrization}, depths {args.depths}, {args.steps} steps), "
+    print(f"\n{trials} trials ({args.variant}, depths {args.depths}, {args.steps} steps), "
           f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; load average before "
           f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"fp32 GEMM peak (torch.mm 2048^2): {peak / 1e9:.0f} GFLOP/s; plain loop: {plain_s:.2f} s per trial, "

@@ -1,12 +1,15 @@
 """The names under which mutransfer records runs in MLflow, and the statuses a run or a study can end in.
 
-Every run the trainer records carries the `mutransfer.*` tags below (the trainer sets the shape, batch,
-length and hyperparameter tags; a sweep adds the study and trial key; `transfer` adds the rule).
-`study.store` reads them back. A leaf module: it imports nothing of ours.
+Every run the trainer records carries the `mutransfer.*` tags below: its identity (`identity_tags`: the
+structured `mutransfer.trial` tag, which `study.store` reads back, and a copy of each of its fields for
+filtering in MLflow's UI), the model, parametrization, optimizer and length in samples; a sweep adds the study
+and trial key, `transfer` the rule. A leaf module: it imports nothing of ours, so that the trainer (which
+writes the identity) and the study (which reads it) share one definition.
 """
 
 from __future__ import annotations
 
+import json
 from enum import StrEnum
 
 STUDY = "mutransfer.study"
@@ -19,8 +22,10 @@ STATUS = "mutransfer.status"
 """The run's `RunStatus`, finer than MLflow's own run status."""
 MODEL = "mutransfer.model"
 PARAMETRIZATION = "mutransfer.parametrization"
+"""The parametrization's name alone (depth_mup), for filtering runs in MLflow's UI."""
 VARIANT = "mutransfer.variant"
-"""The parametrization label with its knobs (depth_mup+fle0.5): what a study groups proxies by."""
+"""The variant: the parametrization with its knobs, spelled as a label (depth_mup+fle0.5); what a study groups
+proxies by."""
 WIDTH = "mutransfer.width"
 DEPTH = "mutransfer.depth"
 OPTIMIZER = "mutransfer.optimizer"
@@ -37,6 +42,12 @@ SAMPLES = "mutransfer.samples"
 """Training length in samples: steps x global batch."""
 TRANSFER_RULE = "mutransfer.transfer_rule"
 """How `mutransfer transfer` chose the target's lr (trend or largest)."""
+TRIAL = "mutransfer.trial"
+"""A run's identity as one JSON object of every field in `TRIAL_FIELDS` (those of `study.trial.TrialSpec`):
+the one tag `study.store` reads back, strictly. The tags of single fields are copies of it."""
+TRIAL_FIELDS = {"variant": VARIANT, "width": WIDTH, "depth": DEPTH, "batch_size": BATCH_SIZE, "steps": STEPS,
+                "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY, "seed": SEED}
+"""Each field of a run's identity, and the tag that copies it for MLflow's UI."""
 EXPERIMENT_KIND = "mlflow.experimentKind"
 """MLflow's experiment tag that tells its UI an experiment is model training, not GenAI."""
 
@@ -74,3 +85,13 @@ class RunStatus(StrEnum):
 
 DONE = frozenset({RunStatus.FINISHED, RunStatus.DIVERGED})
 """Trials a sweep does not run again."""
+
+
+def identity_tags(identity: dict[str, str | int | float]) -> dict[str, str]:
+    """A run's identity (every field of `TRIAL_FIELDS`, typed) as its `TRIAL` tag, written once, plus the copy
+    of each field under its own tag. ValueError when a field is missing or unknown."""
+    if set(identity) != set(TRIAL_FIELDS):
+        raise ValueError(f"a run's identity has the fields {sorted(TRIAL_FIELDS)}, got {sorted(identity)}")
+    copies = {TRIAL_FIELDS[name]: repr(value) if isinstance(value, float) else str(value)
+              for name, value in identity.items()}
+    return {TRIAL: json.dumps(identity, sort_keys=True), **copies}

@@ -5,7 +5,9 @@ known answers; the store and `transfer` through a real sqlite MLflow store."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import math
 import zlib
 from pathlib import Path
@@ -19,7 +21,8 @@ from mutransfer.cli import main
 from mutransfer.models.parametrization import resolve_parametrization
 from mutransfer.study import analysis, holdout, target
 from mutransfer.study.store import Trial
-from mutransfer.study.transfer import predict
+from mutransfer.study.study_analysis import StudyAnalysis
+from mutransfer.study.transfer import Prediction, predict
 from mutransfer.study.trial import TrialSpec
 from mutransfer.train.config import RunConfig, RunSection, load_config, with_values
 from mutransfer.train.tracking import flatten
@@ -56,7 +59,12 @@ BATCH_AT_FIXED_SAMPLES = [(32, 4, batch, 25600 // batch) for batch in (16, 32, 6
 FOUR_AXES = [(w, d, b, s) for w in (32, 64) for d in (2, 4) for b in (32, 64) for s in (100, 400)]
 
 
-def law(trials: list[Trial]) -> analysis.ParamTrend:
+def predict_for(trials: list[Trial], target_shape: dict[str, float], **options) -> Prediction:
+    """`transfer.predict` for the planted variant, from the analysis of `trials`."""
+    return predict(StudyAnalysis.of(trials, METRIC), "depth_mup+fle0.5", target_shape, **options)
+
+
+def law(trials: list[Trial]) -> analysis.VariantTrend:
     return analysis.trends(analysis.fit_shapes(trials, METRIC))["depth_mup+fle0.5"]
 
 
@@ -96,14 +104,14 @@ def test_four_axes_are_fitted_jointly() -> None:
 
 def test_transfer_extrapolates_along_length_and_batch_with_each_contribution() -> None:
     trials = planted({"length": -0.22}, LENGTHS, noise=0.02)
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    prediction = predict_for(trials, {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
     assert prediction.contributions["length"].doublings == pytest.approx(2.0)
     assert prediction.contributions["length"].value == pytest.approx(-0.44, abs=0.06)
     assert prediction.log2_lr == pytest.approx(-6.0 - 0.22 * 6, abs=0.1)
     assert prediction.contributions["length"].error > 0
     assert prediction.params()["transfer.contribution_length"].startswith("-0.4")
     batch = planted({"batch": 0.29}, BATCH_AT_FIXED_SAMPLES, noise=0.02)
-    wide = predict(batch, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 1024, "samples": 25600})
+    wide = predict_for(batch, {"width": 32, "depth": 4, "batch": 1024, "samples": 25600})
     assert wide.contributions["batch"].doublings == pytest.approx(2.0)
     assert wide.log2_lr == pytest.approx(-6.0 + 0.29 * 6, abs=0.1)
 
@@ -111,12 +119,11 @@ def test_transfer_extrapolates_along_length_and_batch_with_each_contribution() -
 def test_an_axis_the_study_did_not_vary_is_warned_by_name_and_assumed_only_when_asked() -> None:
     trials = planted({"depth": 0.0}, [(32, d, 64, 100) for d in (2, 4, 8)])
     longer = {"width": 32, "depth": 8, "batch": 64, "steps": 6400}
-    plain = predict(trials, METRIC, "depth_mup+fle0.5", longer)
+    plain = predict_for(trials, longer)
     warning = next(w for w in plain.warnings if "longer" in w)
     assert "the target trains 64x longer than the proxies; this study did not measure how the optimum moves " \
            "with length" in warning and "--assume length=RULE" in warning
-    assumed = predict(trials, METRIC, "depth_mup+fle0.5", longer,
-                      assumed=target.parse_assumptions(["length=measured"]))
+    assumed = predict_for(trials, longer, assumed=target.parse_assumptions(["length=measured"]))
     assert assumed.log2_lr == pytest.approx(plain.log2_lr - 0.22 * 6)
     assert "Bjorck" in assumed.contributions["length"].source
     with pytest.raises(ValueError, match="length rules are"):
@@ -130,7 +137,7 @@ def test_held_out_check_passes_a_straight_law_and_flags_a_planted_miss() -> None
     bent = planted({"length": -0.22}, LENGTHS, bend={LENGTHS[-1]: 1.0})
     missed = holdout.held_out(list(analysis.fit_shapes(bent, METRIC).values()))
     assert not missed[0].within and missed[0].miss == pytest.approx(1.0, abs=0.1)
-    prediction = predict(bent, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    prediction = predict_for(bent, {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
     assert any("held-out shapes miss their 95 % interval" in w for w in prediction.warnings)
 
 
@@ -148,7 +155,7 @@ def test_transfer_moves_weight_decay_with_the_targets_lr_batch_and_length() -> N
     trials = [Trial(t.run_id, t.key, t.role, TrialSpec(*t.spec.shape, lr=t.spec.lr, momentum=0.9, weight_decay=0.05,
                                                         seed=t.spec.seed), t.status, t.metrics)
               for t in planted({"length": -0.22}, LENGTHS)]
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 256, "steps": 1600})
+    prediction = predict_for(trials, {"width": 32, "depth": 4, "batch": 256, "steps": 1600})
     largest = analysis.fit_shapes(trials, METRIC)[max(t.shape for t in trials if t.spec.steps == 1600)]
     expected = target.timescale_weight_decay(0.05, largest.lr_value, 64, 64 * 1600, prediction.lr, 256, 256 * 1600)
     assert prediction.weight_decay == pytest.approx(expected)
@@ -157,18 +164,18 @@ def test_transfer_moves_weight_decay_with_the_targets_lr_batch_and_length() -> N
 
 def test_depth_mup_means_one_thing_in_a_run_config_and_a_study_label() -> None:
     plain = with_values(RunConfig(run=RunSection(steps=1)), {"model.parametrization": "depth_mup"})
-    assert target.resolved_label(plain).label == "depth_mup"  # a bare name: first_layer_lr_exponent 0
+    assert target.resolved_variant(plain).label == "depth_mup"  # a bare name: first_layer_lr_exponent 0
     assert resolve_parametrization("depth_mup").first_layer_lr_exponent == 0.0
-    assert target.resolved_label(RunConfig(run=RunSection(steps=1))).label == "depth_mup+fle0.5"  # no name
-    assert target.matching_label(plain, {"depth_mup+fle0.5", "depth_mup"}) == "depth_mup"
+    assert target.resolved_variant(RunConfig(run=RunSection(steps=1))).label == "depth_mup+fle0.5"  # no name
+    assert target.matching_variant(plain, {"depth_mup+fle0.5", "depth_mup"}) == "depth_mup"
 
 
 def test_transfer_matches_a_target_to_its_proxies_by_resolved_values_not_spelling() -> None:
     cfg = with_values(RunConfig(run=RunSection(steps=1)), {"model.parametrization": "depth_mup",
                                                            "model.first_layer_lr_exponent": 0.5})
-    assert target.matching_label(cfg, {"depth_mup+alpha0.5+fle0.5", "mup"}) == "depth_mup+alpha0.5+fle0.5"
+    assert target.matching_variant(cfg, {"depth_mup+alpha0.5+fle0.5", "mup"}) == "depth_mup+alpha0.5+fle0.5"
     with pytest.raises(ValueError, match="tuned only mup"):
-        target.matching_label(cfg, {"mup"})
+        target.matching_variant(cfg, {"mup"})
 
 
 @pytest.mark.parametrize("change, field", [({"optim.name": "sgd"}, "optim.name"),
@@ -189,7 +196,7 @@ def test_a_target_that_does_not_share_its_proxies_fields_is_refused_naming_the_f
 
 def test_a_target_below_the_proxies_is_warned() -> None:
     trials = planted({"depth": 0.0}, [(32, d, 64, 100) for d in (4, 8, 16)])
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 2, "batch": 64, "steps": 100})
+    prediction = predict_for(trials, {"width": 32, "depth": 2, "batch": 64, "steps": 100})
     assert any("below every proxy's" in w and "-1.0 doublings" in w for w in prediction.warnings)
 
 
@@ -197,8 +204,9 @@ def test_a_target_below_the_proxies_is_warned() -> None:
 STUDY = "axes-study"
 
 
-def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], drop: str = "") -> str:
-    """A study whose proxies logged `target_cfg`'s config (at their own shapes) and the tags a sweep writes."""
+def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], edit=None) -> str:
+    """A study whose proxies logged `target_cfg`'s config (at their own shapes) and the tags a sweep writes
+    (passed through `edit`, where given, to spoil them)."""
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("axes")
@@ -206,13 +214,8 @@ def _store(root: Path, target_cfg: RunConfig, shapes: list = LENGTHS[:3], drop: 
     for trial in planted({"length": -0.22}, shapes, seeds=1):
         spec = trial.spec
         run_tags = {"mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY, "mutransfer.role": "proxy",
-                    "mutransfer.trial_key": spec.key, "mutransfer.variant": spec.parametrization,
-                    "mutransfer.width": str(spec.width), "mutransfer.depth": str(spec.depth),
-                    "mutransfer.batch_size": str(spec.batch_size), "mutransfer.steps": str(spec.steps),
-                    "mutransfer.lr": repr(spec.lr), "mutransfer.momentum": "0.9", "mutransfer.weight_decay": "0.0",
-                    "mutransfer.seed": str(spec.seed), "mutransfer.status": "finished"}
-        run_tags.pop(drop, None)
-        run = client.create_run(experiment, tags=run_tags)
+                    "mutransfer.trial_key": spec.key, "mutransfer.status": "finished", **spec.identity_tags()}
+        run = client.create_run(experiment, tags=edit(run_tags) if edit else run_tags)
         logged = flatten(with_values(target_cfg, {"run.steps": spec.steps, "model.width": spec.width}).to_dict())
         logged["world_size"] = "1"
         client.log_batch(run.info.run_id, metrics=[Metric(METRIC, trial.metrics[METRIC], 0, 0)],
@@ -265,22 +268,80 @@ def test_transfer_refuses_a_target_with_another_optimizer(target_file: Path, sto
     assert code == 2 and "optim.name: the target has sgd, its proxies adamw" in capsys.readouterr().err
 
 
-def test_a_stored_run_without_a_shape_tag_is_an_error_naming_it(tmp_path: Path, target_file: Path,
-                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def _identity_without(field: str):
+    """An `edit` for `_store`: the identity tag without `field` (its single-field copy stays)."""
+    def edit(run_tags: dict[str, str]) -> dict[str, str]:
+        identity = json.loads(run_tags["mutransfer.trial"])
+        del identity[field]
+        return {**run_tags, "mutransfer.trial": json.dumps(identity)}
+
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (_identity_without("width"), "missing ['width']"),
+    (_identity_without("lr"), "missing ['lr']"),
+    (lambda t: {k: v for k, v in t.items() if k != "mutransfer.trial"}, "has no tag mutransfer.trial"),
+    (lambda t: {**t, "mutransfer.trial": t["mutransfer.trial"].replace('"depth": ', '"depth": 0.5 * ')},
+     "malformed tag mutransfer.trial"),
+    (lambda t: {**t, "mutransfer.trial": t["mutransfer.trial"].replace('"width": ', '"width": "') + "x"},
+     "malformed tag mutransfer.trial"),
+])
+def test_a_stored_run_with_a_missing_or_malformed_identity_is_an_error_naming_it(
+        tmp_path: Path, target_file: Path, edit, said: str) -> None:
+    """The store reads a trial's identity from its one structured tag and fills nothing in: a run recorded
+    without it (or an older one), or with a field missing or spoilt, is an error that names the run, even
+    where the single-field copies a user filters on in the UI are all there."""
+    from mutransfer.study.store import StoredRunError, client_for, load_trials
+
     uri = _store(tmp_path, load_config(str(target_file), ["run.epochs=null", "run.steps=1"], check=False),
-                 LENGTHS[:1], drop="mutransfer.width")
-    assert main(["report", "--study", STUDY, "--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
-    assert "has no valid tag mutransfer.width" in capsys.readouterr().err
+                 LENGTHS[:1], edit=edit)
+    client = client_for(uri)
+    with pytest.raises(StoredRunError) as raised:
+        load_trials(client, STUDY)
+    run_ids = {run.info.run_id for run in client.search_runs([client.get_experiment_by_name("axes").experiment_id])}
+    assert said in str(raised.value) and any(f"run {run_id} " in str(raised.value) for run_id in run_ids)
 
 
-def test_runs_recorded_before_the_batch_and_length_tags_are_read_from_their_logged_config(
-        tmp_path: Path, target_file: Path) -> None:
-    from mutransfer.study.store import client_for, load_trials
+@pytest.mark.parametrize(("field", "value", "said"), [
+    ("lr", float("nan"), "lr nan is out of range"), ("lr", 0.0, "out of range"), ("momentum", 1.0, "out of range"),
+    ("width", 32.0, "not a whole number"), ("depth", 0, "not positive"), ("seed", True, "not a number"),
+    ("variant", "", "not a variant's label"),
+])
+def test_an_identity_is_read_strictly(field: str, value, said: str) -> None:
+    spec = TrialSpec("mup", 32, 2, 64, 100, 0.01, 0.9, 0.0, 0)
+    identity = json.loads(spec.identity_tags()["mutransfer.trial"])
+    assert TrialSpec.from_identity(identity) == spec
+    with pytest.raises(ValueError, match=said):
+        TrialSpec.from_identity({**identity, field: value})
+    with pytest.raises(ValueError, match="unknown"):
+        TrialSpec.from_identity({**identity, "extra": 1})
 
-    base = load_config(str(target_file), ["run.epochs=null", "run.steps=1"], check=False)
-    uri = _store(tmp_path, with_values(base, {"optim.accumulation": 2}), LENGTHS[:1], drop="mutransfer.batch_size")
-    trials = load_trials(client_for(uri), STUDY)
-    assert trials and all(t.spec.batch_size == 32 for t in trials)  # data.batch_size 16 x accumulation 2 x 1
+
+def test_the_trainer_writes_the_identity_the_store_reads() -> None:
+    """What a run trained (resolved width and depth, global batch over accumulation and ranks, length in
+    steps) goes into its identity tag, and reads back as that TrialSpec."""
+    from types import SimpleNamespace
+
+    from mutransfer.models.parametrization import Parametrization
+    from mutransfer.train.run_log import run_tags
+
+    cfg = with_values(RunConfig(run=RunSection(steps=1)), {"data.batch_size": 8, "optim.accumulation": 2,
+                                                          "optim.lr": 0.004, "optim.weight_decay": 0.05, "run.seed": 3})
+    model = SimpleNamespace(parametrization=Parametrization("depth_mup", first_layer_lr_exponent=0.5), width=48,
+                            depth=6)
+    written = run_tags(cfg, model, world_size=4, total_steps=250)
+    spec = TrialSpec.from_identity(json.loads(written["mutransfer.trial"]))
+    assert spec == TrialSpec("depth_mup+fle0.5", 48, 6, 64, 250, 0.004, cfg.optim.momentum_value, 0.05, 3)
+    assert written["mutransfer.batch_size"] == "64" and written["mutransfer.samples"] == str(64 * 250)
+
+
+def test_the_identity_tag_holds_every_trial_field_and_its_copies_match() -> None:
+    spec = TrialSpec("depth_mup+fle0.5", 32, 2, 64, 100, 2.0 ** -7, 0.9, 0.05, 3)
+    written = spec.identity_tags()
+    assert set(json.loads(written["mutransfer.trial"])) == {f.name for f in dataclasses.fields(TrialSpec)}
+    assert written["mutransfer.variant"] == "depth_mup+fle0.5" and written["mutransfer.lr"] == repr(2.0 ** -7)
+    assert written["mutransfer.width"] == "32" and written["mutransfer.weight_decay"] == "0.05"
 
 
 # --- the study's shapes ---------------------------------------------------------------------------------
@@ -311,13 +372,13 @@ def test_lengths_in_samples_or_epochs_become_steps_per_batch(tmp_path: Path) -> 
     trial = by_samples.trials()[-1]
     cfg = trial.run_config(by_samples.base_run_config(), ranks=2)
     assert (cfg.data.batch_size, cfg.run.steps, cfg.run.epochs) == (32, 100, None)  # 64 over 2 ranks
-    assert "_b64_t100_" in trial.key and trial.shape == (trial.parametrization, 32, 2, 64, 100)
+    assert "_b64_t100_" in trial.key and trial.shape == (trial.variant, 32, 2, 64, 100)
 
 
 @pytest.mark.parametrize("shapes, message", [
     ({"batch_sizes": [48], "samples": [1000]}, "not a whole number of batches"),
     ({"steps": [10], "samples": [100]}, "one unit"),
-    ({"list": [{"parametrization": "mup", "width": 8, "depth": 2, "steps": 5, "epochs": 1}]}, "one of steps"),
+    ({"list": [{"variant": "mup", "width": 8, "depth": 2, "steps": 5, "epochs": 1}]}, "one of steps"),
 ])
 def test_bad_lengths_are_config_errors(tmp_path: Path, shapes: dict, message: str) -> None:
     from mutransfer.errors import ConfigError
@@ -342,5 +403,5 @@ def test_a_swept_weight_decay_follows_its_fitted_law() -> None:
             spec = TrialSpec(*base.spec.shape, lr=base.spec.lr, momentum=0.9, weight_decay=wd, seed=base.spec.seed)
             trials.append(Trial(spec.key, spec.key, "proxy", spec, "finished",
                                 {METRIC: base.metrics[METRIC] + penalty}))
-    prediction = predict(trials, METRIC, "depth_mup+fle0.5", {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
+    prediction = predict_for(trials, {"width": 32, "depth": 4, "batch": 64, "steps": 6400})
     assert prediction.weight_decay == pytest.approx(0.1) and "fitted law" in prediction.weight_decay_rule

@@ -32,7 +32,7 @@ def test_a_four_axis_study_sweeps_reports_and_transfers(shard_set, tmp_path: Pat
     study = tmp_path / "study.yaml"
     study.write_text(yaml.safe_dump({
         "study": {"name": "axes", "experiment": "tests", "base_config": str(base), "output_dir": str(tmp_path / "t")},
-        "shapes": {"parametrizations": ["mup"], "widths": [16, 32], "depths": [1], "batch_sizes": [8, 16],
+        "shapes": {"variants": ["mup"], "widths": [16, 32], "depths": [1], "batch_sizes": [8, 16],
                    "samples": [32, 64]},
         "grid": {"lr": [2.0**-8, 2.0**-6], "momentum": [0.9]},
     }))

@@ -115,13 +115,34 @@ def test_study_sections_raise_with_the_dotted_key(tmp_path: Path) -> None:
     study_file.write_text(yaml.safe_dump(good))
     assert study_config.load_study(study_file).trials()
     for change, key in ((("grid", "momentum", [1.0]), "grid.momentum"), (("study", "steps", 0), "study.steps"),
-                        (("shapes", "parametrizations", ["mup+bogus1"]), "shapes.parametrizations"),
+                        (("shapes", "variants", ["mup+bogus1"]), "shapes.variants"),
                         (("grid", "lr", {"min_log2": 1}), "grid.lr")):
         section, name, value = change
         raw = {**good, section: {**good[section], name: value}}
         with pytest.raises(ConfigError) as raised:
             build_section(study_config.StudyConfig, raw)
         assert raised.value.key == key
+
+
+def test_study_reads_the_old_name_of_variants(tmp_path: Path) -> None:
+    """Studies written before `variants` was named so still load, in the file and on the command line; a key
+    under both names is refused rather than one silently winning."""
+    base = tmp_path / "base.yaml"
+    base.write_text("run: {steps: 1}\n")
+    raw = {"study": {"name": "s", "base_config": str(base)}, "grid": {"lr": [0.01]},
+           "shapes": {"parametrizations": ["mup", "sp"], "list": [], "widths": [64], "depths": [2]}}
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump(raw))
+    assert study_config.load_study(study_file).shapes.variants == ["mup", "sp"]
+    assert study_config.load_study(study_file, ["shapes.parametrizations=[sp]"]).shapes.variants == ["sp"]
+    listed = {**raw, "shapes": {"list": [{"parametrization": "sp", "width": 8, "depth": 2}]}}
+    study_file.write_text(yaml.safe_dump(listed))
+    assert [s.variant for s in study_config.load_study(study_file).shape_list()] == ["sp"]
+    both = {**raw, "shapes": {**raw["shapes"], "variants": ["mup"]}}
+    study_file.write_text(yaml.safe_dump(both))
+    with pytest.raises(ConfigError) as raised:
+        study_config.load_study(study_file)
+    assert raised.value.key == "shapes.parametrizations"
 
 
 def test_with_values_changes_typed_fields_and_checks_them_again() -> None:

@@ -319,7 +319,7 @@ def sweep_study(shards: Path, root: Path, steps: int) -> tuple[Path, str]:
     study.write_text(yaml.safe_dump({
         "study": {"name": "stop", "experiment": "tests", "base_config": str(base), "steps": steps,
                   "output_dir": str(root / "trials")},
-        "shapes": {"parametrizations": ["mup"], "widths": [16], "depths": [1]},
+        "shapes": {"variants": ["mup"], "widths": [16], "depths": [1]},
         "grid": {"lr": [1e-3, 1e-2], "momentum": [0.9]},
     }))
     return study, uri

@@ -11,6 +11,7 @@ import pytest
 from mutransfer.models.parametrization import Parametrization, parse_label
 from mutransfer.study import analysis, fit
 from mutransfer.study.store import Trial
+from mutransfer.study.study_analysis import StudyAnalysis
 from mutransfer.study.transfer import predict
 from mutransfer.study.trial import TrialSpec
 from mutransfer.typed_config import with_values
@@ -155,7 +156,7 @@ def test_bigger_must_be_better_or_the_study_is_flagged() -> None:
 
 def test_transfer_extrapolates_the_trend_to_the_target() -> None:
     trials = planted_trials("mup", -0.5)
-    prediction = predict(trials, "final/eval_loss", "mup", {"width": 32.0, "depth": 64.0})
+    prediction = predict(StudyAnalysis.of(trials, "final/eval_loss"), "mup", {"width": 32.0, "depth": 64.0})
     assert prediction.extrapolation == {"width": 0.0, "depth": 2.0, "batch": 0.0, "length": 0.0}
     assert prediction.log2_lr == pytest.approx(-5.0 - 0.5 * 5, abs=0.15)  # log2(64 / 2) = 5 doublings
     assert 0 < prediction.log2_lr_error < 0.2
@@ -165,7 +166,7 @@ def test_transfer_extrapolates_the_trend_to_the_target() -> None:
 
 
 def test_transfer_of_a_flat_parametrization_uses_every_proxy_and_far_targets_are_warned() -> None:
-    prediction = predict(planted_trials("depth_mup", 0.0), "final/eval_loss", "depth_mup",
+    prediction = predict(StudyAnalysis.of(planted_trials("depth_mup", 0.0), "final/eval_loss"), "depth_mup",
                          {"width": 32.0, "depth": 256.0})
     assert prediction.flat_axes == ("depth",)
     assert prediction.log2_lr == pytest.approx(-5.0, abs=0.05)
@@ -175,7 +176,7 @@ def test_transfer_of_a_flat_parametrization_uses_every_proxy_and_far_targets_are
 
 def test_largest_rule_keeps_the_best_grid_point_of_the_largest_proxy() -> None:
     trials = planted_trials("mup", -0.5)
-    prediction = predict(trials, "final/eval_loss", "mup", {"width": 32.0, "depth": 64.0}, rule="largest")
+    prediction = predict(StudyAnalysis.of(trials, "final/eval_loss"), "mup", {"width": 32.0, "depth": 64.0}, rule="largest")
     deepest = [t for t in trials if t.spec.depth == 16]
     best_lr = min(LR_GRID, key=lambda lr: np.mean([t.metrics["final/eval_loss"] for t in deepest if t.spec.lr == lr]))
     assert prediction.lr == best_lr and prediction.rule == "largest"

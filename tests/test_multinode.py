@@ -347,7 +347,7 @@ def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
     study.write_text(yaml.safe_dump({
         "study": {"name": "array", "experiment": "tests", "base_config": str(base),
                   "output_dir": str(tmp_path / "trials"), "steps": 4},
-        "shapes": {"parametrizations": ["mup"], "widths": [16], "depths": [1]},
+        "shapes": {"variants": ["mup"], "widths": [16], "depths": [1]},
         "grid": {"lr": [1e-3, 1e-2, 1e-1], "momentum": [0.9]},
         "seeds": [0],
     }))

@@ -13,6 +13,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from mutransfer.cli import main
+from mutransfer.study.trial import TrialSpec
 
 STUDY = "report-study"
 LOG2_LRS = list(range(-11, -3))  # lr = 2**-11 .. 2**-4, one grid step = x2
@@ -62,11 +63,8 @@ def log_trial(client: MlflowClient, experiment: str, parent_id: str, shape: tupl
     key = f"{param}-w{width}-d{depth}-lr{log2_lr}-m{momentum}-s{seed}"
     run = client.create_run(experiment, run_name=key, tags={
         "mlflow.parentRunId": parent_id, "mutransfer.study": STUDY,
-        "mutransfer.trial_key": key, "mutransfer.role": "proxy", "mutransfer.width": str(width),
-        "mutransfer.depth": str(depth), "mutransfer.parametrization": param,
-        "mutransfer.lr": repr(2.0 ** log2_lr), "mutransfer.momentum": repr(momentum),
-        "mutransfer.weight_decay": "0.0", "mutransfer.seed": str(seed), "mutransfer.batch_size": "64",
-        "mutransfer.steps": "100",
+        "mutransfer.trial_key": key, "mutransfer.role": "proxy",
+        **TrialSpec(param, width, depth, 64, 100, 2.0 ** log2_lr, momentum, 0.0, seed).identity_tags(),
         "mutransfer.status": "diverged" if diverged else "finished",
     })
     value = 0.01 if diverged else loss(shape, log2_lr, momentum, seed)
@@ -96,7 +94,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_optima_csv_has_the_fitted_optimum_and_the_grid_argmin_of_every_shape(report) -> None:
-    rows = {(r["parametrization"], int(r["width"]), int(r["depth"])): r
+    rows = {(r["variant"], int(r["width"]), int(r["depth"])): r
             for r in read_csv(report["out"] / "optima.csv")}
     assert set(rows) == set(SHAPES)
     for shape, (best_log2_lr, best_momentum, _) in SHAPES.items():
@@ -114,7 +112,7 @@ def test_report_flags_the_planted_drift_and_passes_the_flat_parametrization(repo
     verdict = {line.split("**")[1].split(":")[0]: line for line in text.splitlines() if line.startswith("- **")}
     assert "drifts (depth -0.50 log2 per doubling)" in verdict["mup"]
     assert "depth_mup: transfers" in verdict["depth_mup"]
-    trends = {(r["parametrization"], r["axis"]): r for r in read_csv(report["out"] / "trends.csv")}
+    trends = {(r["variant"], r["axis"]): r for r in read_csv(report["out"] / "trends.csv")}
     assert float(trends[("mup", "depth")]["slope_per_doubling"]) == pytest.approx(-0.5, abs=0.02)
     assert trends[("mup", "depth")]["outcome"] == "drifts" and trends[("depth_mup", "depth")]["outcome"] == "holds"
     assert trends[("mup", "depth")]["bigger_is_better"] == "True"
@@ -135,7 +133,7 @@ def test_trials_csv_lists_every_trial_with_its_status(report) -> None:
     diverged = [r for r in rows if r["status"] != "finished"]
     assert len(diverged) == len(SEEDS)
     row = diverged[0]
-    assert (row["parametrization"], int(row["width"]), int(row["depth"])) == DIVERGED[0]
+    assert (row["variant"], int(row["width"]), int(row["depth"])) == DIVERGED[0]
     assert row["status"] == "diverged" and math.log2(float(row["lr"])) == DIVERGED[1]
 
 
@@ -171,3 +169,28 @@ def test_unknown_metric_is_a_usage_error_listing_the_logged_ones(report, capsys)
                  "--metric", "final/nope"])
     assert code == 2
     assert "final/eval_loss" in capsys.readouterr().err
+
+
+def test_report_and_transfer_read_one_analysis(report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One StudyAnalysis, loaded once, is what the report tabulates and what transfer predicts from: transfer
+    reads no trial again, and its law and held-out check are the very objects the report wrote."""
+    from mutransfer.study import store, study_analysis
+    from mutransfer.study.report import write_report
+    from mutransfer.study.transfer import plan_transfer
+
+    study = study_analysis.StudyAnalysis.load(report["client"], STUDY, "final/eval_loss")
+    written = write_report(report["client"], study, tmp_path / "report", log_to_parent=False)
+    assert written.analysis is study and written.artifact_uri is None
+    trends = {(r["variant"], r["axis"]): r for r in read_csv(tmp_path / "report" / "trends.csv")}
+    assert float(trends[("mup", "depth")]["slope_per_doubling"]) == pytest.approx(study.trends["mup"].verdicts["depth"].slope, abs=1e-4)
+
+    def no_second_read(*_args, **_kwargs):
+        raise AssertionError("transfer read the study's trials again")
+
+    monkeypatch.setattr(store, "load_trials", no_second_read)
+    monkeypatch.setattr(study_analysis, "load_trials", no_second_read)
+    target = tmp_path / "target.yaml"
+    target.write_text("run: {steps: 100}\nmodel: {parametrization: mup, width: 64, depth: 32}\ndata: {batch_size: 64}\n")
+    plan = plan_transfer(study, str(target), out=str(tmp_path / "planned.yaml"), tracking_uri=report["uri"])
+    assert plan.study is study and plan.prediction.variant == "mup"
+    assert plan.prediction.trend is study.trends["mup"] and plan.prediction.held_out is study.heldout["mup"]

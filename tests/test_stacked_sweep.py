@@ -34,7 +34,7 @@ def make_study(root: Path, shards: Path, **run_values) -> Path:
     path.write_text(yaml.safe_dump({
         "study": {"name": STUDY, "experiment": "tests", "base_config": str(base), "output_dir": str(root / "trials"),
                   "steps": 6},
-        "shapes": {"parametrizations": ["mup"], "widths": [16], "depths": [1]},
+        "shapes": {"variants": ["mup"], "widths": [16], "depths": [1]},
         "grid": {"lr": LRS, "momentum": [0.9]},
         "seeds": [0, 1],
     }))
@@ -114,11 +114,11 @@ def test_each_stacked_trial_is_recorded_as_the_same_trial_alone(shards, tmp_path
 
 def test_stacks_group_every_field_but_the_member_ones() -> None:
     def spec(**values) -> TrialSpec:
-        return TrialSpec(**{**dict(parametrization="mup", width=16, depth=1, batch_size=16, steps=6, lr=1e-3,
+        return TrialSpec(**{**dict(variant="mup", width=16, depth=1, batch_size=16, steps=6, lr=1e-3,
                                    momentum=0.9, weight_decay=0.0, seed=0), **values})
 
     trials = [spec(lr=lr, seed=seed) for lr in (1e-3, 1e-2, 1e-1) for seed in (0, 1)]
-    trials += [spec(width=32), spec(parametrization="sp", momentum=0.5, weight_decay=0.1, seed=2),
+    trials += [spec(width=32), spec(variant="sp", momentum=0.5, weight_decay=0.1, seed=2),
                spec(batch_size=32), spec(steps=12, lr=1e-2)]
     assert shape_key(trials[0]) == ("mup", 16, 1, 16, 6)  # every field but lr, momentum, weight decay, seed
     stacks = plan_stacks(trials, lambda trial, count: 4)

@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mutransfer.cli import main
 from mutransfer.study import ui
+from mutransfer.study.trial import TrialSpec
 from mutransfer.train.tracking import training_experiment_id
 
 pytestmark = pytest.mark.slow  # integration: real processes, engines or servers (make test-fast skips)
@@ -40,10 +41,8 @@ def build_study(root: Path) -> tuple[str, str, str, list[str]]:
     for lr in ("0.001", "0.002"):
         run = client.create_run(experiment, tags={
             "mlflow.parentRunId": parent.info.run_id, "mutransfer.study": STUDY, "mutransfer.role": "proxy",
-            "mutransfer.trial_key": f"t-{lr}", "mutransfer.lr": lr, "mutransfer.status": "finished",
-            "mutransfer.variant": "mup", "mutransfer.width": "32", "mutransfer.depth": "2",
-            "mutransfer.batch_size": "32", "mutransfer.steps": "10", "mutransfer.momentum": "0.9",
-            "mutransfer.weight_decay": "0.0", "mutransfer.seed": "0"})
+            "mutransfer.trial_key": f"t-{lr}", "mutransfer.status": "finished",
+            **TrialSpec("mup", 32, 2, 32, 10, float(lr), 0.9, 0.0, 0).identity_tags()})
         client.log_metric(run.info.run_id, "final/eval_loss", float(lr) * 1000)
         trials.append(run.info.run_id)
     client.create_run(experiment, tags={"mutransfer.study": "another-study", "mutransfer.role": "study"})

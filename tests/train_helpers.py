@@ -71,7 +71,7 @@ def write_study(root: Path, base: Path, name: str, experiment: str, lrs: list[fl
     path.write_text(yaml.safe_dump({
         "study": {"name": name, "experiment": experiment, "base_config": str(base),
                   "output_dir": str(root / "trials"), "steps": steps},
-        "shapes": {"parametrizations": ["mup"], "widths": [16, 32], "depths": [1]},
+        "shapes": {"variants": ["mup"], "widths": [16, 32], "depths": [1]},
         "grid": {"lr": list(lrs), "momentum": [0.9]},
         "seeds": [0],
     }))

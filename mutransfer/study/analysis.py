@@ -2,7 +2,7 @@
 
 Grid view (`optimum_per_shape`, `shifts`): the best grid point of the seed-averaged curves, for plots and
 `transfer --from largest`. Fitted view (`fit_shapes`, `trends`): each seed's optimum fitted between grid
-points (`fit.fit_optimum`), and the seed-averaged curve's optimum; per parametrization one law, fitted jointly
+points (`fit.fit_optimum`), and the seed-averaged curve's optimum; per variant one law, fitted jointly
 over every shape and seed: the optimum's log2(lr) linear in log2 of each axis the study varied (width, depth,
 global batch, training length), each slope judged by `AxisVerdict` against a tolerance per doubling, with its
 analytic standard error and a bootstrap over seeds as a check.
@@ -97,17 +97,17 @@ def axis_sizes(shape: Shape, unit: str = SAMPLES) -> dict[str, float]:
             "length": shape.samples if unit == SAMPLES else shape.steps}
 
 
-def reference_shape(shapes: list[Shape], parametrization: str) -> Shape | None:
-    """The smallest proxy of a parametrization: where shifts are measured from."""
-    own = [s for s in shapes if s[0] == parametrization]
+def reference_shape(shapes: list[Shape], variant: str) -> Shape | None:
+    """The smallest proxy of a variant: where shifts are measured from."""
+    own = [s for s in shapes if s.variant == variant]
     return min(own, key=proxy_size) if own else None
 
 
 def shifts(optima: dict[Shape, Optimum]) -> dict[Shape, tuple[int, int]]:
-    """(lr grid steps, momentum grid steps) of each shape's optimum from its parametrization's smallest shape."""
+    """(lr grid steps, momentum grid steps) of each shape's optimum from its variant's smallest shape."""
     out = {}
     for shape, opt in optima.items():
-        ref = optima[reference_shape(list(optima), shape[0])]
+        ref = optima[reference_shape(list(optima), shape.variant)]
         out[shape] = (opt.lr_step - ref.lr_step, opt.momentum_step - ref.momentum_step)
     return out
 
@@ -200,7 +200,7 @@ BOOTSTRAP_RESAMPLES = 400
 
 @dataclass(frozen=True)
 class AxisVerdict:
-    """How the optimum moves along one axis across a parametrization's proxies."""
+    """How the optimum moves along one axis across a variant's proxies."""
 
     axis: str
     slope: float  # log2 units per doubling
@@ -228,11 +228,11 @@ def judge(axis: str, slope: float, error: float, doublings: float,
 
 
 @dataclass(frozen=True)
-class ParamTrend:
-    """One parametrization's proxies: how the fitted lr (and momentum) optimum and its loss move along every
+class VariantTrend:
+    """One variant's proxies: how the fitted lr (and momentum) optimum and its loss move along every
     axis the study varied, as one law fitted over every shape and seed."""
 
-    parametrization: str
+    variant: str
     lr: fit.Trend
     momentum: fit.Trend | None
     loss: fit.Trend
@@ -309,8 +309,8 @@ def _verdicts(trend: fit.Trend, sizes: dict[str, tuple[float, float]],
             for axis in trend.axes}
 
 
-def trend_of(parametrization: str, fits: list[ShapeFit]) -> ParamTrend:
-    """Fit one parametrization's law over every shape and seed (each seed's optimum is one observation)."""
+def trend_of(variant: str, fits: list[ShapeFit]) -> VariantTrend:
+    """Fit one variant's law over every shape and seed (each seed's optimum is one observation)."""
     unit = length_unit([f.shape for f in fits])
     sizes, lr_ys = lr_observations(fits, unit)
     lr = fit.fit_trend(sizes, lr_ys, AXES)
@@ -323,18 +323,18 @@ def trend_of(parametrization: str, fits: list[ShapeFit]) -> ParamTrend:
                                lr.axes) if means else None
     ranges = {a: (min(s[a] for s in sizes), max(s[a] for s in sizes)) for a in AXES}
     boot = bootstrap_errors(fits, unit, lr.axes)
-    return ParamTrend(
-        parametrization, lr, momentum, loss, _verdicts(lr, ranges, boot),
+    return VariantTrend(
+        variant, lr, momentum, loss, _verdicts(lr, ranges, boot),
         _verdicts(momentum, ranges) if momentum else {},
         edge_optima=sum(1 for f in fits for o in f.lr.per_seed if o.edge), observations=len(lr_ys), sizes=ranges,
         length_unit=unit, bootstrap_errors=boot, mean_curve_lr=mean_curve,
     )
 
 
-def trends(fits: dict[Shape, ShapeFit]) -> dict[str, ParamTrend]:
-    """A trend per parametrization label."""
-    labels = sorted({shape[0] for shape in fits})
-    return {p: trend_of(p, [f for s, f in fits.items() if s[0] == p]) for p in labels}
+def trends(fits: dict[Shape, ShapeFit]) -> dict[str, VariantTrend]:
+    """A trend per variant."""
+    variants = sorted({shape.variant for shape in fits})
+    return {v: trend_of(v, [f for s, f in fits.items() if s.variant == v]) for v in variants}
 
 
 # --- in words -------------------------------------------------------------------------------------------
@@ -350,7 +350,7 @@ def axis_sentence(verdict: AxisVerdict, sizes: tuple[float, float], what: str = 
             f"across the proxies ({small:g} -> {large:g}) it moves {verdict.drift:+.2f} log2: {verdict.outcome}")
 
 
-def target_sentence(trend: ParamTrend, target: dict[str, float], what: str = "optimal lr") -> list[str]:
+def target_sentence(trend: VariantTrend, target: dict[str, float], what: str = "optimal lr") -> list[str]:
     """Per varying axis: how far the target lies beyond the largest proxy and where the trend puts its optimum."""
     lines = []
     for axis, verdict in trend.verdicts.items():
@@ -360,27 +360,27 @@ def target_sentence(trend: ParamTrend, target: dict[str, float], what: str = "op
     return lines
 
 
-def summary_sentence(trend: ParamTrend) -> str:
+def summary_sentence(trend: VariantTrend) -> str:
     """One line a user can act on: transfers, drifts (which axis, how much), or cannot tell yet."""
     worse = [axis for axis, better in trend.bigger_is_better.items() if not better]
     caveat = (f" Warning: the loss at the optimum does not fall with {' and '.join(worse)}, so this study cannot "
               "judge transfer along it." if worse else "")
     drifting = [v for a, v in trend.verdicts.items() if v.outcome == "drifts" and a in SHAPE_AXES]
     if trend.transfers:
-        head = f"{trend.parametrization}: transfers (every slope within {TOLERANCE_PER_DOUBLING:.2f} log2 per doubling)."
+        head = f"{trend.variant}: transfers (every slope within {TOLERANCE_PER_DOUBLING:.2f} log2 per doubling)."
     elif drifting:
         parts = [f"{v.axis} {v.slope:+.2f} log2 per doubling" for v in drifting]
-        head = f"{trend.parametrization}: drifts ({', '.join(parts)}): tune at the target's size or extrapolate."
+        head = f"{trend.variant}: drifts ({', '.join(parts)}): tune at the target's size or extrapolate."
     elif not any(a in SHAPE_AXES for a in trend.verdicts):
-        head = f"{trend.parametrization}: one proxy width and depth only, nothing to compare."
+        head = f"{trend.variant}: one proxy width and depth only, nothing to compare."
     else:
-        head = f"{trend.parametrization}: cannot tell yet (the slopes' errors exceed the tolerance): add seeds."
+        head = f"{trend.variant}: cannot tell yet (the slopes' errors exceed the tolerance): add seeds."
     edges = (f" {trend.edge_optima} of {trend.observations} seed optima sit on a grid edge (bounds, not fits): "
              "widen the lr grid." if trend.edge_optima else "")
     return head + schedule_sentence(trend) + edges + caveat
 
 
-def schedule_sentence(trend: ParamTrend) -> str:
+def schedule_sentence(trend: VariantTrend) -> str:
     """' The optimum moves with length (-0.22 +- 0.03 log2 per doubling): transfer extrapolates it.' for the
     batch and length axes whose slope is significant; '' otherwise."""
     moving = [v for a, v in trend.verdicts.items() if a not in SHAPE_AXES and abs(v.slope) > 2 * v.error]

@@ -166,15 +166,21 @@ def _write_sweep_array(args: argparse.Namespace, cfg) -> int:
 
 
 def transfer_command(args: argparse.Namespace) -> int:
+    from mutransfer.train.tracking import resolve_tracking_uri
+
+    from .store import client_for
+    from .study_analysis import StudyAnalysis
     from .transfer import check_target_exists, describe, launch_target, plan_transfer
 
     check_target_exists(args.target)
     if args.ranks is not None and args.ranks < 1:
         raise UsageError(f"--ranks must be at least 1, got {args.ranks}")
     ranks = args.ranks or (1 if args.launch and args.launcher == "inprocess" else None)  # in-process: one rank
-    plan = plan_transfer(args.study, args.target, args.out, args.metric, args.tracking_uri, args.experiment,
-                         args.num_gpus, args.overrides, args.rule, ranks, args.assume, args.keep_beta2_half_life)
-    print(describe(plan, args.metric))
+    uri = resolve_tracking_uri(args.tracking_uri)
+    study = StudyAnalysis.load(client_for(uri), args.study, args.metric, args.experiment)
+    plan = plan_transfer(study, args.target, args.out, uri, args.num_gpus, args.overrides, args.rule, ranks,
+                         args.assume, args.keep_beta2_half_life)
+    print(describe(plan))
     return launch_target(plan, args.launcher) if args.launch else 0
 
 
@@ -190,6 +196,7 @@ def report_command(args: argparse.Namespace) -> int:
     from . import analysis
     from .report import ARTIFACT_PATH, write_report
     from .store import client_for
+    from .study_analysis import StudyAnalysis
     from .ui import local_store_path
 
     uri = resolve_tracking_uri(args.tracking_uri)
@@ -200,20 +207,20 @@ def report_command(args: argparse.Namespace) -> int:
     if store is not None and not store.exists():  # opening a missing sqlite file would create an empty store
         raise UsageError(f"no MLflow store at {store} ({uri})")
     client = client_for(uri)
-    result = write_report(client, args.study, args.out, metric=args.metric, experiment=args.experiment,
-                          log_to_parent=not args.no_log)
-    print(f"report of study {args.study!r}: {len(result['files'])} files in {Path(args.out).resolve()}")
-    for file in result["files"]:
+    study = StudyAnalysis.load(client, args.study, args.metric, args.experiment)
+    written = write_report(client, study, args.out, log_to_parent=not args.no_log)
+    print(f"report of study {args.study!r}: {len(written.files)} files in {Path(args.out).resolve()}")
+    for file in written.files:
         print(f"  {file}")
     from .holdout import sentence
 
-    for label, trend in result["trends"].items():
+    for variant, trend in study.trends.items():
         print("  " + analysis.summary_sentence(trend))
         for axis, verdict in trend.verdicts.items():
             print("    " + analysis.axis_sentence(verdict, trend.sizes[axis]))
-        print("    " + sentence(result["heldout"].get(label, [])))
-    if result["artifact_uri"]:
-        print(f"logged to run {result['parent_run_id']} under {ARTIFACT_PATH}/ ({result['artifact_uri']})")
+        print("    " + sentence(study.heldout.get(variant, [])))
+    if written.artifact_uri:
+        print(f"logged to run {study.parent.info.run_id} under {ARTIFACT_PATH}/ ({written.artifact_uri})")
     return 0
 
 

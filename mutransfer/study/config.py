@@ -1,8 +1,9 @@
 """A proxy study: which shapes, which grid, which budget. YAML in, typed sections out.
 
     study:   name, experiment, base_config (a run config), overrides, output_dir, steps, metric
-    shapes:  parametrizations x widths x depths x batch_sizes x lengths (or an explicit `list` of shapes); a
-             parametrization is a label: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75; a
+    shapes:  variants x widths x depths x batch_sizes x lengths (or an explicit `list` of shapes); a
+             variant is a parametrization plus its knobs, spelled as a label, e.g. depth_mup+fle0.5 or
+             depth_mup+alpha0.75 (`parametrizations`, the key's old name, is read as `variants`); a
              batch is global (samples per optimizer step); a length is given in `steps`, `samples` or `epochs`
              (one of them; none: study.steps) and stored as steps (samples / batch, epochs x the split's size
              / batch), each length its own run with its own warmup and decay
@@ -67,17 +68,19 @@ class StudySection(Section):
 
 
 LENGTH_UNITS = ("steps", "samples", "epochs")
-SHAPE_KEYS = {"parametrization", "width", "depth", "batch_size", *LENGTH_UNITS}
+SHAPE_KEYS = {"variant", "width", "depth", "batch_size", *LENGTH_UNITS}
+OLD_NAMES = {"parametrizations": "variants", "parametrization": "variant"}
+"""Keys studies written before the rename still use: read under their new names."""
 
 
 @dataclass
 class ShapeSection(Section):
-    """The proxy shapes: parametrization labels x widths x depths x batch sizes x lengths, or an explicit list."""
+    """The proxy shapes: variants x widths x depths x batch sizes x lengths, or an explicit list."""
 
-    parametrizations: list[str] = field(default_factory=lambda: ["mup"])
-    """Parametrization labels: a name plus knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75."""
+    variants: list[str] = field(default_factory=lambda: ["mup"])
+    """Variants: a parametrization plus its knobs, e.g. depth_mup+fle0.5 or depth_mup+alpha0.75."""
     widths: list[int] = field(default_factory=list)
-    """Proxy widths (every label x width x depth x batch x length is a shape)."""
+    """Proxy widths (every variant x width x depth x batch x length is a shape)."""
     depths: list[int] = field(default_factory=list)
     """Proxy depths."""
     batch_sizes: list[int] = field(default_factory=list)
@@ -89,7 +92,7 @@ class ShapeSection(Section):
     epochs: list[float] = field(default_factory=list)
     """Training lengths in epochs of the base config's training split (rounded to whole steps)."""
     list: list[dict[str, Any]] = field(default_factory=list)
-    """Explicit shapes, each {parametrization, width, depth} and optionally batch_size and one of steps,
+    """Explicit shapes, each {variant, width, depth} and optionally batch_size and one of steps,
     samples, epochs, instead of the product above."""
 
     def length_unit(self) -> str | None:
@@ -100,17 +103,17 @@ class ShapeSection(Section):
         if len([unit for unit in LENGTH_UNITS if getattr(self, unit)]) > 1:
             raise ConfigError("steps", "give the lengths in one unit: steps, samples or epochs")
         for item in self.list:
-            if (not isinstance(item, dict) or not {"parametrization", "width", "depth"} <= set(item)
+            if (not isinstance(item, dict) or not {"variant", "width", "depth"} <= set(item)
                     or not set(item) <= SHAPE_KEYS or len(set(item) & set(LENGTH_UNITS)) > 1):
-                raise ConfigError("list", "each shape needs parametrization, width and depth, and may give "
+                raise ConfigError("list", "each shape needs variant, width and depth, and may give "
                                   f"batch_size and one of steps, samples, epochs; got {item!r}")
         if not self.list and not (self.widths and self.depths):
             raise ConfigError("widths", "no proxy shapes: give widths and depths, or a list")
-        for label in {str(s["parametrization"]) for s in self.list} | set(self.parametrizations if not self.list else ()):
+        for variant in {str(s["variant"]) for s in self.list} | set(self.variants if not self.list else ()):
             try:
-                parse_label(label)
+                parse_label(variant)
             except ValueError as err:
-                raise ConfigError("parametrizations", str(err)) from None
+                raise ConfigError("variants", str(err)) from None
         sizes = [*self.widths, *self.depths, *self.batch_sizes, *self.steps, *self.samples]
         sizes += [s[k] for s in self.list for k in ("width", "depth", "batch_size", "steps", "samples") if k in s]
         if any(not isinstance(v, int) or v < 1 for v in sizes) or any(not e > 0 for e in self.epochs):
@@ -121,18 +124,18 @@ class ShapeSection(Section):
         """Every shape, lengths turned into steps for each batch (ConfigError where they do not divide)."""
         default_batch = global_batch(base)
         if self.list:
-            return [_shape(base, str(s["parametrization"]), int(s["width"]), int(s["depth"]),
+            return [_shape(base, str(s["variant"]), int(s["width"]), int(s["depth"]),
                            int(s.get("batch_size", default_batch)),
                            next(((u, s[u]) for u in LENGTH_UNITS if u in s), ("steps", default_steps)))
                     for s in self.list]
         unit = self.length_unit()
         lengths = [(unit, v) for v in getattr(self, unit)] if unit else [("steps", default_steps)]
-        return [_shape(base, label, width, depth, batch, length) for label, width, depth, batch, length in
-                itertools.product(self.parametrizations, self.widths, self.depths,
+        return [_shape(base, variant, width, depth, batch, length) for variant, width, depth, batch, length in
+                itertools.product(self.variants, self.widths, self.depths,
                                   self.batch_sizes or [default_batch], lengths)]
 
 
-def _shape(base: RunConfig, label: str, width: int, depth: int, batch: int, length: tuple[str, float]) -> Shape:
+def _shape(base: RunConfig, variant: str, width: int, depth: int, batch: int, length: tuple[str, float]) -> Shape:
     """One shape with its length in steps: samples / batch (exact), epochs x the split's size / batch (rounded)."""
     unit, value = length
     if unit == "steps":
@@ -143,7 +146,7 @@ def _shape(base: RunConfig, label: str, width: int, depth: int, batch: int, leng
         steps = int(value) // batch
     else:
         steps = max(1, round(value * samples_per_epoch(base) / batch))
-    return Shape(label, width, depth, batch, steps)
+    return Shape(variant, width, depth, batch, steps)
 
 
 @dataclass
@@ -236,10 +239,42 @@ def resolve_path(path: str, relative_to: str) -> str:
     return str(candidate) if candidate.exists() else path
 
 
+def _renamed_shape_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with the shapes section's old key names (`OLD_NAMES`) under their new ones, in the section and in
+    each explicit shape; a section that gives a key under both names is an error."""
+    shapes = raw.get("shapes")
+    if not isinstance(shapes, dict):
+        return raw  # build_section names what is wrong with it
+    shapes = _renamed(shapes, "shapes")
+    if isinstance(shapes.get("list"), list):
+        shapes["list"] = [_renamed(item, "shapes.list") if isinstance(item, dict) else item for item in shapes["list"]]
+    return {**raw, "shapes": shapes}
+
+
+def _renamed(values: dict[str, Any], where: str) -> dict[str, Any]:
+    out = dict(values)
+    for old, new in OLD_NAMES.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{where}.{old}", f"is the old name of {new}: give one of them")
+            out[new] = out.pop(old)
+    return out
+
+
+
+def _renamed_override(override: str) -> str:
+    """`shapes.parametrizations=[mup]` as `shapes.variants=[mup]`; any other override as it is."""
+    key, sep, value = override.partition("=")
+    head, _, rest = key.strip().partition(".")
+    if head == "shapes" and rest in OLD_NAMES:
+        return f"shapes.{OLD_NAMES[rest]}{sep}{value}"
+    return override
+
+
 def load_study(path: str | os.PathLike, overrides: list[str] = ()) -> StudyConfig:
     """A study from YAML with the command line's dotted overrides; its base run config is read and checked
     here, once."""
-    raw = apply_overrides(read_yaml_mapping(path), list(overrides))
+    raw = apply_overrides(_renamed_shape_keys(read_yaml_mapping(path)), [_renamed_override(o) for o in overrides])
     cfg = build_section(StudyConfig, raw)
     cfg.source = str(path)
     base_path = resolve_path(cfg.study.base_config, cfg.source)

@@ -91,21 +91,21 @@ def _sweep(cfg, shards: Path, uri: str):
     from .sweep import run_sweep
 
     print(f"[demo] study {cfg.study.name}: {len(cfg.trials())} proxy trials "
-          f"({', '.join(sorted(set(cfg.shapes.parametrizations)))}; widths {cfg.shapes.widths}, depths "
+          f"({', '.join(sorted(set(cfg.shapes.variants)))}; widths {cfg.shapes.widths}, depths "
           f"{cfg.shapes.depths}; {len(cfg.lrs())} learning rates; seeds {cfg.seeds}), {cfg.study.steps} steps each",
           flush=True)
     return run_sweep(cfg, tracking_uri=uri)
 
 
-def _train_target(cfg, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict]:
-    """Transfer by the fitted trend to the recommended target, and train it."""
+def _train_target(study, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict]:
+    """Transfer by the fitted trend of the study's analysis to the recommended target, and train it."""
     from .transfer import describe, launch_target, plan_transfer
 
     target_dir = out_dir / "target"
-    plan = plan_transfer(cfg.study.name, str(CONFIGS / "demo_target.yaml"), out=str(target_dir / "target.yaml"),
-                         metric=cfg.study.metric, tracking_uri=uri, experiment=cfg.study.experiment, num_gpus=2, ranks=1,
+    plan = plan_transfer(study, str(CONFIGS / "demo_target.yaml"), out=str(target_dir / "target.yaml"),
+                         tracking_uri=uri, num_gpus=2, ranks=1,
                          overrides=[f"data.shards_dir={shards}", f"run.output_dir={target_dir}", "run.resume=never"])
-    print(describe(plan, cfg.study.metric), flush=True)
+    print(describe(plan), flush=True)
     for old in (target_dir / "checkpoints").glob("step_*"):  # a rerun of the demo trains the target afresh
         shutil.rmtree(old)
     print("[demo] training the target with the transferred settings", flush=True)
@@ -117,6 +117,7 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
     from .config import load_study
     from .report import write_report
     from .store import client_for
+    from .study_analysis import StudyAnalysis
 
     start = time.perf_counter()
     out_dir = Path(out)
@@ -128,9 +129,10 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
     summary = _sweep(cfg, shards, uri)
     print(f"[demo] sweep done after {time.perf_counter() - start:.0f} s", flush=True)
     report_dir = out_dir / "report"
-    report = write_report(client_for(uri), cfg.study.name, report_dir, metric=cfg.study.metric,
-                          experiment=cfg.study.experiment)
-    code, result = _train_target(cfg, out_dir, shards, uri)
+    client = client_for(uri)
+    study = StudyAnalysis.load(client, cfg.study.name, cfg.study.metric, cfg.study.experiment)
+    write_report(client, study, report_dir)  # the report, the transfer and the verdict read this one analysis
+    code, result = _train_target(study, out_dir, shards, uri)
     minutes = (time.perf_counter() - start) / 60
     ui = "mutransfer ui --study " + cfg.study.name + ("" if tracking_uri is None else f" --tracking-uri {uri}")
     print(f"\n[demo] done in {minutes:.1f} min: {len(summary.ran)} trials run, {len(summary.skipped)} reused; "
@@ -138,5 +140,5 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
           f"top-1 {result['eval'].get('eval/top1', float('nan')):.3f}")
     print(f"[demo] plots and tables: {report_dir.resolve()} (lr_curves.png, trend.png, optima.md)")
     print(f"[demo] MLflow store: {uri}; open the UI with:  {ui}")
-    print("\n".join(verdict_lines(report["trends"])))
+    print("\n".join(verdict_lines(study.trends)))
     return code

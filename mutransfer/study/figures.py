@@ -1,12 +1,12 @@
 """The two figures that show transfer at a glance (PNG, matplotlib's object API, no global state).
 
-- `transfer_curves`: metric vs log2(lr), one panel per parametrization, one curve per proxy shape (labelled by
+- `transfer_curves`: metric vs log2(lr), one panel per variant, one curve per proxy shape (labelled by
   the axes the study varies: width, depth, batch, length), the fitted optimum of each curve starred with its
-  seed spread as a horizontal bar; where several axes vary, a panel per parametrization and axis, its curves
+  seed spread as a horizontal bar; where several axes vary, a panel per variant and axis, its curves
   moving along that axis only. Flat transfer shows as stars stacked on one vertical line.
 - `trend_figure`: a column per varying axis (width, depth, global batch, training length): the fitted
   optimum's log2(lr) against log2(size) with its seed spread and the law's slope along that axis for each
-  parametrization (top row), and the loss at the optimum (bottom row), which must fall as the proxies grow
+  variant (top row), and the loss at the optimum (bottom row), which must fall as the proxies grow
   (longer training must reach a lower loss) for the study to mean anything.
 """
 
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .analysis import AXES, ParamTrend, Shape, ShapeFit, axis_sizes, length_unit
+from .analysis import AXES, Shape, ShapeFit, VariantTrend, axis_sizes, length_unit
 
 
 def _size_colours(sizes: list[tuple[int, ...]]) -> dict[tuple[int, ...], Any]:
@@ -41,7 +41,7 @@ def _curve_panel(ax: Any, shapes: list[Shape], curves: dict[Shape, dict[float, f
     """One panel: a curve per shape, its fitted optimum starred with the seed spread as a bar."""
     ax.grid(alpha=0.3)
     ax.set_ylim(*y_limits)
-    for shape in sorted(shapes, key=lambda s: (s[1] * s[2], s)):
+    for shape in sorted(shapes, key=lambda s: (s.width * s.depth, s)):
         colour = colours[tuple(shape[1:])]
         points = sorted((math.log2(lr), v) for lr, v in curves[shape].items() if math.isfinite(v))
         if points:
@@ -63,16 +63,16 @@ def _along(shapes: list[Shape], axis: str, varying: list[str]) -> list[Shape]:
 def transfer_curves(curves: dict[Shape, dict[float, float]], fits: dict[Shape, ShapeFit],
                     y_limits: tuple[float, float], metric: str, title: str, path: Path) -> None:
     """`curves`: per shape, the seed-mean metric at each lr (lr profile: best over the rest). One panel per
-    parametrization; where several axes vary, a row per parametrization and a panel per axis, whose curves
+    variant; where several axes vary, a row per variant and a panel per axis, whose curves
     move along that axis with the others at their largest values."""
     from matplotlib.figure import Figure
 
-    labels = sorted({s[0] for s in curves})
+    variants = sorted({s.variant for s in curves})
     varying = _varying(list(curves))
     colours = _size_colours(sorted({tuple(s[1:]) for s in curves}))
-    panels = ([(label, [s for s in curves if s[0] == label], label) for label in labels] if len(varying) < 2 else
-              [(label, _along([s for s in curves if s[0] == label], axis, varying), f"{label}: along {axis}")
-               for label in labels for axis in varying])
+    panels = ([(v, [s for s in curves if s.variant == v], v) for v in variants] if len(varying) < 2 else
+              [(v, _along([s for s in curves if s.variant == v], axis, varying), f"{v}: along {axis}")
+               for v in variants for axis in varying])
     columns = min(len(panels), 3) if len(varying) < 2 else len(varying)
     rows = math.ceil(len(panels) / columns)
     fig = Figure(figsize=(4.6 * columns + 0.4, 3.6 * rows + 0.9), layout="constrained")
@@ -103,28 +103,28 @@ def _log_size(f: ShapeFit, axis: str, unit: str) -> float:
     return math.log2(axis_sizes(f.shape, unit)[axis])
 
 
-def _trend_column(top: Any, bottom: Any, axis: str, fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend],
+def _trend_column(top: Any, bottom: Any, axis: str, fits: dict[Shape, ShapeFit], trends: dict[str, VariantTrend],
                   colours: dict[str, Any], varying: list[str]) -> None:
-    """One varying axis: per label, a curve family (one line per value of the other axes) of the fitted
+    """One varying axis: per variant, a curve family (one line per value of the other axes) of the fitted
     optimum (top) and the loss there (bottom), and the law's slope through the mean of the points."""
-    for label, trend in sorted(trends.items()):
-        own = [f for s, f in fits.items() if s[0] == label]
+    for variant, trend in sorted(trends.items()):
+        own = [f for s, f in fits.items() if s.variant == variant]
         verdict = trend.verdicts.get(axis)
-        name = label + (f": {verdict.slope:+.2f}+-{verdict.error:.2f}/doubling, {verdict.outcome}" if verdict else "")
+        name = variant + (f": {verdict.slope:+.2f}+-{verdict.error:.2f}/doubling, {verdict.outcome}" if verdict else "")
         for i, family in enumerate(_families(own, axis, trend.length_unit, varying)):
             xs = [_log_size(f, axis, trend.length_unit) for f in family]
             top.errorbar(xs, [f.lr.x for f in family], yerr=[f.lr.spread for f in family], marker="o", capsize=3,
-                         linestyle=":", linewidth=0.8, color=colours[label], label=None if i else name)
-            bottom.plot(xs, [f.lr.value for f in family], "-o", color=colours[label], markersize=4,
-                        label=None if i else label)
+                         linestyle=":", linewidth=0.8, color=colours[variant], label=None if i else name)
+            bottom.plot(xs, [f.lr.value for f in family], "-o", color=colours[variant], markersize=4,
+                        label=None if i else variant)
         if verdict:  # the law's slope along this axis, through the mean of the points
             xs = [_log_size(f, axis, trend.length_unit) for f in own]
             mid_x, mid_y = sum(xs) / len(xs), sum(f.lr.x for f in own) / len(own)
             top.plot([min(xs), max(xs)], [mid_y + verdict.slope * (x - mid_x) for x in (min(xs), max(xs))],
-                     color=colours[label], linewidth=1.6)
+                     color=colours[variant], linewidth=1.6)
 
 
-def trend_figure(fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend], metric: str, title: str,
+def trend_figure(fits: dict[Shape, ShapeFit], trends: dict[str, VariantTrend], metric: str, title: str,
                  path: Path) -> None:
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -132,7 +132,7 @@ def trend_figure(fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend], met
     varying = _varying(list(fits)) or ["depth"]
     fig = Figure(figsize=(5.6 * len(varying) + 0.4, 7.4), layout="constrained")
     axes = fig.subplots(2, len(varying), squeeze=False, sharex="col")
-    colours = {label: colormaps["tab10"](i % 10) for i, label in enumerate(sorted(trends))}
+    colours = {variant: colormaps["tab10"](i % 10) for i, variant in enumerate(sorted(trends))}
     for col, axis in enumerate(varying):
         top, bottom = axes[0][col], axes[1][col]
         _trend_column(top, bottom, axis, fits, trends, colours, varying)
@@ -150,7 +150,7 @@ def trend_figure(fits: dict[Shape, ShapeFit], trends: dict[str, ParamTrend], met
     fig.savefig(path, dpi=110)
 
 
-def axis_title(axis: str, trends: dict[str, ParamTrend]) -> str:
+def axis_title(axis: str, trends: dict[str, VariantTrend]) -> str:
     """'length (samples)' or 'batch (at fixed steps)': what the axis is measured in."""
     units = {t.length_unit for t in trends.values()} or {"samples"}
     unit = units.pop() if len(units) == 1 else "samples"

@@ -1,4 +1,4 @@
-"""The per-shape grid figures of a report: metric vs lr (or momentum) per width, one panel per parametrization
+"""The per-shape grid figures of a report: metric vs lr (or momentum) per width, one panel per variant
 and depth, and the lr x momentum heat map of one shape. The y range is clipped to what matters (near the
 optimum, below chance loss) and off-scale or diverged points are marked, not dropped.
 """
@@ -152,23 +152,23 @@ def curve_figure(
     title: str,
     path: Path,
 ) -> None:
-    """One panel per (parametrization, depth), one curve per width (and batch and length where they vary);
+    """One panel per (variant, depth), one curve per width (and batch and length where they vary);
     shared axes, clipped y."""
     from matplotlib.figure import Figure
 
-    parametrizations = sorted({s[0] for s in curves})
-    depths = sorted({s[2] for s in curves})
+    variants = sorted({s.variant for s in curves})
+    depths = sorted({s.depth for s in curves})
     colours = _size_colours(sorted({_curve_key(s) for s in curves}))
     fig_width = max(6.5, 4.2 * len(depths) + 0.6)
-    fig = Figure(figsize=(fig_width, 3.3 * len(parametrizations) + 1.3), layout="constrained")
-    axes = fig.subplots(len(parametrizations), len(depths), sharex=True, sharey=True, squeeze=False)
+    fig = Figure(figsize=(fig_width, 3.3 * len(variants) + 1.3), layout="constrained")
+    axes = fig.subplots(len(variants), len(depths), sharex=True, sharey=True, squeeze=False)
     marks: set[str] = set()  # "diverged" / "clipped" where some panel shows them
-    for row, label in enumerate(parametrizations):
+    for row, variant in enumerate(variants):
         for col, depth in enumerate(depths):
             ax = axes[row][col]
-            _panel_frame(ax, f"{label}, depth {depth}", y, x_label if row == len(parametrizations) - 1 else None,
+            _panel_frame(ax, f"{variant}, depth {depth}", y, x_label if row == len(variants) - 1 else None,
                          metric if col == 0 else None)
-            panel = sorted((s for s in curves if s[0] == label and s[2] == depth), key=_curve_key)
+            panel = sorted((s for s in curves if s.variant == variant and s.depth == depth), key=_curve_key)
             if not panel:
                 ax.text(0.5, 0.5, "no trials", transform=ax.transAxes, ha="center", va="center", color="grey")
             for band_row, shape in enumerate(panel):
@@ -290,8 +290,8 @@ def heatmap(
     ax.set_yticks(range(len(momentum_grid)), [f"{m:g}" for m in momentum_grid])
     ax.set_xlabel("log2 learning rate")
     ax.set_ylabel("momentum")
-    label, width, depth = shape[:3]
-    ax.set_title(f"{study}: {label}, width {width}, depth {depth}, batch {shape[3]}, steps {shape[4]}\n"
+    ax.set_title(f"{study}: {shape.variant}, width {shape.width}, depth {shape.depth}, batch {shape.batch_size}, "
+                 f"steps {shape.steps}\n"
                  f"{metric} (grey x = diverged or failed, "
                  f"red = optimum, best over weight decay)", fontsize=9)
     fig.colorbar(image, ax=ax, label=metric, extend="max" if minimised else "min")

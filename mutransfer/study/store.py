@@ -4,22 +4,21 @@ A study is one parent run (tags `mutransfer.study=<name>`, `mutransfer.role=stud
 experiment. Each trial is a child run (`mlflow.parentRunId`) tagged with:
 
     mutransfer.study, mutransfer.trial_key, mutransfer.role=proxy (target for the transferred run),
-    mutransfer.width, mutransfer.depth, mutransfer.variant (the parametrization label), mutransfer.batch_size,
-    mutransfer.steps, mutransfer.lr, mutransfer.momentum, mutransfer.weight_decay, mutransfer.seed,
-    mutransfer.status (a `tags.RunStatus`)
+    mutransfer.trial (the run's identity: one JSON object of every TrialSpec field, written by the trainer
+    through `tags.identity_tags`), a copy of each of its fields under its own tag for MLflow's UI
+    (mutransfer.variant, mutransfer.width, ...), and mutransfer.status (a `tags.RunStatus`)
 
 (the names are those of `mutransfer.tags`) and holds the trainer's metrics, among them `final/eval_loss`,
 `final/eval_top1`, `final/train_loss`, and its resolved config as params.
 
-Reading back is strict: a run that lacks one of these is an error naming the run, never a default. Runs
-recorded before the batch and length tags existed are read from the config the run itself logged as params
-(global batch = data.batch_size x optim.accumulation x world_size, length = run.steps): that is exactly what
-the run trained with. Only where those params are missing too (or the run trained by epochs) is it an error;
-the study's current config is never used, since it may have changed since the run.
+Reading back is strict and reads the identity from `mutransfer.trial` only: a run without it, or with a field
+missing, of the wrong type or out of range, is a StoredRunError naming the run, never a default. The
+single-field copies are not read (a user may edit them in the UI; they are not what the run trained).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,36 +122,18 @@ def load_trials(client, study: str, experiment: str | None = None, role: str | N
 
 
 def stored_spec(run) -> TrialSpec:
-    """The TrialSpec a stored run trained, from its tags (batch and length from its logged config for runs
-    recorded before those tags existed)."""
-    found, params = run.data.tags, run.data.params
-
-    def read(tag: str, kind: type, fallback: Any = None) -> Any:
-        raw = found.get(tag, fallback)
-        try:
-            if raw is None:
-                raise ValueError("missing")
-            return kind(float(raw)) if kind is int else kind(raw)
-        except (TypeError, ValueError):
-            raise StoredRunError(f"run {run.info.run_id} ({found.get(tags.TRIAL_KEY, run.info.run_name)}) has no "
-                                 f"valid tag {tag} (got {raw!r}): it was not recorded by this version of "
-                                 "mutransfer; delete it or tag it") from None
-
-    label = found.get(tags.VARIANT) or found.get(tags.PARAMETRIZATION)
-    return TrialSpec(parametrization=read(tags.VARIANT, str, label), width=read(tags.WIDTH, int),
-                     depth=read(tags.DEPTH, int), batch_size=read(tags.BATCH_SIZE, int, _logged_batch(params)),
-                     steps=read(tags.STEPS, int, params.get("run.steps")), lr=read(tags.LR, float),
-                     momentum=read(tags.MOMENTUM, float),
-                     weight_decay=read(tags.WEIGHT_DECAY, float, params.get("optim.weight_decay")),
-                     seed=read(tags.SEED, int, params.get("run.seed")))
-
-
-def _logged_batch(params: dict[str, str]) -> str | None:
-    """The global batch from a run's logged config, or None where it did not log one."""
+    """The TrialSpec a stored run trained, from its `mutransfer.trial` tag; StoredRunError naming the run when
+    the tag is missing or any field of it is missing or malformed."""
+    found = run.data.tags
+    where = f"run {run.info.run_id} ({found.get(tags.TRIAL_KEY, run.info.run_name)})"
+    raw = found.get(tags.TRIAL)
+    if raw is None:
+        raise StoredRunError(f"{where} has no tag {tags.TRIAL}: it was recorded by a mutransfer older than that "
+                             "tag, or not by mutransfer; delete it, or sweep the study again in a new experiment")
     try:
-        return str(int(params["data.batch_size"]) * int(params["optim.accumulation"]) * int(params["world_size"]))
-    except (KeyError, ValueError):
-        return None
+        return TrialSpec.from_identity(json.loads(raw))
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise StoredRunError(f"{where} has a malformed tag {tags.TRIAL} ({err}): {raw!r}") from None
 
 
 def latest_per_key(trials: list[Trial]) -> list[Trial]:

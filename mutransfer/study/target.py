@@ -4,7 +4,7 @@ the rules that move weight decay and Adam's beta2 with the target's lr, batch an
 
 - Size: width and depth (zoo defaults filled in), the global batch (data.batch_size x optim.accumulation x
   data-parallel ranks) and the length in steps (run.steps, or run.epochs x steps per epoch) and samples.
-- Matching: the parametrization by its resolved values (name, alpha, first-layer exponent), not its spelling;
+- Matching: the variant by its resolved values (name, alpha, first-layer exponent), not its spelling;
   then `MATCHED_FIELDS`, each compared with the proxies' logged config, defaults resolved on both sides.
 - `ASSUMED`: slopes per doubling, each with its source, for a batch or a length the study did not vary.
 - Weight decay by its timescale (Wang & Aitchison, arXiv 2405.13698; Bergsma et al., arXiv 2505.13738): AdamW's
@@ -42,28 +42,28 @@ def target_sizes(cfg: RunConfig, ranks: int) -> dict[str, float]:
             "samples": float(batch * steps)}
 
 
-def resolved_label(cfg: RunConfig):
-    """The target's Parametrization, as its model would resolve it."""
+def resolved_variant(cfg: RunConfig):
+    """The target's variant as its model would resolve it (a `Parametrization`, whose `label` spells it)."""
     from mutransfer.models.parametrization import resolve_parametrization
 
     return resolve_parametrization(cfg.model.parametrization, alpha=cfg.model.alpha,
                                    first_layer_lr_exponent=cfg.model.first_layer_lr_exponent)
 
 
-def matching_label(cfg: RunConfig, labels: set[str]) -> str:
-    """The study label whose resolved parametrization (name, alpha, first-layer exponent) is the target's:
+def matching_variant(cfg: RunConfig, variants: set[str]) -> str:
+    """The study's variant whose resolved parametrization (name, alpha, first-layer exponent) is the target's:
     `depth_mup+alpha0.5+fle0.5` and `depth_mup+fle0.5` are one. ValueError naming both sides when none is."""
     from mutransfer.models.parametrization import Parametrization, parse_label
 
-    own = resolved_label(cfg)
+    own = resolved_variant(cfg)
     wanted = (own.name, own.alpha, own.first_layer_lr_exponent)
-    for label in sorted(labels):
-        fields = parse_label(label)
+    for variant in sorted(variants):
+        fields = parse_label(variant)
         p = Parametrization(fields.pop("parametrization"), **fields)
         if (p.name, p.alpha, p.first_layer_lr_exponent) == wanted:
-            return label
+            return variant
     raise UsageError(f"the target uses {own.label!r} (alpha {own.alpha:g}, first_layer_lr_exponent "
-                     f"{own.first_layer_lr_exponent:g}) but the study tuned only {', '.join(sorted(labels))}")
+                     f"{own.first_layer_lr_exponent:g}) but the study tuned only {', '.join(sorted(variants))}")
 
 
 def _effective(key: str, value: Any, model_name: str, parametrization: str) -> str:
@@ -98,7 +98,7 @@ def check_matches(proxy_params: dict[str, str], cfg: RunConfig) -> None:
         raise UsageError(f"model.name: the target is a {cfg.model.name!r} ({family(cfg.model.name)}), the proxies "
                          f"a {proxy_params['model.name']!r} ({family(proxy_params['model.name'])}): another family")
     target = flatten(cfg.to_dict())  # as the proxies logged theirs
-    name = resolved_label(cfg).name
+    name = resolved_variant(cfg).name
     for key in MATCHED_FIELDS:
         if key not in proxy_params:
             continue

@@ -1,6 +1,6 @@
 """`mutransfer transfer`: carry a study's lr, momentum and weight decay to the target run.
 
-Two rules pick the target's lr from the proxies of the target's parametrization (matched by resolved values):
+Two rules pick the target's lr from the proxies of the target's variant (matched by resolved values):
 
 - `trend` (default): each proxy shape's optimum is fitted between grid points and over seeds, the optimum's
   log2(lr) is fitted as linear in log2 of every axis the study varied (width, depth, global batch, length;
@@ -31,8 +31,9 @@ from mutransfer.train.config import RunConfig, load_config, save_config, with_va
 from mutransfer.train.tracking import resolve_tracking_uri
 
 from . import analysis, fit, holdout
-from .store import DEFAULT_METRIC, Trial, client_for, find_study_run, latest_per_key, load_trials
-from .target import Assumption, check_matches, matching_label, target_sizes, timescale_weight_decay
+from .store import Trial, client_for
+from .study_analysis import StudyAnalysis
+from .target import Assumption, check_matches, matching_variant, target_sizes, timescale_weight_decay
 
 RULES = ("trend", "largest")
 FAR_DOUBLINGS = 3.0  # a target further than this beyond the largest proxy (x8) is warned about
@@ -59,14 +60,14 @@ class Prediction:
     """The target's settings and how they were chosen."""
 
     rule: str
-    label: str  # the parametrization label the proxies were selected by
+    variant: str  # the variant whose proxies the settings come from
     target: dict[str, float]  # width, depth, batch, length (in `length_unit`)
     log2_lr: float
     log2_lr_error: float  # standard error (0 under `largest`: no model of the error)
     momentum: float
     weight_decay: float
     extrapolation: dict[str, float]  # doublings beyond the largest proxy, per axis
-    trend: analysis.ParamTrend | None = None
+    trend: analysis.VariantTrend | None = None
     flat_axes: tuple[str, ...] = ()  # axes treated as flat because their slope was not significant
     warnings: list[str] = field(default_factory=list)
     contributions: dict[str, Contribution] = field(default_factory=dict)
@@ -80,7 +81,7 @@ class Prediction:
 
     def params(self) -> dict[str, str]:
         """What the target run records as MLflow params."""
-        out = {"transfer.rule": self.rule, "transfer.label": self.label, "transfer.lr": repr(self.lr),
+        out = {"transfer.rule": self.rule, "transfer.variant": self.variant, "transfer.lr": repr(self.lr),
                "transfer.log2_lr": f"{self.log2_lr:.4f}", "transfer.log2_lr_error": f"{self.log2_lr_error:.4f}",
                "transfer.momentum": repr(self.momentum), "transfer.weight_decay": repr(self.weight_decay),
                "transfer.weight_decay_rule": self.weight_decay_rule[:400],
@@ -116,12 +117,12 @@ def _axis_target(target: dict[str, float], fits: list[analysis.ShapeFit], unit: 
             "length": steps * batch if unit == analysis.SAMPLES else steps}
 
 
-def _extrapolation(trend: analysis.ParamTrend, target: dict[str, float]) -> dict[str, float]:
+def _extrapolation(trend: analysis.VariantTrend, target: dict[str, float]) -> dict[str, float]:
     """Doublings from the largest proxy to the target, per axis."""
     return {axis: math.log2(target[axis] / trend.sizes[axis][1]) for axis in analysis.AXES}
 
 
-def _contributions(law: fit.Trend, trend: analysis.ParamTrend, doublings: dict[str, float],
+def _contributions(law: fit.Trend, trend: analysis.VariantTrend, doublings: dict[str, float],
                    assumed: dict[str, Assumption]) -> dict[str, Contribution]:
     """Each axis along which the target differs (or the study varied): fitted, flat, or assumed."""
     out = {}
@@ -134,7 +135,7 @@ def _contributions(law: fit.Trend, trend: analysis.ParamTrend, doublings: dict[s
     return out
 
 
-def _predict_trend(fits: list[analysis.ShapeFit], trend: analysis.ParamTrend, target: dict[str, float],
+def _predict_trend(fits: list[analysis.ShapeFit], trend: analysis.VariantTrend, target: dict[str, float],
                    assumed: dict[str, Assumption]) -> tuple[float, float, tuple[str, ...], dict[str, Contribution]]:
     """(log2 lr, its error, flat axes, contributions): the law at the target, plus assumed slopes."""
     law = fit.flat_where_insignificant(*analysis.lr_observations(fits, trend.length_unit), axes=analysis.AXES)
@@ -190,7 +191,7 @@ def _warnings(prediction: Prediction, what: str = "optimal lr") -> list[str]:
             out.append(f"the target's {axis} lies {doublings:+.1f} doublings from your largest proxy (x"
                        f"{2 ** abs(doublings):.0f}): confirm with a proxy nearer the target")
     if trend.edge_optima:
-        out.append(f"{trend.edge_optima} of {trend.observations} seed optima of {prediction.label} sit on an lr grid "
+        out.append(f"{trend.edge_optima} of {trend.observations} seed optima of {prediction.variant} sit on an lr grid "
                    "edge: they are bounds, and the trend may be steeper; widen the grid")
     missed = [c for c in prediction.held_out if not c.within and abs(c.miss) > MATERIAL_MISS]
     if missed:
@@ -200,14 +201,15 @@ def _warnings(prediction: Prediction, what: str = "optimal lr") -> list[str]:
     return out
 
 
-def _weight_decay(trials: list[Trial], fits: list[analysis.ShapeFit], x: float, target: dict[str, float],
-                  trend: analysis.ParamTrend, optimizer: str, metric: str) -> tuple[float, str]:
+def _weight_decay(study: StudyAnalysis, variant: str, x: float, target: dict[str, float], optimizer: str
+                  ) -> tuple[float, str]:
     """(target weight decay, how it was chosen): AdamW's timescale held at the largest proxy's, or the fitted
     law of the grid optima where the study swept weight decay (and every optimum is positive)."""
-    largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
-    swept = len({t.spec.weight_decay for t in trials}) > 1
-    optima = analysis.optimum_per_shape([t for t in trials if t.shape in {f.shape for f in fits}], metric)
-    if swept and all(o.weight_decay > 0 for o in optima.values()):
+    largest, trend = study.largest_fit(variant), study.trends[variant]
+    swept = len({t.spec.weight_decay for t in study.trials_of(variant)}) > 1
+    own = {f.shape for f in study.fits_of(variant)}
+    optima = {s: o for s, o in study.optima.items() if s in own}
+    if swept and optima and all(o.weight_decay > 0 for o in optima.values()):
         law = fit.flat_where_insignificant([analysis.axis_sizes(s, trend.length_unit) for s in optima],
                                            [math.log2(o.weight_decay) for o in optima.values()], axes=analysis.AXES)
         return 2.0 ** law.predict(target)[0], "the fitted law of the swept weight decay's grid optima"
@@ -223,87 +225,82 @@ def _weight_decay(trials: list[Trial], fits: list[analysis.ShapeFit], x: float, 
                 "(Wang & Aitchison, arXiv 2405.13698)")
 
 
-def predict(trials: list[Trial], metric: str, label: str, target: dict[str, float], rule: str = "trend",
+def predict(study: StudyAnalysis, variant: str, target: dict[str, float], rule: str = "trend",
             assumed: dict[str, Assumption] | None = None, optimizer: str = "adamw") -> Prediction:
-    """The target's lr, momentum and weight decay from the proxies of `label`, by `rule`. `target` gives width
-    and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
+    """The target's lr, momentum and weight decay from the study's proxies of `variant`, by `rule`. `target`
+    gives width and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
     if rule not in RULES:
         raise UsageError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
-    fits = [f for shape, f in analysis.fit_shapes(trials, metric).items() if shape[0] == label]
+    fits = study.fits_of(variant)
     if not fits:
-        raise UsageError(f"no finished proxy of {label!r} to transfer from")
-    largest = max(fits, key=lambda f: analysis.proxy_size(f.shape))
-    trend = analysis.trend_of(label, fits)
+        raise UsageError(f"no finished proxy of {variant!r} to transfer from")
+    largest, trend = study.largest_fit(variant), study.trends[variant]
     sizes = _axis_target(target, fits, trend.length_unit)
     contributions: dict[str, Contribution] = {}
     if rule == "largest":
-        grid_best = analysis.optimum_per_shape([t for t in trials if t.shape == largest.shape], metric)[largest.shape]
+        grid_best = study.optima.get(largest.shape)
+        if grid_best is None:
+            raise UsageError(f"no grid point of the largest {variant} proxy finished in every seed: use --from trend")
         x, error, flat, momentum = math.log2(grid_best.lr), 0.0, (), grid_best.momentum
     else:
         x, error, flat, contributions = _predict_trend(fits, trend, sizes, assumed or {})
         momentum = _predict_momentum(fits, sizes, trend.length_unit)
-    own = [t for t in trials if t.spec.parametrization == label]
-    wd, wd_rule = _weight_decay(own, fits, x, sizes, trend, optimizer, metric)
-    prediction = Prediction(rule, label, sizes, x, error, momentum, wd, _extrapolation(trend, sizes), trend, flat,
-                            contributions=contributions, weight_decay_rule=wd_rule, held_out=holdout.held_out(fits))
+    wd, wd_rule = _weight_decay(study, variant, x, sizes, optimizer)
+    prediction = Prediction(rule, variant, sizes, x, error, momentum, wd, _extrapolation(trend, sizes), trend, flat,
+                            contributions=contributions, weight_decay_rule=wd_rule, held_out=study.heldout[variant])
     prediction.warnings = _warnings(prediction)
     return prediction
 
 
 @dataclass
 class TransferPlan:
-    study: str
-    parent_run_id: str
+    study: StudyAnalysis
+    """The analysis the prediction came from."""
     prediction: Prediction
-    fits: dict
     target_config: Path
     command: list[str]
 
 
-def plan_transfer(study: str, target: str, out: str | None = None, metric: str = DEFAULT_METRIC,
-                  tracking_uri: str | None = None, experiment: str | None = None, num_gpus: int = 1,
-                  overrides: list[str] = (), rule: str = "trend", ranks: int | None = None,
+def plan_transfer(study: StudyAnalysis, target: str, out: str | None = None, tracking_uri: str | None = None,
+                  num_gpus: int = 1, overrides: list[str] = (), rule: str = "trend", ranks: int | None = None,
                   assume: list[str] = (), keep_beta2_half_life: bool = False) -> TransferPlan:
-    """Predict the target's settings and write its config. The target's batch counts `ranks` data-parallel
-    ranks (default: `num_gpus`, the GPUs of the printed command)."""
+    """Predict the target's settings from a study's analysis (`StudyAnalysis.load` from the MLflow store at
+    `tracking_uri`) and write its config. The target's batch counts `ranks` data-parallel ranks (default:
+    `num_gpus`, the GPUs of the printed command)."""
     from .target import parse_assumptions
 
     assumed = parse_assumptions(list(assume))
-    uri = resolve_tracking_uri(tracking_uri)
-    client = client_for(uri)
-    parent = find_study_run(client, study, experiment)
-    if parent is None:
-        raise UsageError(f"no study named {study!r} in the MLflow store at {uri}")
-    trials = latest_per_key(load_trials(client, study, experiment))
-    fits = analysis.fit_shapes(trials, metric)
-    if not fits:
-        raise UsageError(f"study {study!r} has no finished trial with metric {metric!r} (all diverged or missing)")
+    if not study.fits:
+        raise UsageError(f"study {study.name!r} has no finished trial with metric {study.metric!r} (all diverged "
+                         "or missing)")
     target_cfg = load_config(target, list(overrides), check=False)
-    label = matching_label(target_cfg, {s[0] for s in fits})
-    check_matches(_proxy_params(trials, label), target_cfg)
-    prediction = predict(trials, metric, label, target_shape(target_cfg, ranks or num_gpus), rule, assumed,
+    variant = matching_variant(target_cfg, set(study.variants))
+    check_matches(_proxy_params(study.trials, variant), target_cfg)
+    prediction = predict(study, variant, target_shape(target_cfg, ranks or num_gpus), rule, assumed,
                          target_cfg.optim.name)
     if keep_beta2_half_life and target_cfg.optim.name == "adamw":
-        _move_beta2(prediction, trials, label)
-    target_cfg = _carry_drop_path(trials, label, target_cfg, overrides, prediction)
-    experiment_name = client.get_experiment(parent.info.experiment_id).name
-    out_path = _write_target(study, target, target_cfg, out, prediction, metric,
-                             {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.info.run_id})
+        _move_beta2(prediction, study.trials, variant)
+    target_cfg = _carry_drop_path(study.trials, variant, target_cfg, overrides, prediction)
+    uri = resolve_tracking_uri(tracking_uri)
+    parent = study.parent.info
+    experiment_name = client_for(uri).get_experiment(parent.experiment_id).name
+    out_path = _write_target(study.name, target, target_cfg, out, prediction, study.metric,
+                             {"uri": uri, "experiment": experiment_name, "parent_run_id": parent.run_id})
     command = ["deepspeed", "--num_gpus", str(num_gpus), "--module", "mutransfer.train", "--config", str(out_path)]
-    return TransferPlan(study, parent.info.run_id, prediction, fits, out_path, command)
+    return TransferPlan(study, prediction, out_path, command)
 
 
-def _proxy_params(trials: list[Trial], label: str) -> dict[str, str]:
-    """The logged config of a finished proxy of `label` (they share every field `check_matches` compares)."""
-    finished = [t for t in trials if t.spec.parametrization == label and t.status == RunStatus.FINISHED]
+def _proxy_params(trials: list[Trial], variant: str) -> dict[str, str]:
+    """The logged config of a finished proxy of `variant` (they share every field `check_matches` compares)."""
+    finished = [t for t in trials if t.spec.variant == variant and t.status == RunStatus.FINISHED]
     return finished[0].params if finished else {}
 
 
-def _move_beta2(prediction: Prediction, trials: list[Trial], label: str) -> None:
+def _move_beta2(prediction: Prediction, trials: list[Trial], variant: str) -> None:
     """Beta2 with its half-life in samples kept at the largest proxy's (Marek et al., arXiv 2507.07101)."""
     from .target import half_life_beta2
 
-    own = [t for t in trials if t.spec.parametrization == label and "optim.beta2" in t.params]
+    own = [t for t in trials if t.spec.variant == variant and "optim.beta2" in t.params]
     if not own:
         prediction.warnings.append("the proxies did not log optim.beta2: beta2 is left as the target gives it")
         return
@@ -312,11 +309,11 @@ def _move_beta2(prediction: Prediction, trials: list[Trial], label: str) -> None
                                        prediction.target["batch"])
 
 
-def _carry_drop_path(trials: list[Trial], label: str, target_cfg: RunConfig, overrides: list[str],
+def _carry_drop_path(trials: list[Trial], variant: str, target_cfg: RunConfig, overrides: list[str],
                      prediction: Prediction) -> RunConfig:
     """The target with the model.drop_path_rate its proxies logged (the rate transfers as it is,
     docs/parametrizations.md), unless the command line sets it or the proxies disagree (a warning)."""
-    rates = {float(t.params.get("model.drop_path_rate", 0.0)) for t in trials if t.spec.parametrization == label and t.params}
+    rates = {float(t.params.get("model.drop_path_rate", 0.0)) for t in trials if t.spec.variant == variant and t.params}
     if len(rates) != 1 or any(o.split("=", 1)[0].strip() == "model.drop_path_rate" for o in overrides):
         if len(rates) > 1:
             prediction.warnings.append("the proxies logged several model.drop_path_rate values: the target keeps its own")
@@ -345,19 +342,20 @@ def _write_target(study: str, target: str, target_cfg: RunConfig, out: str | Non
     save_config(cfg, out_path, header=(
         f"# written by: mutransfer transfer --study {study} --target {target} --from {prediction.rule}\n"
         f"# lr {prediction.lr:.4g} (log2 {prediction.log2_lr:.2f} +- {prediction.log2_lr_error:.2f}) "
-        f"from the {prediction.label} proxies' {metric}\n"))
+        f"from the {prediction.variant} proxies' {metric}\n"))
     return out_path
 
 
-def describe(plan: TransferPlan, metric: str) -> str:
+def describe(plan: TransferPlan) -> str:
     """The table of fitted optima, the law in words, each axis's contribution, the prediction, the weight
     decay, the held-out check and the warnings."""
     p = plan.prediction
-    lines = [f"study {plan.study}: fitted optimum per proxy shape ({metric}; lr = 2^x, x averaged over seeds)",
-             f"  {'parametrization':<20}{'width':>6}{'depth':>6}{'batch':>6}{'steps':>7}{'lr':>11}{'log2 lr':>9}"
+    lines = [f"study {plan.study.name}: fitted optimum per proxy shape ({plan.study.metric}; lr = 2^x, x averaged "
+             "over seeds)",
+             f"  {'variant':<20}{'width':>6}{'depth':>6}{'batch':>6}{'steps':>7}{'lr':>11}{'log2 lr':>9}"
              f"{'+-':>6}{'momentum':>10}{'value':>9}  edge"]
-    for shape, f in plan.fits.items():
-        lines.append(f"  {shape[0]:<20}{shape[1]:>6}{shape[2]:>6}{shape[3]:>6}{shape[4]:>7}{f.lr_value:>11.4g}"
+    for shape, f in plan.study.fits.items():
+        lines.append(f"  {shape.variant:<20}{shape.width:>6}{shape.depth:>6}{shape.batch_size:>6}{shape.steps:>7}{f.lr_value:>11.4g}"
                      f"{f.lr.x:>9.2f}{f.lr.spread:>6.2f}{f.momentum_value:>10.3g}{f.lr.value:>9.4f}  "
                      f"{','.join(f.lr.edges) or '-'}")
     if p.trend:
@@ -365,7 +363,7 @@ def describe(plan: TransferPlan, metric: str) -> str:
         lines += ["  " + analysis.axis_sentence(v, p.trend.sizes[a]) for a, v in p.trend.verdicts.items()]
     flat = f"; flat in {', '.join(p.flat_axes)} (slope not significant)" if p.flat_axes else ""
     shape = ", ".join(f"{a} {p.target[a]:g}" for a in analysis.AXES)
-    lines.append(f"target {p.label} ({shape}; length in {p.length_unit}): lr {p.lr:.4g} = 2^({p.log2_lr:.2f} +- "
+    lines.append(f"target {p.variant} ({shape}; length in {p.length_unit}): lr {p.lr:.4g} = 2^({p.log2_lr:.2f} +- "
                  f"{p.log2_lr_error:.2f}), momentum {p.momentum:.4g}, by rule '{p.rule}'{flat}")
     lines += [f"  {c.axis}: {c.doublings:+.2f} doublings x {c.slope:+.3f} = {c.value:+.2f} +- {c.error:.2f} log2 "
               f"({c.source})" for c in p.contributions.values()]

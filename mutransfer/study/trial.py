@@ -1,7 +1,8 @@
 """One trial of a study as the sweep plans it: a shape and a grid point, the run config made from them, and
 the key that names the trial in MLflow. The store reads the same fields back (`store.Trial.spec`).
 
-A shape is everything a trial is trained as except its grid point and seed: the parametrization label, the
+A shape is everything a trial is trained as except its grid point and seed: the variant (a parametrization
+with its knobs, spelled as a label such as `depth_mup+fle0.5`; see `models.parametrization.parse_label`), the
 model's width and depth, the global batch (samples per optimizer step, over accumulation and ranks) and the
 training length in optimizer steps (its canonical form; `Shape.samples` is steps x batch). Each length is
 its own run with its own schedule: warmup, then decay to the end of its own steps.
@@ -9,9 +10,11 @@ its own run with its own schedule: warmup, then decay to the end of its own step
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from mutransfer import tags
 from mutransfer.typed_config import with_values
 
 if TYPE_CHECKING:  # the store reads trials without torch; building a run config needs it
@@ -21,7 +24,7 @@ if TYPE_CHECKING:  # the store reads trials without torch; building a run config
 class Shape(NamedTuple):
     """What a trial is trained as, apart from its grid point and seed; trials of one shape form a stack."""
 
-    parametrization: str
+    variant: str
     width: int
     depth: int
     batch_size: int
@@ -39,7 +42,7 @@ class Shape(NamedTuple):
 class TrialSpec:
     """One trial of a study: a shape and a grid point."""
 
-    parametrization: str
+    variant: str
     width: int
     depth: int
     batch_size: int
@@ -49,10 +52,30 @@ class TrialSpec:
     weight_decay: float
     seed: int
 
+    @classmethod
+    def from_identity(cls, values: Any) -> TrialSpec:
+        """The spec a run's `mutransfer.trial` tag holds (parsed JSON): every field present, of its type, with
+        a value a trial can have; ValueError naming the first that is not. Nothing is filled in."""
+        if not isinstance(values, dict):
+            raise ValueError(f"not a JSON object: {values!r}")
+        names = [f.name for f in fields(cls)]
+        missing, unknown = [n for n in names if n not in values], sorted(set(values) - set(names))
+        if missing or unknown:
+            raise ValueError(f"missing {missing}" if missing else f"unknown {unknown}")
+        for name in names:
+            problem = _identity_problem(name, values[name])
+            if problem:
+                raise ValueError(f"{name} {values[name]!r} {problem}")
+        return cls(**{name: float(values[name]) if name in FLOAT_FIELDS else values[name] for name in names})
+
+    def identity_tags(self) -> dict[str, str]:
+        """This trial as a run's identity tags (`tags.identity_tags`)."""
+        return tags.identity_tags(asdict(self))
+
     @property
     def shape(self) -> Shape:
         """Every field but the grid point and the seed."""
-        return Shape(self.parametrization, self.width, self.depth, self.batch_size, self.steps)
+        return Shape(self.variant, self.width, self.depth, self.batch_size, self.steps)
 
     @property
     def point(self) -> tuple[float, float, float]:
@@ -61,7 +84,7 @@ class TrialSpec:
 
     @property
     def key(self) -> str:
-        return (f"{self.parametrization}_w{self.width}_d{self.depth}_b{self.batch_size}_t{self.steps}"
+        return (f"{self.variant}_w{self.width}_d{self.depth}_b{self.batch_size}_t{self.steps}"
                 f"_lr{self.lr:.6g}_m{self.momentum:g}_wd{self.weight_decay:g}_s{self.seed}")
 
     def values(self, base: RunConfig, ranks: int = 1) -> dict[str, Any]:
@@ -69,7 +92,7 @@ class TrialSpec:
         global batch is split over `ranks` and the base config's accumulation."""
         from mutransfer.models.parametrization import parse_label
 
-        model = {f"model.{key}": value for key, value in parse_label(self.parametrization).items()}
+        model = {f"model.{key}": value for key, value in parse_label(self.variant).items()}
         return {**model, "model.width": self.width, "model.depth": self.depth, "optim.lr": self.lr,
                 f"optim.{base.optim.momentum_key}": self.momentum, "optim.weight_decay": self.weight_decay,
                 "run.seed": self.seed, "data.batch_size": per_rank_batch(self.batch_size, base, ranks),
@@ -78,6 +101,24 @@ class TrialSpec:
     def run_config(self, base: RunConfig, extra: dict[str, Any] | None = None, ranks: int = 1) -> RunConfig:
         """`base` with this trial's values (and `extra` ones), checked once more as a whole."""
         return with_values(base, {**self.values(base, ranks), **(extra or {})})
+
+
+FLOAT_FIELDS = ("lr", "momentum", "weight_decay")
+SIZE_FIELDS = ("width", "depth", "batch_size", "steps")
+
+
+def _identity_problem(name: str, value: Any) -> str:
+    """Why `value` cannot be the TrialSpec field `name` ('' when it can)."""
+    if name == "variant":
+        return "" if isinstance(value, str) and value else "is not a variant's label"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "is not a number"
+    if name in FLOAT_FIELDS:
+        valid = {"lr": lambda v: v > 0, "momentum": lambda v: 0 <= v < 1, "weight_decay": lambda v: v >= 0}[name]
+        return "" if math.isfinite(value) and valid(value) else "is out of range"
+    if not isinstance(value, int):
+        return "is not a whole number"
+    return "is not positive" if name in SIZE_FIELDS and value < 1 else ""
 
 
 def global_batch(cfg: RunConfig, ranks: int = 1) -> int:

@@ -81,23 +81,20 @@ def run_params(cfg: RunConfig, model: torch.nn.Module, world_size: int) -> dict[
 
 
 def run_tags(cfg: RunConfig, model: torch.nn.Module, world_size: int, total_steps: int) -> dict[str, str]:
-    """MLflow tags a study and the UI search by; the batch is global (per rank x accumulation x ranks)."""
+    """MLflow tags a study and the UI search by: the run's identity as it trained (resolved width and depth,
+    global batch = per rank x accumulation x ranks, length in steps), written once by `tags.identity_tags`."""
     batch = cfg.data.batch_size * cfg.optim.accumulation * world_size
+    identity = {"variant": model.parametrization.label, "width": int(model.width), "depth": int(model.depth),
+                "batch_size": batch, "steps": total_steps, "lr": float(cfg.optim.lr),
+                "momentum": float(cfg.optim.momentum_value), "weight_decay": float(cfg.optim.weight_decay),
+                "seed": cfg.run.seed}
     names = {
         tags.ROLE: tags.RunRole.RUN.value,
         tags.MODEL: cfg.model.name,
         tags.PARAMETRIZATION: model.parametrization.name,
-        tags.VARIANT: model.parametrization.label,
-        tags.WIDTH: str(model.width),
-        tags.DEPTH: str(model.depth),
         tags.OPTIMIZER: cfg.optim.name,
-        tags.LR: repr(cfg.optim.lr),
-        tags.MOMENTUM: repr(cfg.optim.momentum_value),
-        tags.WEIGHT_DECAY: repr(cfg.optim.weight_decay),
-        tags.SEED: str(cfg.run.seed),
-        tags.BATCH_SIZE: str(batch),
-        tags.STEPS: str(total_steps),
         tags.SAMPLES: str(batch * total_steps),
         tags.STATUS: tags.RunStatus.RUNNING.value,
+        **tags.identity_tags(identity),
     }
     return {**names, **cfg.tracking.tags}
