@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mutransfer.tags import RunStatus
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "mutransfer_state.json"
 PENDING_FILE = "mutransfer_pending.json"
@@ -98,8 +100,7 @@ def latest_checkpoint(output_dir: str | os.PathLike, before: Path | None = None)
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        print(f"mutransfer: checkpoint {folder} is damaged ({problem}); trying the one before it",
-              file=sys.stderr, flush=True)
+        log.warning(f"mutransfer: checkpoint {folder} is damaged ({problem}); trying the one before it")
     return None
 
 
