@@ -72,9 +72,9 @@ def _read_raw_state(folder: Path) -> dict[str, Any] | None:
 
 
 def _ours(folder: Path, raw: dict[str, Any]) -> bool:
-    """Written here by us: the state file names this folder (states from before tags were written: a step_
-    folder)."""
-    return raw.get("tag", folder.name if folder.name.startswith(STEP_FOLDER_PREFIX) else None) == folder.name
+    """Written here by us: the state file names this folder, so a user's copy of a checkpoint (whose state names
+    the original) is neither resumed from nor pruned."""
+    return raw.get("tag") == folder.name
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -115,7 +115,7 @@ def file_digest(path: Path) -> str:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a complete checkpoint (its state unreadable, a listed file missing, of another size
-    or another checksum), or None. Checkpoints written before checksums were listed are checked by size."""
+    or another checksum), or None."""
     raw = _read_raw_state(folder)
     if raw is None:
         return f"{STATE_FILE} is unreadable"
@@ -125,12 +125,12 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{STATE_FILE} is unreadable ({err})"
     for name, written in raw.get("files", {}).items():
         path = folder / name
-        size, digest = (written, None) if isinstance(written, int) else (written["size"], written["sha256"])
+        size, digest = written["size"], written["sha256"]
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
-        if digest is not None and file_digest(path) != digest:
+        if file_digest(path) != digest:
             return f"{name} has changed since it was written (its SHA-256 differs)"
     return None
 
