@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from mutransfer.models import create_model
-from mutransfer.models.optim import build_optimizer
+from mutransfer.models.optim import OptimSection, build_optimizer
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images, labels, device: str):
@@ -62,7 +62,7 @@ def main() -> None:
     for name in args.parametrizations.split(","):
         model = create_model("vit", width=args.width, depth=args.depth, parametrization=name,
                              base_width=args.width // 2, base_depth=max(1, args.depth // 2), **dims).to(args.device)
-        opt = build_optimizer(model, "adamw", lr=1e-4, weight_decay=0.05)
+        opt = build_optimizer(model, OptimSection(lr=1e-4, weight_decay=0.05))
         steps[name] = make_step(model, opt, images, labels, args.device)
 
     times: dict[str, list[float]] = {name: [] for name in steps}

@@ -101,7 +101,7 @@ def plain_loop_seconds(args: argparse.Namespace, shards: Path, depth: int) -> tu
     cfg = with_values(study_for(args, Path(args.work), shards).base,
                       {"model.depth": depth, **({"model.width": args.widths[0]} if args.widths else {})})
     model = create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, 10)).to(device)
-    optimizer = build_optimizer(model, "adamw", lr=1e-3, betas=(0.9, cfg.optim.beta2))
+    optimizer = build_optimizer(model, cfg.optim)
     images = torch.randn(cfg.data.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)
     labels = torch.randint(0, 10, (cfg.data.batch_size,), device=device)
     eval_images = torch.randn(cfg.data.eval_batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)

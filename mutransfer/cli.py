@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from mutransfer.errors import UserError
+from mutransfer.logs import configure_logging
+
+log = logging.getLogger(__name__)
 
 # command -> (module that registers it, one-line help shown by `mutransfer --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -59,6 +63,7 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    configure_logging()
     parser = build_parser(_command_of(argv))
     args, extra = parser.parse_known_args(argv)
     if not getattr(args, "func", None):
@@ -71,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as err:  # what the user can fix: one line; anything else is a bug and keeps its traceback
-        print(f"mutransfer {args.command}: error: {err}", file=sys.stderr)
+        log.error(f"mutransfer {args.command}: error: {err}")
         return 2
 
 

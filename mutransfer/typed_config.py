@@ -77,6 +77,18 @@ def check_path_text(key: str, path: str | None) -> None:
         raise ConfigError(key, f"a path must not contain a newline or NUL, got {path!r}")
 
 
+def check_at_least(key: str, value: float | None, minimum: float) -> None:
+    """A section's bound on one value: None passes, NaN fails."""
+    if value is not None and not value >= minimum:
+        raise ConfigError(key, f"must be at least {minimum:g}, got {value}")
+
+
+def check_in_unit_interval(key: str, value: float, closed: bool = False) -> None:
+    """A value in [0, 1) (a momentum, a decay) or, with `closed`, in [0, 1] (a ratio)."""
+    if not (0 <= value <= 1 if closed else 0 <= value < 1):
+        raise ConfigError(key, f"must lie in [0, 1{']' if closed else ')'}, got {value}")
+
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

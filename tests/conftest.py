@@ -12,6 +12,9 @@ import pytest
 from PIL import Image
 
 from mutransfer.data import write_synthetic_shards
+from mutransfer.logs import configure_logging
+
+configure_logging()  # tests that call train() or a command's function read stderr as the command line shows it
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from train_helpers import write_config
 
 from mutransfer.models import create_model
-from mutransfer.models.optim import build_optimizer, param_groups
+from mutransfer.models.optim import OptimSection, build_optimizer, param_groups
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -39,8 +39,8 @@ def test_fused_adamw_on_cuda_keeps_the_group_scales() -> None:
     reference = create_model("vit", width=64, depth=2, head_dim=16, patch_size=8, img_size=32, num_classes=10,
                              parametrization="depth_mup", base_width=32, base_depth=1).cuda()
     reference.load_state_dict(model.state_dict())
-    fused = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.05, fused=True)
-    loop = torch.optim.AdamW(param_groups(reference, "adamw", lr=1e-2, weight_decay=0.05), foreach=False)
+    fused = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.05), fused=True)
+    loop = torch.optim.AdamW(param_groups(reference, OptimSection(lr=1e-2, weight_decay=0.05)), foreach=False)
     assert all(group["fused"] for group in fused.param_groups)
     images, labels = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
     for _ in range(3):

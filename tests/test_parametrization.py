@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
+from mutransfer.errors import ConfigError
 from mutransfer.models import Parametrization, Role, create_model
-from mutransfer.models.optim import build_optimizer, param_groups
+from mutransfer.models.optim import OptimSection, build_optimizer, param_groups
 
 BASE_WIDTH, BASE_DEPTH = 32, 2
 M_N, M_L = 4, 4  # the shape the issue asks the rules to be checked at
@@ -58,7 +59,7 @@ EFFECTIVE = {"sp": (1, 1, 0.0), "mup": (M_N, 1, 0.0), "depth_mup": (M_N, M_L, 0.
 def test_rules_match_design_at_4x_width_and_depth(name: str, optimizer: str) -> None:
     model = tiny_vit(name, BASE_WIDTH * M_N, BASE_DEPTH * M_L)
     m_n, m_l, a = EFFECTIVE[name]
-    groups = param_groups(model, optimizer, lr=ETA, weight_decay=LAMBDA, eps=EPS)
+    groups = param_groups(model, OptimSection(name=optimizer, lr=ETA, weight_decay=LAMBDA, eps=EPS))
     seen_roles = set()
     for group in groups:
         seen_roles.add(group["role"])
@@ -77,7 +78,7 @@ def test_rules_match_design_at_4x_width_and_depth(name: str, optimizer: str) -> 
 
 def test_groups_hold_every_parameter_once_and_name_it() -> None:
     model = tiny_vit("completep", 64, 4)
-    groups = param_groups(model, "adamw", lr=ETA)
+    groups = param_groups(model, OptimSection(lr=ETA))
     names = [n for g in groups for n in g["names"]]
     assert sorted(names) == sorted(n for n, _ in model.named_parameters())
     for g in groups:
@@ -90,7 +91,7 @@ def test_groups_hold_every_parameter_once_and_name_it() -> None:
 
 def test_no_decay_follows_timm_convention() -> None:
     model = tiny_vit("mup", 64, 2)
-    groups = param_groups(model, "adamw", lr=ETA, weight_decay=LAMBDA)
+    groups = param_groups(model, OptimSection(lr=ETA, weight_decay=LAMBDA))
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
     assert {"cls_token", "pos_embed", "norm.weight", "head.bias", "blocks.0.attn.qkv.bias"} <= no_decay
     assert "blocks.0.attn.qkv.weight" not in no_decay and "head.weight" not in no_decay
@@ -105,8 +106,8 @@ def test_default_is_the_recommended_depth_mup_with_the_first_layer_correction() 
 
 @pytest.mark.parametrize("exponent", [0.5, 1.0])
 def test_first_layer_correction_multiplies_qkv_and_fc1_lr(exponent: float) -> None:
-    plain = {g["group"]: g for g in param_groups(tiny_vit("depth_mup", 64, 8), "adamw", lr=ETA)}
-    corrected = param_groups(tiny_vit("depth_mup", 64, 8, first_layer_lr_exponent=exponent), "adamw", lr=ETA)
+    plain = {g["group"]: g for g in param_groups(tiny_vit("depth_mup", 64, 8), OptimSection(lr=ETA))}
+    corrected = param_groups(tiny_vit("depth_mup", 64, 8, first_layer_lr_exponent=exponent), OptimSection(lr=ETA))
     m_l = 8 / BASE_DEPTH
     for g in corrected:
         factor = m_l**exponent if g["first_layer"] else 1.0
@@ -115,7 +116,7 @@ def test_first_layer_correction_multiplies_qkv_and_fc1_lr(exponent: float) -> No
             assert all(".qkv." in n or ".fc1." in n for n in g["names"])
     resmlp = create_model("resmlp", width=32, depth=8, img_size=8, parametrization="depth_mup", base_width=32,
                           base_depth=2, first_layer_lr_exponent=0.5)
-    first = [n for g in param_groups(resmlp, "sgd", lr=ETA) if g["first_layer"] for n in g["names"]]
+    first = [n for g in param_groups(resmlp, OptimSection(name="sgd", lr=ETA)) if g["first_layer"] for n in g["names"]]
     assert first and all(".mlp.fc1." in n for n in first)
 
 
@@ -131,8 +132,8 @@ def test_base_shape_equals_sp(name: str) -> None:
         assert torch.equal(model.forward_features(images), base.forward_features(images))
         assert torch.equal(model(images), base(images))
         for optimizer in ("adamw", "sgd"):
-            mine = param_groups(model, optimizer, lr=ETA, weight_decay=LAMBDA)
-            theirs = param_groups(base, optimizer, lr=ETA, weight_decay=LAMBDA)
+            mine = param_groups(model, OptimSection(name=optimizer, lr=ETA, weight_decay=LAMBDA))
+            theirs = param_groups(base, OptimSection(name=optimizer, lr=ETA, weight_decay=LAMBDA))
             strip = [{k: v for k, v in g.items() if k != "params"} for g in mine]
             assert strip == [{k: v for k, v in g.items() if k != "params"} for g in theirs]
     # one training step moves both models identically
@@ -140,7 +141,7 @@ def test_base_shape_equals_sp(name: str) -> None:
     for p in (name, Parametrization("sp", zero_readout=False, zero_query=False)):
         torch.manual_seed(0)
         m = tiny_vit(p, BASE_WIDTH, BASE_DEPTH, **({"zero_readout": False, "zero_query": False} if p == name else {}))
-        opt = build_optimizer(m, "adamw", lr=1e-2, weight_decay=0.05)
+        opt = build_optimizer(m, OptimSection(lr=1e-2, weight_decay=0.05))
         torch.nn.functional.cross_entropy(m(images), torch.tensor([0, 1, 2, 3])).backward()
         opt.step()
         models.append(m)
@@ -197,11 +198,12 @@ def test_alpha_override_in_range() -> None:
     assert model.blocks[0].branch_multiplier == pytest.approx((8 / BASE_DEPTH) ** -0.75)
 
 
-def test_bad_optimizer_and_values() -> None:
-    model = tiny_vit("mup", 64, 2)
-    with pytest.raises(ValueError, match="unknown optimizer 'lamb'"):
-        param_groups(model, "lamb")
-    with pytest.raises(ValueError, match="lr must be a finite non-negative number"):
-        param_groups(model, "adamw", lr=float("nan"))
-    with pytest.raises(ValueError, match="momentum must lie in"):
-        build_optimizer(model, "sgd", lr=0.1, momentum=1.5)
+def test_bad_optimizer_and_values_are_refused_by_the_section_the_optimizer_is_built_from() -> None:
+    with pytest.raises(ConfigError, match="name: must be one of adamw, sgd, got 'lamb'"):
+        OptimSection(name="lamb")
+    with pytest.raises(ConfigError, match="lr: must be a positive number"):
+        OptimSection(lr=float("nan"))
+    with pytest.raises(ConfigError, match=r"momentum: must lie in \[0, 1\)"):
+        OptimSection(name="sgd", lr=0.1, momentum=1.5)
+    with pytest.raises(ConfigError, match="weight_decay: must be finite"):
+        OptimSection(weight_decay=float("inf"))

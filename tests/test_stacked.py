@@ -13,7 +13,7 @@ import torch
 from train_helpers import write_config
 
 from mutransfer.models import NAMES, create_model
-from mutransfer.models.optim import build_optimizer
+from mutransfer.models.optim import OptimSection, build_optimizer
 from mutransfer.train import trainer
 from mutransfer.train.config import ConfigError, RunConfig, load_config, with_values
 from mutransfer.train.schedule import build_scheduler, lr_factor
@@ -107,9 +107,10 @@ def test_the_stacked_optimizer_steps_like_torchs_with_each_members_values(optimi
         models.append(create_model("vit", **kwargs))
     stacked = {name: torch.stack([dict(m.named_parameters())[name].detach() for m in models]).requires_grad_()
                for name, _ in models[0].named_parameters()}
-    stacked_optimizer = StackedOptimizer(stacked, groups_of(models[0], optimizer, 1e-8), optimizer, hypers, beta2=0.99)
-    lone = [build_optimizer(m, optimizer, lr=h.lr, momentum=h.momentum, betas=(h.momentum, 0.99),
-                            weight_decay=h.weight_decay) for m, h in zip(models, hypers)]
+    optim = OptimSection(name=optimizer, beta2=0.99, eps=1e-8)
+    stacked_optimizer = StackedOptimizer(stacked, groups_of(models[0], optim), optim, hypers)
+    lone = [build_optimizer(m, with_values(optim, {"lr": h.lr, optim.momentum_key: h.momentum,
+                                                   "weight_decay": h.weight_decay})) for m, h in zip(models, hypers)]
     schedules = [build_scheduler(opt, total_steps=6, warmup_steps=2) for opt in lone]
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     for step in range(6):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from train_helpers import TINY_MODEL, losses, write_config
 
 from mutransfer.models import create_model
-from mutransfer.models.optim import build_optimizer, param_groups
+from mutransfer.models.optim import OptimSection, build_optimizer, param_groups
 from mutransfer.train import trainer
 from mutransfer.train.checkpoint import complete_checkpoints, read_state
 from mutransfer.train.config import ConfigError, RunConfig, RunSection, load_config, with_values
@@ -35,10 +35,10 @@ def test_optimizer_kernels_keep_the_group_scales(fused: bool) -> None:
     """foreach (fused, where torch has it on CPU) steps exactly like torch's per-tensor loop over the same
     groups, and the LR ratios between groups survive the schedule."""
     model, reference = tiny_vit(), tiny_vit()
-    optimizer = build_optimizer(model, "adamw", lr=1e-2, weight_decay=0.05, fused=fused)
+    optimizer = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.05), fused=fused)
     kernel = "fused" if fused else "foreach"
     assert all(group[kernel] for group in optimizer.param_groups)
-    loop = torch.optim.AdamW(param_groups(reference, "adamw", lr=1e-2, weight_decay=0.05), foreach=False)
+    loop = torch.optim.AdamW(param_groups(reference, OptimSection(lr=1e-2, weight_decay=0.05)), foreach=False)
     scales = {g["group"]: g["lr_scale"] for g in optimizer.param_groups}
     assert len(set(scales.values())) >= 3  # the check means something only if the scales differ
     scheduler = build_scheduler(optimizer, total_steps=10, warmup_steps=2)

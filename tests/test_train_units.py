@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mutransfer.train.config import config_from_dict
+from mutransfer.train.config import ConfigError, config_from_dict
 from mutransfer.train.engine import deepspeed_config, merge_config
 from mutransfer.train.schedule import build_scheduler, lr_factor
 
@@ -62,13 +62,11 @@ def test_min_lr_ratio_one_is_flat_after_warmup() -> None:
     assert factors == pytest.approx([0.5] + [1.0] * 11, rel=1e-12)
 
 
-def test_unknown_schedule_raises_naming_it() -> None:
-    with pytest.raises(ValueError, match="'linear'"):
-        lr_factor(0, 10, 0, "linear", 0.0)
-    with pytest.raises(ValueError, match="'step_decay'"):
-        lr_factor(5, 10, 3, "step_decay", 0.0)  # past the warmup
-    with pytest.raises(ValueError, match="'cosin'"):
-        lr_factor(0, 10, 3, "cosin", 0.0)  # during the warmup too: a typo must not pass for 3 steps
+def test_an_unknown_schedule_is_refused_when_the_config_is_read_naming_it() -> None:
+    """Checked once, at load, before any step: a typo must not pass for the warmup's steps."""
+    for typo in ("linear", "cosin"):
+        with pytest.raises(ConfigError, match=f"optim.schedule: must be one of cosine, constant, got '{typo}'"):
+            config_from_dict({"optim": {"schedule": typo}, "run": {"steps": 10}})
 
 
 # --- build_scheduler ---------------------------------------------------------------------------------------------

@@ -24,10 +24,10 @@ TINY_MODEL = dict(name="vit", width=32, depth=2, head_dim=16, patch_size=8, para
 def expected_lr_scales() -> dict[str, float]:
     """Each optimizer group's lr_scale for TINY_MODEL at 32 px and 10 classes."""
     from mutransfer.models import create_model
-    from mutransfer.models.optim import param_groups
+    from mutransfer.models.optim import OptimSection, param_groups
 
     model = create_model("vit", img_size=32, num_classes=10, **{k: v for k, v in TINY_MODEL.items() if k != "name"})
-    return {g["group"]: g["lr_scale"] for g in param_groups(model, "adamw", lr=1.0)}
+    return {g["group"]: g["lr_scale"] for g in param_groups(model, OptimSection(lr=1.0))}
 
 
 def run_env() -> dict[str, str]:

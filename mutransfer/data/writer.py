@@ -201,13 +201,6 @@ def _check_out_dir(out_dir: str, split: str, force: bool) -> DatasetInfo:
     return info
 
 
-def _report_skip(origin: str, reason: str, progress: bool) -> None:
-    if progress:
-        tqdm.write(f"skipped undecodable image {origin}: {reason}", file=sys.stderr)
-    else:
-        log.warning("skipped undecodable image %s: %s", origin, reason)
-
-
 def write_shards(
     source: ImageSource,
     out_dir: str,
@@ -239,7 +232,7 @@ def write_shards(
     with tqdm(total=total, desc=f"writing {split}", unit="img", disable=not progress, file=sys.stderr) as bar:
         for result in _run_shards(source, job, num_shards, workers, bar):
             for origin, reason in result.skipped:
-                _report_skip(origin, reason, progress)
+                log.warning("skipped undecodable image %s: %s", origin, reason)
             results.append(result)
     if not any(r.length for r in results):
         for r in results:

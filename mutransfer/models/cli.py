@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .coord_check import VARY
+from .parametrization import NAMES, OPTIMIZERS
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -22,11 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "every layer. Flat curves mean the parametrization keeps coordinates stable as the model grows.",
     )
     p.add_argument("--model", default="vit", help="zoo name (default: vit)")
-    p.add_argument("--parametrization", default="mup", help="sp, mup, depth_mup or completep")
-    p.add_argument("--vary", choices=("width", "depth"), default="width")
+    p.add_argument("--parametrization", default="mup", help=", ".join(NAMES))
+    p.add_argument("--vary", choices=VARY, default="width")
     p.add_argument("--values", type=_int_list, required=True, help="sizes, e.g. 64,128,256,512")
     p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (adamw) or 0.5 (sgd)")
     p.add_argument("--width", type=int, default=128, help="width when varying depth")
     p.add_argument("--depth", type=int, default=4, help="depth when varying width")

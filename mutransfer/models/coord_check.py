@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,13 @@ from tqdm import tqdm
 
 from mutransfer.errors import UsageError
 
-from .parametrization import resolve_parametrization
+from .parametrization import Optimizer, resolve_parametrization
 from .zoo import create_model
 
-VARY = ("width", "depth")
+Vary = Literal["width", "depth"]
+VARY: tuple[Vary, ...] = get_args(Vary)
+# large on purpose: the check is about what a big step does to each layer
+DEFAULT_LR: dict[Optimizer, float] = {"adamw": 1e-2, "sgd": 0.5}
 CSV_FIELDS = ("layer", "step", "size", "mean_abs", "mean_abs_change")
 
 
@@ -91,10 +94,10 @@ def _fixed_batch(model: nn.Module, batch_size: int, seed: int) -> tuple[torch.Te
 def run_coord_check(
     model: str = "vit",
     parametrization: str = "mup",
-    vary: str = "width",
+    vary: Vary = "width",
     values: Sequence[int] = (64, 128, 256, 512),
     steps: int = 4,
-    optimizer: str = "adamw",
+    optimizer: Optimizer = "adamw",
     lr: float | None = None,
     momentum: float = 0.9,
     batch_size: int = 16,
@@ -104,23 +107,20 @@ def run_coord_check(
     **model_kwargs: Any,
 ) -> list[CoordRecord]:
     """Train one model per size for `steps` steps on one batch; record each layer's coordinates per step."""
-    from .optim import build_optimizer
+    from .optim import OptimSection, build_optimizer
 
     resolve_parametrization(parametrization)  # a bad name fails before any work
-    if vary not in VARY:
-        raise UsageError(f"--vary must be one of {', '.join(VARY)}, got {vary!r}")
     values = [int(v) for v in values]
     if len(values) < 2 or any(v < 1 for v in values):
         raise UsageError(f"--values needs at least two positive sizes, got {values}")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1, got {steps}")
-    if lr is None:  # large on purpose: the check is about what a big step does to each layer
-        lr = 1e-2 if optimizer == "adamw" else 0.5
+    optim = OptimSection(name=optimizer, lr=DEFAULT_LR[optimizer] if lr is None else lr, momentum=momentum)
     records: list[CoordRecord] = []
     for size in tqdm(values, desc=f"coord-check {parametrization} over {vary}", disable=not progress):
         torch.manual_seed(seed)
         net = create_model(model, parametrization=parametrization, **{**model_kwargs, vary: size})
-        opt = build_optimizer(net, optimizer, lr=lr, momentum=momentum)
+        opt = build_optimizer(net, optim)
         records += _train_and_record(net, opt, size, steps, batch_size, seed, first_layers)
     return records
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, get_args
 
 from mutransfer.errors import UsageError
 
@@ -60,17 +60,27 @@ class Powers:
 ONE = Powers()
 
 
+Optimizer = Literal["adamw", "sgd"]
+OPTIMIZERS: tuple[Optimizer, ...] = get_args(Optimizer)
+
+
+@dataclass(frozen=True)
+class OptimizerRule:
+    """An optimizer's entries in one row: each multiplies the base value (eta, lambda, eps)."""
+
+    lr: Powers
+    weight_decay: Powers
+    eps: Powers | None = None  # None: the optimizer has no eps (SGD)
+
+
 @dataclass(frozen=True)
 class RoleRule:
-    """One row of the table. Each entry multiplies the base value (sigma, 1, eta, lambda, eps)."""
+    """One row of the table: init std and forward multiplier (times sigma and 1), and per optimizer its
+    lr / weight-decay / eps entries. A new optimizer is a new key in every row's `optimizers`."""
 
     init_std: Powers
     multiplier: Powers
-    adamw_lr: Powers
-    adamw_weight_decay: Powers
-    adamw_eps: Powers
-    sgd_lr: Powers
-    sgd_weight_decay: Powers
+    optimizers: dict[Optimizer, OptimizerRule]
 
 
 # Weight decay (torch's coupled form, applied as lr * wd * w): AdamW's hidden weights get
@@ -78,64 +88,42 @@ class RoleRule:
 # so each role's wd scale is the inverse of the width part of its LR scale (for SGD too, where the papers are
 # silent). Depth is left out of wd on purpose.
 # AdamW eps inside blocks follows the gradient's size there: eps * m_N^-1 * m_L^-alpha (CompleteP Table 1).
+IN_BLOCK_EPS = Powers(width=-1, depth_per_alpha=-1)
+# input, vector and readout (outside the blocks, fan-in fixed or a vector): AdamW as SP, SGD lr x m_N
+OUTSIDE_BLOCKS = {"adamw": OptimizerRule(lr=ONE, weight_decay=ONE, eps=ONE),
+                  "sgd": OptimizerRule(lr=Powers(width=1), weight_decay=Powers(width=-1))}
 RULES: dict[Role, RoleRule] = {
-    Role.INPUT: RoleRule(
-        init_std=ONE,
-        multiplier=ONE,
-        adamw_lr=ONE,
-        adamw_weight_decay=ONE,
-        adamw_eps=ONE,
-        sgd_lr=Powers(width=1),
-        sgd_weight_decay=Powers(width=-1),
-    ),
+    Role.INPUT: RoleRule(init_std=ONE, multiplier=ONE, optimizers=OUTSIDE_BLOCKS),
     Role.HIDDEN: RoleRule(
         init_std=Powers(width=-0.5),
         multiplier=ONE,
-        adamw_lr=Powers(width=-1, depth=-1, depth_per_alpha=1),
-        adamw_weight_decay=Powers(width=1),
-        adamw_eps=Powers(width=-1, depth_per_alpha=-1),
-        sgd_lr=Powers(depth=-1, depth_per_alpha=2),
-        sgd_weight_decay=ONE,
+        optimizers={
+            "adamw": OptimizerRule(lr=Powers(width=-1, depth=-1, depth_per_alpha=1), weight_decay=Powers(width=1),
+                                   eps=IN_BLOCK_EPS),
+            "sgd": OptimizerRule(lr=Powers(depth=-1, depth_per_alpha=2), weight_decay=ONE),
+        },
     ),
     Role.BLOCK_VECTOR: RoleRule(
         init_std=ONE,
         multiplier=ONE,
-        adamw_lr=Powers(depth=-1, depth_per_alpha=1),
-        adamw_weight_decay=ONE,
-        adamw_eps=Powers(width=-1, depth_per_alpha=-1),
-        sgd_lr=Powers(width=1, depth=-1, depth_per_alpha=2),
-        sgd_weight_decay=Powers(width=-1),
+        optimizers={
+            "adamw": OptimizerRule(lr=Powers(depth=-1, depth_per_alpha=1), weight_decay=ONE, eps=IN_BLOCK_EPS),
+            "sgd": OptimizerRule(lr=Powers(width=1, depth=-1, depth_per_alpha=2), weight_decay=Powers(width=-1)),
+        },
     ),
-    Role.VECTOR: RoleRule(
-        init_std=ONE,
-        multiplier=ONE,
-        adamw_lr=ONE,
-        adamw_weight_decay=ONE,
-        adamw_eps=ONE,
-        sgd_lr=Powers(width=1),
-        sgd_weight_decay=Powers(width=-1),
-    ),
+    Role.VECTOR: RoleRule(init_std=ONE, multiplier=ONE, optimizers=OUTSIDE_BLOCKS),
     Role.READOUT: RoleRule(
         init_std=ONE,  # used only when the readout is not zero-initialised
         multiplier=Powers(width=-1),  # times alpha_out
-        adamw_lr=ONE,
-        adamw_weight_decay=ONE,
-        adamw_eps=ONE,
-        sgd_lr=Powers(width=1),
-        sgd_weight_decay=Powers(width=-1),
+        optimizers=OUTSIDE_BLOCKS,
     ),
     Role.READOUT_BIAS: RoleRule(
         init_std=ONE,
         multiplier=ONE,
-        adamw_lr=ONE,
-        adamw_weight_decay=ONE,
-        adamw_eps=ONE,
-        sgd_lr=ONE,
-        sgd_weight_decay=ONE,
+        optimizers={"adamw": OptimizerRule(lr=ONE, weight_decay=ONE, eps=ONE),
+                    "sgd": OptimizerRule(lr=ONE, weight_decay=ONE)},
     ),
 }
-
-OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass(frozen=True)
@@ -147,9 +135,11 @@ class ParamInfo:
     first_layer: bool = False  # first layer inside a two-layer residual branch (qkv, fc1): the NFD correction, docs/parametrizations.md
 
 
+ParametrizationName = Literal["sp", "mup", "depth_mup", "completep"]
+NAMES: tuple[ParametrizationName, ...] = get_args(ParametrizationName)
 # alpha of each name; None means the name has no depth scaling at all (m_L is held at 1).
-_NAMED_ALPHA: dict[str, float | None] = {"sp": None, "mup": None, "depth_mup": 0.5, "completep": 1.0}
-NAMES = tuple(_NAMED_ALPHA)
+_NAMED_ALPHA: dict[ParametrizationName, float | None] = {"sp": None, "mup": None, "depth_mup": 0.5, "completep": 1.0}
+DEPTH_AWARE: tuple[ParametrizationName, ...] = tuple(n for n, alpha in _NAMED_ALPHA.items() if alpha is not None)
 
 # The product's default for ViTs, from the transfer studies in docs/results.md: depth_mup with the first layer
 # of every two-layer branch (qkv, fc1) at lr x sqrt(m_L). The only variant whose optimal lr held over width x8
@@ -172,7 +162,7 @@ class Parametrization:
     groups as `sp` with the same zero-init flags; away from the base the rules in `RULES` apply.
     """
 
-    name: str = "sp"
+    name: ParametrizationName = "sp"
     alpha: float | None = None  # residual exponent; defaults by name, overridable in [1/2, 1] for depth-aware names
     base_width: int = DEFAULT_BASE_WIDTH
     base_depth: int = DEFAULT_BASE_DEPTH
@@ -253,23 +243,17 @@ class Parametrization:
 
     # --- optimizer rules -------------------------------------------------------------------------------
     def optimizer_scales(
-        self, info: ParamInfo, optimizer: str, width: int, depth: int
-    ) -> tuple[float, float, float]:
-        """(lr_scale, weight_decay_scale, eps_scale) for a parameter, relative to the base values."""
-        if optimizer not in OPTIMIZERS:
-            raise UsageError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        rule = RULES[info.role]
+        self, info: ParamInfo, optimizer: Optimizer, width: int, depth: int
+    ) -> tuple[float, float, float | None]:
+        """(lr_scale, weight_decay_scale, eps_scale) for a parameter, relative to the base values; eps_scale
+        is None for an optimizer without eps."""
+        rule = RULES[info.role].optimizers[optimizer]
         m_n, m_l, alpha = self.width_mult(width), self.depth_mult(depth), self.alpha
-        if optimizer == "adamw":
-            lr, wd, eps = rule.adamw_lr, rule.adamw_weight_decay, rule.adamw_eps
-            eps_scale = eps(m_n, m_l, alpha)
-        else:
-            lr, wd = rule.sgd_lr, rule.sgd_weight_decay
-            eps_scale = 1.0
-        lr_scale = lr(m_n, m_l, alpha)
+        lr_scale = rule.lr(m_n, m_l, alpha)
         if info.first_layer:
             lr_scale *= m_l**self.first_layer_lr_exponent
-        wd_scale = wd(m_n, m_l, alpha) if info.decay else 0.0
+        wd_scale = rule.weight_decay(m_n, m_l, alpha) if info.decay else 0.0
+        eps_scale = rule.eps(m_n, m_l, alpha) if rule.eps is not None else None
         return lr_scale, wd_scale, eps_scale
 
     def with_overrides(self, **overrides) -> Parametrization:

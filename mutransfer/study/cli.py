@@ -7,13 +7,15 @@ Each command parses its arguments and calls into the study package; what a user 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from mutransfer.errors import UsageError
 from mutransfer.launch.slurm import add_sbatch_arguments, sbatch_options
 
 from .store import DEFAULT_METRIC
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -131,8 +133,8 @@ def sweep_command(args: argparse.Namespace) -> int:
           + f"; MLflow {summary.tracking_uri} "
           f"(parent run {summary.parent_run_id})")
     if summary.failed and summary.interrupted is None:
-        print(f"mutransfer sweep: {len(summary.failed)} trial(s) failed (exit 1): {', '.join(summary.failed[:5])}"
-              + (" ..." if len(summary.failed) > 5 else "") + "; run the sweep again to retry them", file=sys.stderr)
+        log.warning(f"mutransfer sweep: {len(summary.failed)} trial(s) failed (exit 1): {', '.join(summary.failed[:5])}"
+                    + (" ..." if len(summary.failed) > 5 else "") + "; run the sweep again to retry them")
     return summary.exit_code
 
 

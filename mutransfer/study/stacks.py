@@ -9,7 +9,7 @@ study whose configs cannot stack (`stacked.stack_problem`) when K is automatic, 
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections.abc import Callable
 from dataclasses import fields
 
@@ -18,6 +18,8 @@ from mutransfer.tags import RunStatus
 from mutransfer.train.config import RunConfig
 
 from .trial import TrialSpec
+
+log = logging.getLogger(__name__)
 
 MEMBER_FIELDS = frozenset({"lr", "momentum", "weight_decay", "seed"})
 
@@ -80,6 +82,6 @@ def train_trials(configs: Callable[[], list[RunConfig]], keys: list[str]) -> lis
             results = train_stack(cfgs)
     except Exception as err:
         what = f"trial {keys[0]}" if len(keys) == 1 else f"stack of {len(keys)} trials ({keys[0]}, ...)"
-        print(f"{what} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        log.error(f"{what} failed: {type(err).__name__}: {err}")
         return [RunStatus.FAILED] * len(keys)
     return [RunStatus.INTERRUPTED if r.status == RunStatus.PREEMPTED else r.status for r in results]

@@ -23,9 +23,9 @@ command exits 128 + the signal number. A sweep in which a trial failed exits 1.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,8 @@ from .config import StudyConfig
 from .stacks import plan_stacks, stack_sizer, train_trials
 from .store import client_for, find_study_run, latest_per_key, load_trials
 from .trial import TrialSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,8 +79,7 @@ class SweepStop(StopRequest):
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signal is None:
-            print(f"\nmutransfer sweep: {signal.Signals(signum).name}: stopping after the running trial(s) close",
-                  file=sys.stderr, flush=True)
+            log.warning(f"mutransfer sweep: {signal.Signals(signum).name}: stopping after the running trial(s) close")
         self.signal = self.signal or signum
 
 
@@ -134,8 +135,7 @@ def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
         client.delete_run(trial.run_id)
         trashed += 1
     if trashed:
-        print(f"moved {trashed} failed or superseded child run(s) of trials that run again to MLflow's trash",
-              flush=True)
+        log.info(f"moved {trashed} failed or superseded child run(s) of trials that run again to MLflow's trash")
     return keep
 
 
@@ -167,8 +167,7 @@ def mark_study(client, parent_run_id: str, status: str) -> None:
         else:
             client.set_terminated(parent_run_id, RunStatus(status).mlflow)
     except Exception as err:
-        print(f"mutransfer sweep: could not mark the study run {status} ({type(err).__name__}: {err})",
-              file=sys.stderr, flush=True)
+        log.warning(f"mutransfer sweep: could not mark the study run {status} ({type(err).__name__}: {err})")
 
 
 def select_trials(cfg: StudyConfig, trial_index: int | None = None) -> list[TrialSpec]:
@@ -236,8 +235,7 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
         else:
             todo.append(trial)
     if summary.skipped:
-        print(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run",
-              flush=True)
+        log.info(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run")
     # planned before anything is marked running: a study that cannot stack at an explicit --stack K is refused
     stacks = plan_stacks(todo, stack_sizer(stack, lambda t: trial_config(cfg, t, parent, uri))) \
         if launcher == "inprocess" else []
@@ -283,12 +281,12 @@ def _done_statuses(client, cfg: StudyConfig) -> dict[str, str]:
 
 def _say_what_is_left(cfg: StudyConfig, summary: SweepSummary, todo: list[TrialSpec]) -> None:
     if summary.elsewhere:
-        print(f"study {cfg.study.name}: {len(summary.elsewhere)} trial(s) are being trained by another sweep "
-              f"(their claims are in {cfg.output_dir / 'claims'}); this one left them alone", flush=True)
+        log.info(f"study {cfg.study.name}: {len(summary.elsewhere)} trial(s) are being trained by another sweep "
+                 f"(their claims are in {cfg.output_dir / 'claims'}); this one left them alone")
     if summary.interrupted is not None:
         left = len(todo) - sum(1 for key in summary.ran if summary.statuses[key] != RunStatus.INTERRUPTED)
-        print(f"study {cfg.study.name}: stopped by {signal.Signals(summary.interrupted).name}; {left} trial(s) "
-              f"left: run the same command again to continue", file=sys.stderr, flush=True)
+        log.warning(f"study {cfg.study.name}: stopped by {signal.Signals(summary.interrupted).name}; {left} trial(s) "
+                    f"left: run the same command again to continue")
 
 
 def close_study(client, cfg: StudyConfig, parent: str, summary: SweepSummary, whole_study: bool) -> None:
@@ -386,8 +384,7 @@ def _launch_outcome(cfg: StudyConfig, trial: TrialSpec, returncode: int, forward
     status = {0: _launched_status(cfg.output_dir / trial.key), EXIT_DIVERGED: RunStatus.DIVERGED}.get(
         returncode, RunStatus.INTERRUPTED if forwarded else RunStatus.FAILED)
     if status == RunStatus.FAILED:
-        print(f"trial {trial.key} failed (exit {returncode}); see {cfg.output_dir / trial.key / 'launch.log'}",
-              file=sys.stderr, flush=True)
+        log.error(f"trial {trial.key} failed (exit {returncode}); see {cfg.output_dir / trial.key / 'launch.log'}")
     return status
 
 

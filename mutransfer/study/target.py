@@ -120,13 +120,13 @@ class Assumption:
 
 ASSUMED: dict[str, dict[str, Assumption]] = {
     "length": {
-        "measured": Assumption("length", -0.22, "measured here (issue 18): depth_mup+fle0.5 ViT, AdamW, warmup "
+        "measured": Assumption("length", -0.22, "measured here (docs/results.md): depth_mup+fle0.5 ViT, AdamW, warmup "
                                "and decay to zero, 100 -> 1,600 steps at a fixed batch; the optimum falls with "
                                "length as Bjorck et al., arXiv 2409.19913, found for LLMs"),
-        "flat": Assumption("length", 0.0, "no correction: the proxies' lr at any length (the rule before this one)"),
+        "flat": Assumption("length", 0.0, "no correction: the proxies' lr at any length"),
     },
     "batch": {
-        "measured": Assumption("batch", 0.29, "measured here (issue 18): depth_mup+fle0.5 ViT, AdamW, batch 16 -> "
+        "measured": Assumption("batch", 0.29, "measured here (docs/results.md): depth_mup+fle0.5 ViT, AdamW, batch 16 -> "
                                "256 at a fixed 25,600 samples; how far it holds depends on the critical batch "
                                "(Filatov et al., arXiv 2410.05838; Marek et al., arXiv 2507.07101)"),
         "sqrt": Assumption("batch", 0.5, "square-root scaling for Adam at a fixed number of samples (Malladi et al., "

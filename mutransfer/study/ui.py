@@ -12,6 +12,7 @@ root, so everything stays in one place.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -33,6 +34,8 @@ from mutransfer.netutil import free_port
 from mutransfer.train.tracking import local_store_path, store_artifact_root
 
 from .store import find_study_run
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 STARTUP_TIMEOUT_S = 180.0  # a cold start on a busy 2-core machine takes tens of seconds
@@ -273,7 +276,7 @@ def serve(uri: str, client, port: int | None, study: str | None, experiment: str
         try:
             handle = start_server(uri, port)
         except ServerError as err:
-            print(f"mutransfer ui: {err}", file=sys.stderr)
+            log.error(f"mutransfer ui: {err}")
             return 1
         print(f"MLflow UI for {uri} at {handle.url} (server pid {handle.pid})", flush=True)
         if study:
@@ -284,8 +287,7 @@ def serve(uri: str, client, port: int | None, study: str | None, experiment: str
         print("press Ctrl-C to stop", flush=True)
         code = wait_for_stop_signal(handle)
         if code:
-            print(f"mutransfer ui: the server exited on its own; its output ended with:\n{_tail(handle.log_path)}",
-                  file=sys.stderr)
+            log.error(f"mutransfer ui: the server exited on its own; its output ended with:\n{_tail(handle.log_path)}")
         return code
     except KeyboardInterrupt:
         return 130 if handle is None else 0

@@ -9,12 +9,15 @@ line), 2 bad config or unusable data, 3 diverged.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 from mutransfer.errors import ConfigError, DataError, UserError
+from mutransfer.logs import configure_logging
 from mutransfer.tags import RunStatus
 
 from .config import load_config
+
+log = logging.getLogger(__name__)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,10 +31,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging()
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as err:
-        print(f"mutransfer.train: {_kind(err)}: {err}", file=sys.stderr)
+        log.error(f"mutransfer.train: {_kind(err)}: {err}")
         return 2
     from .resume import CheckpointWriteError
     from .trainer import EXIT_DIVERGED, shutdown_distributed, train
@@ -40,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except UserError as err:
         leave_after_error()
-        print(f"mutransfer.train: {_kind(err)}: {err}", file=sys.stderr)
+        log.error(f"mutransfer.train: {_kind(err)}: {err}")
         return 2
     except CheckpointWriteError as err:  # the disk, a quota or a file size limit: the OS's words, no traceback
         leave_after_error()
-        print(f"mutransfer.train: {err}", file=sys.stderr)
+        log.error(f"mutransfer.train: {err}")
         return 1
     except BaseException:
         leave_after_error()

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mutransfer.tags import RunStatus
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "mutransfer_state.json"
 PENDING_FILE = "mutransfer_pending.json"
@@ -70,9 +72,9 @@ def _read_raw_state(folder: Path) -> dict[str, Any] | None:
 
 
 def _ours(folder: Path, raw: dict[str, Any]) -> bool:
-    """Written here by us: the state file names this folder (states from before tags were written: a step_
-    folder)."""
-    return raw.get("tag", folder.name if folder.name.startswith(STEP_FOLDER_PREFIX) else None) == folder.name
+    """Written here by us: the state file names this folder, so a user's copy of a checkpoint (whose state names
+    the original) is neither resumed from nor pruned."""
+    return raw.get("tag") == folder.name
 
 
 def complete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -98,8 +100,7 @@ def latest_checkpoint(output_dir: str | os.PathLike, before: Path | None = None)
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder
-        print(f"mutransfer: checkpoint {folder} is damaged ({problem}); trying the one before it",
-              file=sys.stderr, flush=True)
+        log.warning(f"mutransfer: checkpoint {folder} is damaged ({problem}); trying the one before it")
     return None
 
 
@@ -114,7 +115,7 @@ def file_digest(path: Path) -> str:
 
 def checkpoint_problem(folder: Path) -> str | None:
     """What is wrong with a complete checkpoint (its state unreadable, a listed file missing, of another size
-    or another checksum), or None. Checkpoints written before checksums were listed are checked by size."""
+    or another checksum), or None."""
     raw = _read_raw_state(folder)
     if raw is None:
         return f"{STATE_FILE} is unreadable"
@@ -124,12 +125,12 @@ def checkpoint_problem(folder: Path) -> str | None:
         return f"{STATE_FILE} is unreadable ({err})"
     for name, written in raw.get("files", {}).items():
         path = folder / name
-        size, digest = (written, None) if isinstance(written, int) else (written["size"], written["sha256"])
+        size, digest = written["size"], written["sha256"]
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != size:
             return f"{name} has {path.stat().st_size} bytes, {size} were written"
-        if digest is not None and file_digest(path) != digest:
+        if file_digest(path) != digest:
             return f"{name} has changed since it was written (its SHA-256 differs)"
     return None
 

@@ -21,10 +21,13 @@ import yaml
 
 from mutransfer.data import DataConfig
 from mutransfer.errors import ConfigError
+from mutransfer.models.optim import OptimSection
+from mutransfer.models.parametrization import DEPTH_AWARE, RECOMMENDED, ParametrizationName
 from mutransfer.typed_config import (
     Section,
     apply_overrides,
     build_section,
+    check_at_least,
     check_path_text,
     load_yaml,
     read_yaml_mapping,
@@ -36,19 +39,6 @@ from .paths import check_run_paths
 __all__ = ["ConfigError", "DataConfig", "DeepSpeedSection", "ModelSection", "OptimSection", "RunConfig",
            "RunSection", "TrackingSection", "apply_overrides", "check_paths", "config_from_dict", "load_config",
            "load_yaml", "save_config", "with_values"]
-
-
-def _at_least(key: str, value: float | None, minimum: float) -> None:
-    if value is not None and not value >= minimum:
-        raise ConfigError(key, f"must be at least {minimum:g}, got {value}")
-
-
-def _in_unit_interval(key: str, value: float, closed: bool = False) -> None:
-    if not (0 <= value <= 1 if closed else 0 <= value < 1):
-        raise ConfigError(key, f"must lie in [0, 1{']' if closed else ')'}, got {value}")
-
-
-DEPTH_AWARE = ("depth_mup", "completep")
 
 
 @dataclass
@@ -68,7 +58,7 @@ class ModelSection(Section):
     """Side of the square image patches a ViT embeds; None keeps the zoo entry's default."""
     mlp_ratio: float | None = None
     """Hidden width of each MLP block over the embedding width; None keeps the zoo entry's default (4)."""
-    parametrization: Literal["sp", "mup", "depth_mup", "completep"] | None = None
+    parametrization: ParametrizationName | None = None
     """How init, multipliers and per-role LRs scale with width and depth. None: the recommended default for
     ViTs, depth_mup with first_layer_lr_exponent 0.5 (docs/results.md). A name alone means its knobs at their
     plain values, as a study label does: `depth_mup` is first_layer_lr_exponent 0."""
@@ -105,7 +95,7 @@ class ModelSection(Section):
         except ValueError as err:
             raise ConfigError("name", str(err)) from None
         for key in ("width", "depth", "head_dim", "patch_size", "base_width", "base_depth"):
-            _at_least(key, getattr(self, key), 1)
+            check_at_least(key, getattr(self, key), 1)
         for key in ("mlp_ratio", "readout_multiplier", "init_std"):
             value = getattr(self, key)
             if value is not None and not (value > 0 and math.isfinite(value)):
@@ -114,7 +104,7 @@ class ModelSection(Section):
             raise ConfigError("first_layer_lr_exponent", f"must be finite, got {self.first_layer_lr_exponent}")
         if not 0 <= self.drop_path_rate < 1:
             raise ConfigError("drop_path_rate", f"must lie in [0, 1), got {self.drop_path_rate}")
-        if self.alpha is not None and (self.parametrization or "depth_mup") not in DEPTH_AWARE:
+        if self.alpha is not None and (self.parametrization or RECOMMENDED) not in DEPTH_AWARE:
             raise ConfigError("alpha", f"only applies to {' and '.join(DEPTH_AWARE)}, not {self.parametrization}")
         if self.alpha is not None and not 0.5 <= self.alpha <= 1:
             raise ConfigError("alpha", f"must lie in [1/2, 1], got {self.alpha}")
@@ -131,66 +121,6 @@ class ModelSection(Section):
                       zero_readout=self.zero_init, zero_query=self.zero_init)
         kwargs["drop_path_rate"] = self.drop_path_rate or None  # left out at 0: models without it take these too
         return {k: v for k, v in kwargs.items() if v is not None}
-
-
-@dataclass
-class OptimSection(Section):
-    """The optimizer, its base hyperparameters (scaled per role by the parametrization) and the LR schedule."""
-
-    name: Literal["adamw", "sgd"] = "adamw"
-    """AdamW, or SGD with momentum."""
-    lr: float = 1e-3
-    """Base learning rate eta; each role group gets eta * its lr_scale."""
-    momentum: float = 0.9
-    """SGD momentum (the momentum a study tunes under SGD)."""
-    beta1: float = 0.9
-    """Adam's first-moment decay (the momentum a study tunes under AdamW)."""
-    beta2: float = 0.999
-    """Adam's second-moment decay."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW) or L2 (SGD), scaled per role; norms and biases get none."""
-    eps: float = 1e-8
-    """Adam's epsilon, scaled per role by the parametrization."""
-    warmup_steps: int = 0
-    """Linear warmup over this many optimizer steps; give this or warmup_epochs."""
-    warmup_epochs: float | None = None
-    """Linear warmup over this many epochs, turned into steps once the data's epoch length is known."""
-    schedule: Literal["cosine", "constant"] = "cosine"
-    """After warmup: cosine decay to min_lr_ratio at the last step, or constant."""
-    min_lr_ratio: float = 0.0
-    """Cosine floor as a fraction of each group's own LR."""
-    grad_clip: float = 0.0
-    """Global grad-norm clip; 0 turns it off (DeepSpeed's own default would clip at 1.0)."""
-    accumulation: int = 1
-    """Micro-batches per optimizer step."""
-
-    @property
-    def momentum_key(self) -> str:
-        """The field a study's momentum sets: `momentum` under SGD, `beta1` under AdamW."""
-        return "momentum" if self.name == "sgd" else "beta1"
-
-    @property
-    def momentum_value(self) -> float:
-        """The momentum a sweep tunes: SGD momentum or Adam beta1."""
-        return getattr(self, self.momentum_key)
-
-    def warmup_steps_for(self, steps_per_epoch: int) -> int:
-        """Warmup in optimizer steps, from warmup_epochs when given."""
-        if self.warmup_epochs is None:
-            return self.warmup_steps
-        return round(self.warmup_epochs * steps_per_epoch)
-
-    def check(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError("lr", f"must be a positive number, got {self.lr}")
-        for key in ("momentum", "beta1", "beta2"):
-            _in_unit_interval(key, getattr(self, key))
-        for key in ("weight_decay", "eps", "grad_clip", "warmup_steps", "warmup_epochs"):
-            _at_least(key, getattr(self, key), 0)
-        if self.warmup_steps and self.warmup_epochs is not None:
-            raise ConfigError("warmup_epochs", "give warmup_steps or warmup_epochs, not both")
-        _in_unit_interval("min_lr_ratio", self.min_lr_ratio, closed=True)
-        _at_least("accumulation", self.accumulation, 1)
 
 
 @dataclass
@@ -272,9 +202,9 @@ class RunSection(Section):
         if (self.steps is None) == (self.epochs is None):
             raise ConfigError("steps", "set exactly one of run.steps and run.epochs")
         for key in ("steps", "epochs", "keep_checkpoints", "log_interval"):
-            _at_least(key, getattr(self, key), 1)
+            check_at_least(key, getattr(self, key), 1)
         for key in ("eval_interval", "checkpoint_interval"):
-            _at_least(key, getattr(self, key), 0)
+            check_at_least(key, getattr(self, key), 0)
         if not 0 <= self.ema_decay < 1:
             raise ConfigError("ema_decay", f"must lie in [0, 1) (0 turns the EMA off), got {self.ema_decay}")
         if self.ema_warmup and not self.ema_decay:

@@ -4,6 +4,8 @@ trainer and its evaluation use. Nothing else in `mutransfer.train` calls torch.d
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -28,7 +30,12 @@ def init_distributed() -> tuple[int, int, int]:
     if not os.environ.get("MUTRANSFER_DEEPSPEED_INFO"):  # DeepSpeed's INFO lines drown the progress bar
         deepspeed_logger.setLevel(logging.WARNING)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    # on CPU, DeepSpeed prints "DeepSpeed ... built successfully" to stdout as it loads its shared-memory
+    # all-reduce: stdout is the command's output (a sweep's summary), so the line goes to DeepSpeed's logger
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if said.getvalue().strip():
+        deepspeed_logger.info(said.getvalue().strip())
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

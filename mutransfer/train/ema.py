@@ -20,7 +20,7 @@ rank 0), which `mutransfer export --ema` writes out as the model's weights.
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .distributed import all_reduce_
+
+log = logging.getLogger(__name__)
 
 EMA_FILE = "ema.safetensors"
 WARMUP_GAMMA, WARMUP_POWER = 1.0, 2 / 3  # timm's ModelEmaV3 defaults (train.py does not change them)
@@ -153,6 +155,5 @@ def build_ema(engine: Any, decay: float, warmup: bool, zero_stage: int, resume_f
         if path.is_file():
             ema.load_full_state(load_file(str(path)), str(path))
         elif rank == 0:
-            print(f"mutransfer: {resume_from} holds no {EMA_FILE}; the weight EMA starts from its weights",
-                  file=sys.stderr, flush=True)
+            log.warning(f"mutransfer: {resume_from} holds no {EMA_FILE}; the weight EMA starts from its weights")
     return ema

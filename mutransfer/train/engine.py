@@ -100,10 +100,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, An
     import deepspeed
 
     optim = cfg.optim
-    optimizer = build_optimizer(
-        model, optim.name, lr=optim.lr, momentum=optim.momentum, betas=(optim.beta1, optim.beta2),
-        weight_decay=optim.weight_decay, eps=optim.eps, fused=fused_optimizer(cfg),
-    )
+    optimizer = build_optimizer(model, optim, fused=fused_optimizer(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, total_steps, warmup_steps, optim.schedule,

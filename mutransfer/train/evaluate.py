@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 from contextlib import closing
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from mutransfer.data import build_eval_loader
 
 from .config import RunConfig
 from .distributed import all_reduce_, all_reduce_floats
 from .run_log import SampleLog
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: torch.device,
@@ -96,10 +97,10 @@ def _eval_coverage(loader: Any, totals: list[float], rank: int, step: int, verbo
         shortfall = coverage_shortfall(loader.shards, good)
         if shortfall:
             kinds = ", ".join(f"{kind}={int(n)}" for kind, n in skipped.items() if n)
-            tqdm.write(f"mutransfer: warning: {shortfall}" + (f" (skipped: {kinds})" if kinds else ""), file=sys.stderr)
+            log.warning(f"mutransfer: warning: {shortfall}" + (f" (skipped: {kinds})" if kinds else ""))
         elif verbose:
             of = f" of {expected} (_info.json)" if expected is not None else ""
-            tqdm.write(f"eval at step {step}: {int(sum(good))}{of} samples", file=sys.stderr)
+            log.info(f"eval at step {step}: {int(sum(good))}{of} samples")
     return metrics
 
 

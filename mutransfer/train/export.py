@@ -84,9 +84,7 @@ def export(run_dir: str | Path, out: str | Path, checkpoint: str | None = None,
     state, raw_config = ckpt.read_state(folder)
     cfg = config_from_dict(raw_config)
     tensors = checkpoint_weights(folder, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, ema)
-    # runs save the resolved class count; the head's shape tells it for older configs
-    num_classes = cfg.data.num_classes or int(tensors["head.weight"].shape[0])
-    kwargs = cfg.model.create_kwargs(cfg.data.img_size, num_classes)
+    kwargs = cfg.model.create_kwargs(cfg.data.img_size, cfg.data.num_classes)  # saved resolved by the trainer
     model = create_model(cfg.model.name, **kwargs)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}

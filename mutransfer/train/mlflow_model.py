@@ -15,7 +15,7 @@ reported and the run still finishes: tracking never stops training.
 
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Any
 
 import torch
@@ -24,6 +24,8 @@ from mutransfer import tags
 from mutransfer.models import create_model
 
 from .config import RunConfig
+
+log = logging.getLogger(__name__)
 
 EXAMPLE_BATCH = 2  # torch.export specialises a batch of 1: two keeps the batch dimension dynamic
 
@@ -66,12 +68,11 @@ def log_final_model(engine: Any, cfg: RunConfig, tracker: Any, rank: int) -> str
     try:
         uri = _log(model.eval(), cfg, tracker)
     except Exception as err:  # tracking must never stop training
-        print(f"mutransfer: logging the final model to MLflow failed ({type(err).__name__}: {err}); "
-              f"`mutransfer export` still writes it from the checkpoint", file=sys.stderr, flush=True)
+        log.warning(f"mutransfer: logging the final model to MLflow failed ({type(err).__name__}: {err}); "
+                    f"`mutransfer export` still writes it from the checkpoint")
         return None
     name = cfg.tracking.registered_model_name
-    print(f"mutransfer: logged the final model as {uri}" + (f", registered as {name}" if name else ""),
-          file=sys.stderr, flush=True)
+    log.info(f"mutransfer: logged the final model as {uri}" + (f", registered as {name}" if name else ""))
     return uri
 
 

@@ -4,6 +4,7 @@ one on all ranks (rank 0 marks it pending first, complete last, then prunes old 
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import shutil
@@ -17,6 +18,8 @@ from mutransfer.tags import RunStatus
 from . import checkpoint as ckpt
 from .config import ConfigError, RunConfig
 from .distributed import all_reduce_floats, barrier, broadcast_from_rank0
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointWriteError(OSError):
@@ -62,8 +65,8 @@ def resume_run(engine: Any, cfg: RunConfig, rank: int, world_size: int, device: 
         if cfg.run.resume not in ("auto", "never"):
             raise ConfigError("run.resume", f"{folder} could not be loaded ({problem or 'on another rank'})")
         if rank == 0:
-            print(f"mutransfer: checkpoint {folder} could not be loaded ({problem or 'on another rank'}); trying "
-                  "the one before it", flush=True)
+            log.warning(f"mutransfer: checkpoint {folder} could not be loaded ({problem or 'on another rank'}); "
+                        "trying the one before it")
         folder = broadcast_from_rank0(resume_point(cfg, before=folder) if rank == 0 else None, world_size)
     return ckpt.TrainState(), None
 

@@ -11,13 +11,12 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-SCHEDULES = ("cosine", "constant")
+from mutransfer.models.optim import Schedule
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float) -> float:
-    """Multiplier of every group's base LR after `step` optimizer steps."""
-    if schedule not in SCHEDULES:  # at every step, warmup included: a typo must not pass for `warmup_steps` steps
-        raise ValueError(f"unknown schedule {schedule!r}; choose {' or '.join(SCHEDULES)}")
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: Schedule, min_lr_ratio: float) -> float:
+    """Multiplier of every group's base LR after `step` optimizer steps (`schedule` was checked with the
+    config's `optim.schedule`)."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -28,5 +27,5 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                    schedule: str = "cosine", min_lr_ratio: float = 0.0) -> LambdaLR:
+                    schedule: Schedule = "cosine", min_lr_ratio: float = 0.0) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, schedule, min_lr_ratio))

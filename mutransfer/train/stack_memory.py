@@ -15,6 +15,7 @@ import torch
 from mutransfer.models import create_model
 
 from .config import RunConfig
+from .stacked_optim import STATE_SLOTS
 
 HEADROOM = 2.0  # vmap's temporaries, allocator slack and the evaluation batch, on top of the estimate
 SHARE_OF_FREE = 0.5  # of the free memory, what one stack may take
@@ -28,7 +29,7 @@ def member_bytes(cfg: RunConfig) -> int:
         model = create_model(cfg.model.name, weight_init=False,
                              **cfg.model.create_kwargs(cfg.data.img_size, num_classes))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    states = 2 if cfg.optim.name == "adamw" else 1
+    states = len(STATE_SLOTS[cfg.optim.name])
     saved = 0
 
     def count(tensor: torch.Tensor) -> torch.Tensor:

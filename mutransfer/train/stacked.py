@@ -177,8 +177,8 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
         observer.started(index, cfg, model, total_steps)
     model = StackedModel(models, device)
     hypers = [MemberHypers(cfg.optim.lr, cfg.optim.momentum_value, cfg.optim.weight_decay) for cfg in cfgs]
-    optimizer = StackedOptimizer(model.params, groups_of(models[0], optim.name, optim.eps), optim.name, hypers,
-                                 beta2=optim.beta2, grad_clip=deepspeed_config(cfgs[0], 1)["gradient_clipping"])
+    optimizer = StackedOptimizer(model.params, groups_of(models[0], optim), optim, hypers,
+                                 grad_clip=deepspeed_config(cfgs[0], 1)["gradient_clipping"])
     flops = models[0].flops_per_image() if hasattr(models[0], "flops_per_image") else None
     return Stack(cfgs=cfgs, members=list(range(len(cfgs))), model=model, optimizer=optimizer, data=data,
                  criterion=train_loss(cfgs[0].data), device=device,

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from mutransfer.models.optim import OptimSection, param_groups
+from mutransfer.models.parametrization import Optimizer
+
+# each parameter's optimizer state, by optimizer (what a stack member costs in memory beside its weights)
+STATE_SLOTS: dict[Optimizer, tuple[str, ...]] = {"adamw": ("exp_avg", "exp_avg_sq"), "sgd": ("momentum_buffer",)}
+
 
 @dataclass(frozen=True)
 class StackedGroup:
@@ -37,12 +43,10 @@ class MemberHypers:
     weight_decay: float
 
 
-def groups_of(model: torch.nn.Module, optimizer: str, eps: float) -> list[StackedGroup]:
+def groups_of(model: torch.nn.Module, optim: OptimSection) -> list[StackedGroup]:
     """The model's per-role groups with their scales (from `param_groups`, so the scales are the lone trial's)."""
-    from mutransfer.models.optim import param_groups
-
-    return [StackedGroup(g["group"], tuple(g["names"]), g["lr_scale"], g["wd_scale"], g.get("eps", eps))
-            for g in param_groups(model, optimizer, lr=1.0, weight_decay=1.0, eps=eps)]
+    return [StackedGroup(g["group"], tuple(g["names"]), g["lr_scale"], g["wd_scale"], g.get("eps", optim.eps))
+            for g in param_groups(model, optim)]
 
 
 def member_values(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
@@ -54,23 +58,22 @@ def member_values(values: list[float], like: torch.Tensor) -> float | torch.Tens
 
 
 class StackedOptimizer:
-    """AdamW (`name='adamw'`) or SGD over `params` (name -> [K, ...] leaf tensors), in `groups`.
+    """AdamW or SGD (`optim.name`; Adam's beta2 from `optim`) over `params` (name -> [K, ...] leaf tensors), in
+    `groups`; each member's lr, momentum and weight decay from `hypers`.
 
     `step(factor)` applies one update with every group's lr at (member lr x lr_scale) x factor, the product
     torch's LambdaLR forms; `group_lrs` gives those lrs for logging. `keep(indices)` drops the other members
     (a diverged one), states included.
     """
 
-    def __init__(self, params: dict[str, torch.Tensor], groups: list[StackedGroup], name: str,
-                 hypers: list[MemberHypers], beta2: float = 0.999, grad_clip: float = 0.0) -> None:
-        if name not in ("adamw", "sgd"):
-            raise ValueError(f"unknown optimizer {name!r}; choose adamw or sgd")
-        self.params, self.groups, self.name = params, groups, name
-        self.hypers, self.beta2, self.grad_clip = list(hypers), beta2, grad_clip
+    def __init__(self, params: dict[str, torch.Tensor], groups: list[StackedGroup], optim: OptimSection,
+                 hypers: list[MemberHypers], grad_clip: float = 0.0) -> None:
+        self.params, self.groups = params, groups
+        self.hypers, self.beta2, self.grad_clip = list(hypers), optim.beta2, grad_clip
+        self.update = {"adamw": self._adamw, "sgd": self._sgd}[optim.name]
         self.steps = 0
-        slots = ("exp_avg", "exp_avg_sq") if name == "adamw" else ("momentum_buffer",)
-        self.state = {n: {slot: torch.zeros_like(p, memory_format=torch.preserve_format) for slot in slots}
-                      for n, p in params.items()}
+        self.state = {n: {slot: torch.zeros_like(p, memory_format=torch.preserve_format)
+                          for slot in STATE_SLOTS[optim.name]} for n, p in params.items()}
 
     def group_lrs(self, member: int, factor: float) -> dict[str, float]:
         return {g.label: (self.hypers[member].lr * g.lr_scale) * factor for g in self.groups}
@@ -87,13 +90,10 @@ class StackedOptimizer:
                 param = self.params[name]
                 if param.grad is None:
                     continue
-                if self.name == "adamw":
-                    self._adamw(param, self.state[name], lrs, wds, group.eps)
-                else:
-                    self._sgd(param, self.state[name], lrs, wds)
+                self.update(param, self.state[name], lrs, wds, group)
 
     def _adamw(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float],
-               eps: float) -> None:
+               group: StackedGroup) -> None:
         """torch's `_multi_tensor_adam` (decoupled weight decay, no amsgrad), one member per slice."""
         grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
         if any(wds):
@@ -102,12 +102,14 @@ class StackedOptimizer:
         exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         step_size = [(lr / (1 - h.momentum ** float(self.steps))) * -1 for lr, h in zip(lrs, self.hypers)]
         bias_correction2_sqrt = (1 - self.beta2 ** float(self.steps)) ** 0.5
-        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(group.eps)
         scaled = exp_avg * member_values(step_size, param)  # addcdiv's order: (value * t1) / t2, then add
         param.add_(scaled.div_(denom))
 
-    def _sgd(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float]) -> None:
-        """torch's `_multi_tensor_sgd` (coupled weight decay, momentum, no dampening, no nesterov)."""
+    def _sgd(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float],
+             group: StackedGroup) -> None:
+        """torch's `_multi_tensor_sgd` (coupled weight decay, momentum, no dampening, no nesterov); SGD has no
+        eps, so `group` is not read."""
         grad, buffer = param.grad, state["momentum_buffer"]
         decay = member_values(wds, param)
         if isinstance(decay, torch.Tensor):

@@ -10,8 +10,8 @@ which does not record again the steps it holds).
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,8 @@ from .stacked import MemberOutcome, StackObserver, train_stacked
 from .system_metrics import SystemMetrics, start_system_metrics
 from .tracking import Tracker, trim_metrics_file
 from .trainer import skips_for_mlflow, write_run_files
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,4 +112,4 @@ def train_stack(cfgs: list[RunConfig], device: torch.device | None = None) -> li
 
 
 def _say(message: str) -> None:
-    print(f"mutransfer: {message}", file=sys.stderr, flush=True)
+    log.info(f"mutransfer: {message}")

@@ -10,13 +10,11 @@ of the training curves. Metric names keep MLflow's `system/` prefix, which the U
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 PREFIX = "system/"
-# MLflow says at INFO, for every run, that it found no GPU to monitor: on a CPU sweep, one line per trial
-# between the progress updates. What it skips is visible in the metrics themselves.
-logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
 
 
 class SystemMetrics:
@@ -40,7 +38,7 @@ class SystemMetrics:
             for monitor in self._monitor.monitors:
                 monitor.clear_metrics()
         except Exception as err:  # tracking must never stop training
-            print(f"mutransfer: system metrics stopped ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+            log.warning(f"mutransfer: system metrics stopped ({type(err).__name__}: {err})")
             self._monitor = None
             return {}
         return {f"{PREFIX}{name}": float(value) for name, value in values.items()}
@@ -53,5 +51,5 @@ def start_system_metrics(enabled: bool, tracker: Any) -> SystemMetrics:
     try:
         return SystemMetrics(tracker.run_id, tracker.uri)
     except Exception as err:
-        print(f"mutransfer: no system metrics ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        log.warning(f"mutransfer: no system metrics ({type(err).__name__}: {err})")
         return SystemMetrics()

@@ -17,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import re
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -33,6 +33,8 @@ from typing import Any
 from mutransfer import tags
 from mutransfer.errors import UsageError
 from mutransfer.tags import RunStatus
+
+log = logging.getLogger(__name__)
 
 # Fail fast against a dead server instead of retrying for minutes (MLflow's default backoff): we retry
 # ourselves, without holding up training.
@@ -194,8 +196,7 @@ def trim_metrics_file(path: str | os.PathLike, through_step: int) -> int:
         if isinstance(values, dict) and values.get("step", 0) <= through_step:
             kept.append(row)
     if torn:
-        print(f"mutransfer: {path}: dropped {torn} line(s) that were cut short (a process killed while writing)",
-              file=sys.stderr, flush=True)
+        log.warning(f"mutransfer: {path}: dropped {torn} line(s) that were cut short (a process killed while writing)")
     if len(kept) != len(rows):
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(row + "\n" for row in kept))
@@ -237,7 +238,7 @@ class Tracker:
 
     def _disable(self, why: str) -> None:
         if self.active:
-            print(f"mutransfer: {why}; training goes on without tracking", file=sys.stderr, flush=True)
+            log.warning(f"mutransfer: {why}; training goes on without tracking")
         self.active = False
 
     @property
@@ -282,21 +283,18 @@ class Tracker:
                     self._back_off(request, err)
                     return False
                 self._refused += 1
-                print(f"mutransfer: MLflow refused {request.what} ({type(err).__name__}: {err}); dropped",
-                      file=sys.stderr, flush=True)
+                log.warning(f"mutransfer: MLflow refused {request.what} ({type(err).__name__}: {err}); dropped")
             self._held.popleft()
             self._held_values -= request.values
         if self._outage:
-            print(f"mutransfer: the MLflow server at {self.uri} is back; everything held is recorded",
-                  file=sys.stderr, flush=True)
+            log.info(f"mutransfer: the MLflow server at {self.uri} is back; everything held is recorded")
         self._outage, self._delay = False, RETRY_FIRST_S
         return True
 
     def _back_off(self, request: _Request, err: Exception) -> None:
         if not self._outage:
-            print(f"mutransfer: MLflow {request.what} failed ({type(err).__name__}: {str(err)[:200]}); "
-                  f"training goes on, holding what is not recorded and retrying with backoff",
-                  file=sys.stderr, flush=True)
+            log.warning(f"mutransfer: MLflow {request.what} failed ({type(err).__name__}: {str(err)[:200]}); "
+                        f"training goes on, holding what is not recorded and retrying with backoff")
         self._outage = True
         self._retry_at = time.monotonic() + self._delay
         self._delay = min(2 * self._delay, RETRY_MAX_S)
@@ -366,8 +364,8 @@ class Tracker:
             self.run_id, RunStatus(status).mlflow)))
         deadline = time.monotonic() + self.wait_at_end_s
         if self._held:
-            print(f"mutransfer: waiting up to {self.wait_at_end_s:g} s for the MLflow server at {self.uri} to "
-                  f"record {len(self._held)} held request(s)", file=sys.stderr, flush=True)
+            log.info(f"mutransfer: waiting up to {self.wait_at_end_s:g} s for the MLflow server at {self.uri} to "
+                     f"record {len(self._held)} held request(s)")
         while self._held and time.monotonic() < deadline:  # nothing else to do now: poll at a short interval
             time.sleep(max(0.0, min(END_POLL_S, deadline - time.monotonic())))
             self.flush(force=True)
@@ -382,7 +380,6 @@ class Tracker:
         span = f" (steps {min(steps)}-{max(steps)})" if steps else ""
         others = sorted({r.what for r in lost if not r.values})
         where = f"; the same numbers are in {self.fallback}" if self.fallback else ""
-        print(f"mutransfer: the MLflow server at {self.uri} did not record all of run {self.run_id}: "
-              f"{values} metric value(s){span}" + (f", {', '.join(others)}" if others else "")
-              + f" are missing there, and it may still show the run as RUNNING although it ended {status}{where}",
-              file=sys.stderr, flush=True)
+        log.warning(f"mutransfer: the MLflow server at {self.uri} did not record all of run {self.run_id}: "
+                    f"{values} metric value(s){span}" + (f", {', '.join(others)}" if others else "")
+                    + f" are missing there, and it may still show the run as RUNNING although it ended {status}{where}")

@@ -27,9 +27,9 @@ step) is turned off in `engine.deepspeed_config`; bf16 needs no loss scaling, an
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -64,6 +64,8 @@ from .run_log import RunResult, SampleLog, append_metrics, run_params, run_tags,
 from .signals import StopRequest
 from .system_metrics import SystemMetrics, start_system_metrics
 from .tracking import Tracker, trim_metrics_file
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EXIT_DIVERGED", "RunResult", "build_model", "deepspeed_config", "init_distributed",
            "shutdown_distributed", "train", "train_step"]
@@ -345,7 +347,7 @@ def _data_summary(run: Run) -> dict[str, int]:
                         for kind in loader.skip_counts})
         if run.rank == 0 and any(summary.values()):
             text = ", ".join(f"{key.removeprefix('data/')}={n}" for key, n in summary.items() if n)
-            print(f"mutransfer: data skipped in this run: {text}", file=sys.stderr, flush=True)
+            log.warning(f"mutransfer: data skipped in this run: {text}")
         run.data_summary = summary
     return run.data_summary
 
@@ -363,4 +365,4 @@ def _record(run: Run, metrics: dict[str, float]) -> None:
 
 def _say(run: Run, message: str) -> None:
     if run.rank == 0:
-        print(f"mutransfer: {message}", file=sys.stderr, flush=True)
+        log.info(f"mutransfer: {message}")
