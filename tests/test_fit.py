@@ -216,17 +216,17 @@ def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_
 
 
 def test_demo_verdict_prefers_the_one_without_significant_drift_only_when_the_slopes_differ_by_two_errors() -> None:
-    from mutransfer.study.demo import _depth_verdict
+    from mutransfer.study.demo import _axis_verdict
 
     drifts, quiet = analysis.judge("depth", 0.56, 0.26, 2), analysis.judge("depth", -0.19, 0.25, 2)  # the demo's
     assert (drifts.outcome, quiet.outcome) == ("drifts", "unclear")
-    verdict = _depth_verdict({"depth_mup": drifts, "depth_mup+fle0.5": quiet})
+    verdict = _axis_verdict("depth", {"depth_mup": drifts, "depth_mup+fle0.5": quiet})
     assert verdict.startswith("depth_mup+fle0.5 shows no significant drift with depth (-0.19 +- 0.25")
     assert "depth_mup does not (+0.56 +- 0.26, 2.2 standard errors" in verdict
     assert "differ by +0.75 +- 0.36 (2.1 standard errors). Prefer depth_mup+fle0.5" in verdict
     close = analysis.judge("depth", 0.30, 0.20, 2)  # no drift, but only 0.9 errors from the drifting slope
-    assert "does not separate them (their depth slopes differ by +0.26" in _depth_verdict(
-        {"depth_mup": drifts, "other": close})
+    assert "does not separate them (their depth slopes differ by +0.26" in _axis_verdict(
+        "depth", {"depth_mup": drifts, "other": close})
 
 
 def test_a_study_label_becomes_typed_model_values_of_the_trial() -> None:

@@ -107,11 +107,13 @@ def register_ui(subparsers: argparse._SubParsersAction) -> None:
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
-    d = subparsers.add_parser("demo", help="the whole workflow on CPU: synthetic shards, a mup vs depth_mup "
-                              "study, transfer to a wider and deeper target, report plots")
+    d = subparsers.add_parser("demo", help="the whole workflow on CPU: synthetic shards, an sp vs "
+                              "depth_mup+fle0.5 width study, transfer to a wider and deeper target, report plots")
     d.add_argument("--out", default="demo", help="folder for shards, trials, target and report")
     d.add_argument("--config", default=None, help="study YAML (default: the packaged demo study)")
     d.add_argument("--tracking-uri", default=None)
+    d.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="the study's seeds instead of the config's (a study of its own, named by them)")
     d.set_defaults(func=demo_command)
 
 
@@ -189,7 +191,7 @@ def transfer_command(args: argparse.Namespace) -> int:
 def demo_command(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(args.out, args.config, args.tracking_uri)
+    return run_demo(args.out, args.config, args.tracking_uri, args.seeds)
 
 
 def report_command(args: argparse.Namespace) -> int:
