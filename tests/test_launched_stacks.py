@@ -154,3 +154,12 @@ def test_sigterm_leaves_launched_stack_members_interrupted_and_a_rerun_completes
     assert {k: t.run_id for k, t in done.items()} == {k: t.run_id for k, t in stopped.items()}  # continued
     for trial in done.values():
         assert [s for s, _ in history(tmp_path, trial.run_id)] == list(range(1, 61))  # each step recorded once
+
+
+def test_a_stack_is_pinned_to_its_gpu_among_those_the_sweep_sees(monkeypatch) -> None:
+    from mutransfer.launch.trials import pinned_environment
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert pinned_environment([1])["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pinned_environment([3])["CUDA_VISIBLE_DEVICES"] == "3"
