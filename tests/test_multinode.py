@@ -335,7 +335,8 @@ def test_slurm_training_script(workspace, tmp_path) -> None:
 
 def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
     """`sweep --slurm` needs an MLflow server: it creates the study's parent run before any task starts, and
-    the array holds the trials not yet done. A task (`--trial-index I`) runs trial I alone under that parent."""
+    the array holds the trials (`--stack 1`) or stacks not yet done. A task (`--trial-index I`) runs trial I
+    alone under that parent."""
     from mutransfer.study.ui import start_server
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -361,7 +362,7 @@ def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
     with start_server(uri) as server:
         script = tmp_path / "sweep.sbatch"
         code, out, err = cli("sweep", "--config", str(study), "--slurm", "--tracking-uri", server.url,
-                             "--script", str(script), "--parallel", "2", "study.steps=3")
+                             "--script", str(script), "--parallel", "2", "--stack", "1", "study.steps=3")
         assert code == 0, err
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
         text = script.read_text()
@@ -390,9 +391,21 @@ def test_sweep_slurm_array_and_one_trial_by_index(workspace, tmp_path) -> None:
 
         # written again (at the same length: another length is another trial), the array holds what is left
         code, out, err = cli("sweep", "--config", str(study), "--slurm", "--tracking-uri", server.url,
-                             "--script", str(script), "study.steps=3")
+                             "--script", str(script), "--stack", "1", "study.steps=3")
         assert code == 0, err
         assert "#SBATCH --array=0,2\n" in script.read_text() and "2 of 3 trials" in out
+        # stacked (the default), a task runs a stack: the study's one shape is one stack, by a rule that reads
+        # no memory; with --stack 2, two stacks, the first of which still holds trial 0
+        code, out, err = cli("sweep", "--config", str(study), "--slurm", "--tracking-uri", server.url,
+                             "--script", str(script), "study.steps=3")
+        assert code == 0, err
+        assert "#SBATCH --array=0\n" in script.read_text() and "1 of 1 stacks (3 trials)" in out
+        assert '--stack-index "$SLURM_ARRAY_TASK_ID" study.steps=3 &' in script.read_text()
+        code, out, err = cli("sweep", "--config", str(study), "--slurm", "--tracking-uri", server.url,
+                             "--script", str(script), "--stack", "2", "study.steps=3")
+        assert code == 0, err
+        assert "#SBATCH --array=0-1\n" in script.read_text() and "2 of 2 stacks (3 trials)" in out
+        assert '--stack-index "$SLURM_ARRAY_TASK_ID" --stack 2 study.steps=3 &' in script.read_text()
 
 
 def test_array_spec_collapses_runs() -> None:

@@ -168,9 +168,10 @@ def array_spec(indices: list[int], max_running: int | None = None) -> str:
 
 def sweep_script(study_config: Path, overrides: list[str], indices: list[int], study_output: Path,
                  tracking_uri: str, options: SlurmOptions, max_running: int | None = None,
-                 gpus_per_trial: int = 1, cwd: str | os.PathLike | None = None) -> str:
-    """A job array: task i runs trial i of the study in-process (`mutransfer sweep --trial-index i`) and
-    records it in MLflow under the study's parent run, as the in-process sweep does."""
+                 gpus_per_trial: int = 1, cwd: str | os.PathLike | None = None, stack: int | None = 1) -> str:
+    """A job array: task i runs, in-process, stack i of the study's array plan (`mutransfer sweep --stack-index
+    i`, with the array's `--stack K` when K is explicit), or with `stack` 1 trial i (`--trial-index i`), and
+    records its trials in MLflow under the study's parent run, as the in-process sweep does."""
     options.validate()
     check_script_values(study_config=study_config, overrides=overrides, study_output=study_output, cwd=cwd,
                         tracking_uri=tracking_uri)
@@ -180,16 +181,18 @@ def sweep_script(study_config: Path, overrides: list[str], indices: list[int], s
     resources.append(f"--array={array_spec(indices, max_running)}")
     mutransfer = str(Path(sys.executable).parent / "mutransfer")
     sweep_args = [mutransfer, "sweep", "--config", str(study_config.absolute()), "--tracking-uri", tracking_uri]
+    unit = "trial" if stack == 1 else "stack"
+    pick = ['--trial-index "$SLURM_ARRAY_TASK_ID"'] if stack == 1 else \
+        ['--stack-index "$SLURM_ARRAY_TASK_ID"', *([f"--stack {stack}"] if stack else [])]
     lines = [
         *_header(options, resources, str(study_output / "slurm" / "%A_%a.out")),
         "#",
         f"# Written by `mutransfer sweep --slurm` for {shlex.quote(str(study_config))}. Submit: sbatch <this file>.",
-        "# Array task i runs trial i of the study; a preempted task is requeued and resumes its trial.",
+        f"# Array task i runs {unit} i of the study; a preempted task is requeued and resumes its {unit}.",
         "# Every task writes to the MLflow server above at the same time: it must be a server, not a file.",
         *_environment(Path(cwd or Path.cwd()).absolute(), tracking_uri),
         *_requeue_trap("${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}", finished_check=None),
-        " ".join(["srun --ntasks=1", shlex.join(sweep_args), '--trial-index "$SLURM_ARRAY_TASK_ID"',
-                  *map(shlex.quote, overrides), "&"]),
+        " ".join(["srun --ntasks=1", shlex.join(sweep_args), *pick, *map(shlex.quote, overrides), "&"]),
         "SRUN_PID=$!",
         'wait "$SRUN_PID"',
         "exit $?",

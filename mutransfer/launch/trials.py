@@ -1,5 +1,6 @@
 """The processes of a sweep's launched trials: the `deepspeed` / `torchrun` command that trains one trial on its
-block of GPUs, and passing a stop signal on to its whole process group."""
+block of GPUs, the environment that pins a one-process stack to its GPU, and passing a stop signal on to a
+launch's whole process group."""
 
 from __future__ import annotations
 
@@ -33,6 +34,15 @@ def trial_command(launcher: str, config_path: Path, gpus: list[int], port: int) 
     else:
         raise UsageError(f"unknown launcher {launcher!r}; choose one of {', '.join(LAUNCHERS)}")
     return cmd, env
+
+
+def pinned_environment(gpus: list[int]) -> dict[str, str]:
+    """This process's environment with CUDA_VISIBLE_DEVICES set to `gpus`, counted among the GPUs this process
+    sees (a sweep started with CUDA_VISIBLE_DEVICES=4,5 gives its slot 1 the GPU 5). Harmless on CPU."""
+    env = dict(os.environ)
+    visible = [d for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(visible[g] if g < len(visible) else str(g) for g in gpus)
+    return env
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -35,12 +35,17 @@ def register_sweep(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--gpus-per-trial", type=int, default=1)
     s.add_argument("--tracking-uri", default=None)
     s.add_argument("--stack", type=int, default=None,
-                   help="in process, train K trials of one shape at a time as one stacked model (default: as many "
-                        "as fit in half the free memory; 1: one trial at a time)")
+                   help="train K trials of one shape at a time as one stacked model, in process or one stack per "
+                        "launch slot (default: as many as fit in half the free memory of the device; with --slurm "
+                        "or --stack-index, every trial of a shape; 1: one trial at a time, one per launch)")
     s.add_argument("--trial-index", type=int, default=None,
-                   help="run only trial I of the study (0-based; one task of a SLURM job array)")
+                   help="run only trial I of the study (0-based; one task of a --stack 1 SLURM job array)")
+    s.add_argument("--stack-index", type=int, default=None,
+                   help="run only stack I of the study's array plan (0-based; one task of a SLURM job array; "
+                        "pass the array's --stack K too)")
     s.add_argument("--slurm", action="store_true",
-                   help="write an sbatch job array, one trial per task (needs an MLflow server), instead of running")
+                   help="write an sbatch job array, one stack per task (one trial with --stack 1; needs an MLflow "
+                        "server), instead of running")
     s.add_argument("--script", default=None, help="where --slurm writes (default: <study output_dir>/sweep.sbatch)")
     add_sbatch_arguments(s)
     s.add_argument("overrides", nargs="*", help="dotted overrides of the study, e.g. study.steps=50")
@@ -127,7 +132,7 @@ def sweep_command(args: argparse.Namespace) -> int:
     if args.trial_index is not None and (args.parallel or 1) > 1:
         raise UsageError("--trial-index runs one trial: drop --parallel")
     summary = run_sweep(cfg, args.launcher, args.parallel or 1, args.gpus_per_trial, args.tracking_uri,
-                        trial_index=args.trial_index, stack=args.stack)
+                        trial_index=args.trial_index, stack=args.stack, stack_index=args.stack_index)
     counts = {s: list(summary.statuses.values()).count(s) for s in sorted(set(summary.statuses.values()))}
     print(f"study {summary.study}: ran {len(summary.ran)}, skipped {len(summary.skipped)} already done; "
           + ", ".join(f"{v} {k}" for k, v in counts.items())
@@ -141,30 +146,36 @@ def sweep_command(args: argparse.Namespace) -> int:
 
 
 def _write_sweep_array(args: argparse.Namespace, cfg) -> int:
-    """`sweep --slurm`: the parent run now, then a job array over the trials not yet done."""
+    """`sweep --slurm`: the parent run now, then a job array over the stacks (or, with --stack 1, the trials)
+    not yet done."""
     from mutransfer.launch.slurm import sweep_script, write_script
 
-    from .sweep import pending_trials
+    from .sweep_array import pending_array
 
-    if args.trial_index is not None:
-        raise UsageError("--slurm writes the whole array; --trial-index is what each task runs")
+    if args.trial_index is not None or args.stack_index is not None:
+        raise UsageError("--slurm writes the whole array; --trial-index / --stack-index is what each task runs")
     if args.parallel is not None and args.parallel < 1:
         raise UsageError(f"--parallel must be at least 1, got {args.parallel}")
+    if args.stack is not None and args.stack < 1:
+        raise UsageError(f"--stack must be at least 1, got {args.stack}")
     if args.launcher != "inprocess" or args.gpus_per_trial != 1:
-        raise UsageError("--slurm runs each trial in-process on one GPU of its own array task; drop --launcher "
-                         "and --gpus-per-trial (for multi-GPU proxies, use --launcher deepspeed on a node)")
-    parent, indices, uri = pending_trials(cfg, args.tracking_uri)
-    total = len(cfg.trials())
-    if not indices:
-        print(f"study {cfg.study.name}: all {total} trials are done; nothing to submit")
+        raise UsageError("--slurm runs each trial or stack in-process on one GPU of its own array task; drop "
+                         "--launcher and --gpus-per-trial (for multi-GPU proxies, use --launcher deepspeed on a node)")
+    plan = pending_array(cfg, args.tracking_uri, args.stack)
+    total = len(plan.units)
+    what = "stacks" if args.stack != 1 else "trials"
+    if not plan.pending:
+        print(f"study {cfg.study.name}: all {total} {what} are done; nothing to submit")
         return 0
     script = Path(args.script) if args.script else cfg.output_dir.absolute() / "sweep.sbatch"
-    text = sweep_script(Path(cfg.source), list(args.overrides), indices, cfg.output_dir.absolute(), uri,
-                        sbatch_options(args, f"sweep-{cfg.study.name}"), max_running=args.parallel)
+    text = sweep_script(Path(cfg.source), list(args.overrides), plan.pending, cfg.output_dir.absolute(), plan.uri,
+                        sbatch_options(args, f"sweep-{cfg.study.name}"), max_running=args.parallel,
+                        stack=args.stack)
     write_script(script, text, cfg.output_dir.absolute() / "slurm")
-    done = f" (the other {total - len(indices)} are done)" if len(indices) < total else ""
-    print(f"study {cfg.study.name}: wrote {script}: a job array of {len(indices)} of {total} trials{done}; "
-          f"MLflow {uri} (parent run {parent})")
+    done = f" (the other {total - len(plan.pending)} are done)" if len(plan.pending) < total else ""
+    print(f"study {cfg.study.name}: wrote {script}: a job array of {len(plan.pending)} of {total} {what}{done}"
+          + ("" if args.stack == 1 else f" ({sum(len(plan.units[i]) for i in plan.pending)} trials)")
+          + f"; MLflow {plan.uri} (parent run {plan.parent})")
     print(f"submit with: sbatch {script}")
     return 0
 

@@ -42,11 +42,15 @@ def plan_stacks(trials: list[TrialSpec], size_for: Callable[[TrialSpec, int], in
     return stacks
 
 
-def stack_sizer(stack: int | None, config_of: Callable[[TrialSpec], RunConfig]) -> Callable[[TrialSpec, int], int]:
-    """`size_for` of `plan_stacks`: `stack` trials per stack, or (None) as many as fit in memory. A study whose
-    configs cannot stack runs one trial at a time when the size is automatic, and is refused when it is not."""
+def stack_sizer(stack: int | None, config_of: Callable[[TrialSpec], RunConfig],
+                auto: Callable[[RunConfig, int], int] | None = None) -> Callable[[TrialSpec, int], int]:
+    """`size_for` of `plan_stacks`: `stack` trials per stack, or (None) `auto(config, trials of the shape)`,
+    by default as many as fit in memory (`auto_stack_size`). A study whose configs cannot stack runs one
+    trial at a time when the size is automatic, and is refused when it is not."""
     from mutransfer.train.stack_memory import auto_stack_size
     from mutransfer.train.stacked import stack_problem
+
+    auto = auto or auto_stack_size
 
     def size_for(trial: TrialSpec, count: int) -> int:
         if stack == 1 or count == 1:
@@ -61,9 +65,19 @@ def stack_sizer(stack: int | None, config_of: Callable[[TrialSpec], RunConfig]) 
                 raise UsageError(f"--stack {stack}: the trials of this study cannot train in a stack: {problem}; "
                                  "use --stack 1")
             return 1
-        return stack if stack is not None else auto_stack_size(cfg, count)
+        return stack if stack is not None else auto(cfg, count)
 
     return size_for
+
+
+def array_stacks(trials: list[TrialSpec], stack: int | None, config_of: Callable[[TrialSpec], RunConfig]
+                 ) -> list[list[TrialSpec]]:
+    """The stacks of a job array (`sweep --slurm`, `--stack-index I`), planned from the whole study so that
+    every task plans the same: `stack` trials of one shape per stack, or (None) every trial of a shape in
+    one stack. Nothing here reads the machine's memory (tasks run on nodes with different free memory); an
+    automatic stack that does not fit the task's device trains there in parts that do (the task plans its own
+    stack again by memory, `stack_sizer`)."""
+    return plan_stacks(trials, stack_sizer(stack, config_of, auto=lambda _cfg, count: count))
 
 
 def train_trials(configs: Callable[[], list[RunConfig]], keys: list[str]) -> list[str]:

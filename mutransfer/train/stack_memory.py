@@ -52,9 +52,10 @@ def free_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def auto_stack_size(cfg: RunConfig, count: int, device: torch.device | None = None) -> int:
-    """How many of `count` trials of `cfg`'s shape to stack: all that fit in SHARE_OF_FREE of the free
-    memory, at least 1."""
+def auto_stack_size(cfg: RunConfig, count: int, device: torch.device | None = None,
+                    share: float = SHARE_OF_FREE) -> int:
+    """How many of `count` trials of `cfg`'s shape to stack: all that fit in `share` of the free memory
+    (processes that train stacks side by side on one host split SHARE_OF_FREE between them), at least 1."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    fits = int(SHARE_OF_FREE * free_bytes(device)) // max(1, member_bytes(cfg))
+    fits = int(share * free_bytes(device)) // max(1, member_bytes(cfg))
     return max(1, min(count, fits))
