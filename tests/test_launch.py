@@ -118,22 +118,25 @@ def test_bad_study_config_names_the_key(workspace, tmp_path) -> None:
 
 
 def test_the_demo_runs_end_to_end_on_a_small_study(tmp_path: Path) -> None:
-    """`mutransfer demo` with the shipped demo study cut to 2 depths x 2 lrs x 1 seed of 5 steps: shards,
-    sweep, report, transfer to the shipped target, its training, and the verdict line."""
+    """`mutransfer demo` with the shipped demo study cut to 2 widths x 2 lrs x 1 seed of 5 steps: shards,
+    sweep, report, transfer to the shipped target, its training, its loss against the best proxy, and the
+    verdict line; `--seeds` makes a study of its own."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     study = yaml.safe_load((configs / "demo_study.yaml").read_text())
     study["study"].update(base_config=str(configs / "demo_proxy.yaml"), steps=5, target=str(configs / "demo_target.yaml"))
-    study["shapes"]["depths"] = [2, 4]
+    study["shapes"]["widths"] = [32, 64]
     study["grid"]["lr"] = [2.0 ** -6, 2.0 ** -4]
-    study["seeds"] = [0]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     result = mutransfer("demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "study.yaml"),
-                        "--tracking-uri", uri, cwd=tmp_path)
+                        "--tracking-uri", uri, "--seeds", "7", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("[demo] verdict: ")
     assert any(line.startswith("[demo] done in") and "8 trials run" in line for line in lines)
+    assert any(line.startswith("[demo] study demo-seeds-7: 8 proxy trials") and "seeds [7]" in line for line in lines)
+    assert any(line.startswith("[demo] target eval loss ") and "the best depth_mup+fle0.5 proxy's" in line
+               for line in lines)
     for name in ("lr_curves.png", "trend.png", "optima.md", "optima.csv"):
         assert (tmp_path / "demo" / "report" / name).is_file(), name
     target = load_config(tmp_path / "demo" / "target" / "target.yaml", check=False)
