@@ -21,8 +21,8 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check mutransfer tests benchmarks
 
-# Headless Chromium for the UI test (tests/test_ui_browser.py skips, saying why, without it). Installed from
-# Debian's `chromium` package when it is missing and apt-get is there; never fails the build.
+# Headless Chromium for the UI test (tests/integration/test_ui_browser.py skips, saying why, without it).
+# Installed from Debian's `chromium` package when it is missing and apt-get is there; never fails the build.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	{ command -v apt-get >/dev/null 2>&1 && \
@@ -30,9 +30,9 @@ browser:
 	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium; } \
 	  >/dev/null 2>&1 && echo "installed chromium"; } || echo "no chromium: the browser test will skip"
 
-# the quick loop for local work: unit tests only (integration tests are marked slow)
+# the quick loop for local work: tests/unit only (tests/integration starts processes, servers and compiles)
 test-fast: venv lint
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q -m 'not slow' tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests/unit
 
 test: venv lint browser
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests

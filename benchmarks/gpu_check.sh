@@ -7,7 +7,7 @@
 #
 # Steps, most important first, each under its own time limit and the whole under a deadline (a step that
 # would start past it is skipped and said), so that one slow step costs its own row and not the others:
-#   1. tests/test_gpu.py: flash / memory-efficient SDPA in bf16, fused AdamW with the per-role groups, no
+#   1. tests/integration/test_gpu.py: flash / memory-efficient SDPA in bf16, fused AdamW with the per-role groups, no
 #      host sync inside a training step, nvJPEG against the CPU decoder;
 #   2. ViT-B/16 bf16 images/s and MFU, eager and compiled, ZeRO-0 and ZeRO-1 against timm's plain loop
 #      (benchmarks/train_throughput.py);
@@ -95,7 +95,7 @@ else
   SWEEP=(--depths 12 --widths 384 --seeds 0 1 --steps 120 --rounds 1)
 fi
 
-step test_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUT_DIR/test_gpu.xml"
+step test_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py --junitxml="$OUT_DIR/test_gpu.xml"
 step train_throughput 210 "$PY" benchmarks/train_throughput.py "${MODEL[@]}" --stages 0,1 --precisions bf16 \
   --compile both --json "$OUT_DIR/train_throughput.json"
 step sweep_throughput 130 "$PY" benchmarks/sweep_throughput.py "${SWEEP[@]}" --work "$(mktemp -d)" \

@@ -31,7 +31,7 @@ def load(folder: Path, name: str) -> dict | None:
 def test_rows(folder: Path) -> list[str]:
     path = folder / "test_gpu.xml"
     if not path.exists():
-        return ["| tests/test_gpu.py | no result | |"]
+        return ["| tests/integration/test_gpu.py | no result | |"]
     rows = []
     for case in ET.parse(path).getroot().iter("testcase"):
         verdict = "passed"

@@ -1,5 +1,16 @@
-"""Shared fixtures: synthetic shard sets written by our own writer (any size, cached per session), and
-images for the data tests."""
+"""The test layout, and the fixtures both halves share.
+
+Layout: `tests/unit` holds the tests that run in this one process (no subprocess launches, no multi-process
+DeepSpeed, no servers, no browser, no torch.compile); `make test-fast` runs that folder. `tests/integration`
+holds the tests that start real processes, DeepSpeed launches, servers, a browser or compiles; `make test`
+runs both. The folder is the rule: every test under tests/integration is marked `slow` here at collection (so
+`-m 'not slow'` still means "unit tests only"), and a test under tests/unit that is marked `slow` stops the
+run, naming the test and the folder it belongs in. A `slow` mark written in an integration file says nothing
+more. Helpers shared by both folders live in tests/train_helpers.py (tests/ is on sys.path through
+pyproject's `pythonpath`); scripts a test runs by path sit next to it.
+
+Fixtures: synthetic shard sets written by our own writer (any size, cached per session), and images for the
+data tests."""
 
 from __future__ import annotations
 
@@ -10,11 +21,29 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from train_helpers import EVAL_PER_SHARD, EVAL_SAMPLES, copy_shards, cut_in_half, overwrite_middle
 
 from mutransfer.data import write_synthetic_shards
 from mutransfer.logs import configure_logging
 
 configure_logging()  # tests that call train() or a command's function read stderr as the command line shows it
+
+TESTS = Path(__file__).resolve().parent
+UNIT, INTEGRATION = TESTS / "unit", TESTS / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The folder decides what is slow (see this module's docstring)."""
+    misplaced = []
+    for item in items:
+        parents = Path(item.path).resolve().parents
+        if INTEGRATION in parents:
+            item.add_marker(pytest.mark.slow)
+        elif UNIT in parents and item.get_closest_marker("slow"):
+            misplaced.append(item.nodeid)
+    if misplaced:
+        raise pytest.UsageError("marked slow but under tests/unit (the folder decides; move them to "
+                                "tests/integration): " + ", ".join(misplaced))
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +86,19 @@ def small_shards(shard_set: Callable[..., Path]) -> SmallShards:
     s = SmallShards  # the dataclass's defaults
     return SmallShards(shard_set(s.train_samples, s.eval_samples, s.train_per_shard, s.eval_per_shard,
                                  classes=s.classes, size=s.size))
+
+
+@pytest.fixture(scope="session")
+def damaged(shard_set: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the fault probes' shard set (train_helpers.EVAL_SAMPLES) with validation shard 1 given 4 KiB of
+    garbage in its middle, validation shard 2 cut in half, and train shard 0 damaged like validation shard 1.
+    Read-only."""
+    shards = shard_set(512, EVAL_SAMPLES, validation_per_shard=EVAL_PER_SHARD)
+    out = copy_shards(shards, tmp_path_factory.mktemp("damaged") / "shards")
+    overwrite_middle(out / "validation-000001.tar")
+    cut_in_half(out / "validation-000002.tar")
+    overwrite_middle(out / "train-000000.tar")
+    return out
 
 
 def gradient_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,25 @@ def eval_loss_of_weights(weights: Path, shards: Path) -> float:
             total += torch.nn.functional.cross_entropy(model(batch.images), batch.targets, reduction="sum").item()
             count += int(batch.valid.sum())
     return total / count
+
+
+# --- the shards of the fault probes: shard_set(512, EVAL_SAMPLES, validation_per_shard=EVAL_PER_SHARD), and
+# ways to damage a copy of them (conftest's `damaged` fixture is one)
+EVAL_SAMPLES, EVAL_PER_SHARD = 200, 50
+
+
+def copy_shards(shards: Path, to: Path) -> Path:
+    shutil.copytree(shards, to)
+    return to
+
+
+def overwrite_middle(path: Path, size: int = 4096) -> None:
+    """4 KiB of garbage in the middle of a file (tar headers and data alike)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + size] = b"\xab" * size
+    path.write_bytes(bytes(data))
+
+
+def cut_in_half(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -1,14 +1,14 @@
-"""Fault injection: the probes of issue 10 in one place, each against the real thing (shards on disk, the
-`python -m mutransfer.train` and `mutransfer sweep` commands in subprocesses, a real `mlflow server` on
-127.0.0.1 started and stopped by pid, DeepSpeed ranks on gloo). README.md's "Reliability" section lists the
-probes and what each one shows. Every process a test starts leads its own session and is killed by group."""
+"""Fault injection, each probe against the real thing (shards on disk, the `python -m mutransfer.train` and
+`mutransfer sweep` commands in subprocesses, a real `mlflow server` on 127.0.0.1 started and stopped by pid,
+DeepSpeed ranks on gloo). README.md's "Reliability" section lists the probes and what each one shows. Every
+process a test starts leads its own session and is killed by group. The probes that need no process of their
+own (damaged tars read in this process, bad input refused before any work): tests/unit/test_bad_input.py."""
 
 from __future__ import annotations
 
 import json
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import threading
@@ -18,46 +18,33 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from train_helpers import BIN, losses, python_command, result, run, run_env, write_config
+from train_helpers import (
+    BIN,
+    EVAL_PER_SHARD,
+    EVAL_SAMPLES,
+    copy_shards,
+    cut_in_half,
+    losses,
+    python_command,
+    result,
+    run,
+    run_env,
+    write_config,
+)
 
-from mutransfer.data import DataConfig, build_eval_loader, write_synthetic_shards
-from mutransfer.data.writer import sample_key
 from mutransfer.netutil import free_port
 from mutransfer.study.store import load_trials
 from mutransfer.study.ui import start_server
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import complete_checkpoints
-from mutransfer.train.config import load_config
 from mutransfer.train.tracking import Tracker
 
-EVAL_SAMPLES, EVAL_PER_SHARD = 200, 50
 HARD_TIMEOUT_S = 300  # a probe process still alive after this has hung (startup alone takes a minute on a busy 2-core box)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fault_shards")
-    write_synthetic_shards(str(out), "train", classes=10, samples=512, image_size=32, seed=0, samples_per_shard=128)
-    write_synthetic_shards(str(out), "validation", classes=10, samples=EVAL_SAMPLES, image_size=32, seed=0,
-                           samples_per_shard=EVAL_PER_SHARD)
-    return out
-
-
-def copy_shards(shards: Path, to: Path) -> Path:
-    shutil.copytree(shards, to)
-    return to
-
-
-def overwrite_middle(path: Path, size: int = 4096) -> None:
-    """4 KiB of garbage in the middle of a file (tar headers and data alike)."""
-    data = bytearray(path.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + size] = b"\xab" * size
-    path.write_bytes(bytes(data))
-
-
-def cut_in_half(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def shards(shard_set) -> Path:
+    return shard_set(512, EVAL_SAMPLES, validation_per_shard=EVAL_PER_SHARD)
 
 
 class Job:
@@ -156,36 +143,7 @@ def test_a_rank_whose_peer_died_exits(shards, tmp_path) -> None:
             job.kill()
 
 
-# --- 2. a damaged or truncated tar loses only what is damaged, and says what it lost -------------------------
-@pytest.fixture(scope="module")
-def damaged(shards, tmp_path_factory) -> Path:
-    """Validation shard 1 with 4 KiB overwritten in its middle, shard 2 cut in half; train shard 0 damaged
-    like validation shard 1."""
-    out = copy_shards(shards, tmp_path_factory.mktemp("damaged") / "shards")
-    overwrite_middle(out / "validation-000001.tar")
-    cut_in_half(out / "validation-000002.tar")
-    overwrite_middle(out / "train-000000.tar")
-    return out
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_damaged_tars_keep_the_rest_of_the_shard_and_count_the_loss_by_shard(damaged, num_workers) -> None:
-    cfg = DataConfig(shards_dir=str(damaged), img_size=32, batch_size=16, num_workers=num_workers)
-    loader = build_eval_loader(cfg)
-    keys = [key for batch in loader for key, valid in zip(batch.keys, batch.valid) if valid]
-    good = loader.good_per_shard()
-    assert len(keys) == len(set(keys)) == sum(good)
-    assert good[0] == good[3] == EVAL_PER_SHARD  # intact shards
-    assert good[1] >= EVAL_PER_SHARD - 3, good  # the 4 KiB cost the samples it covered, not half the shard
-    # the samples after the damage were read
-    assert sample_key("validation", 2 * EVAL_PER_SHARD - 1) in keys
-    # every sample _info.json lists is accounted for: evaluated, or skipped and counted by kind
-    skipped = loader.skip_counts
-    assert skipped["unread_samples"] >= EVAL_PER_SHARD // 2 - 5  # most of the cut half of shard 2
-    assert sum(good) + skipped["unread_samples"] + skipped["missing_field"] + skipped["corrupt_image"] \
-        == EVAL_SAMPLES, (good, skipped)
-
-
+# --- 2. a run over damaged or truncated tars says what it lost -----------------------------------------------
 @pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_eval_states_its_coverage_and_the_run_summary_counts_skips_by_kind(damaged, tmp_path) -> None:
     """A one-epoch run over the damaged shards: console and MLflow show samples evaluated against
@@ -214,17 +172,7 @@ def test_eval_states_its_coverage_and_the_run_summary_counts_skips_by_kind(damag
     assert metrics["data/eval_unread_samples"] == skipped["data/eval_unread_samples"]
 
 
-# --- 3. numbers as people write them; a sweep whose trial fails does not exit 0 ------------------------------
-def test_numbers_in_files_and_overrides_are_floats(shards, tmp_path) -> None:
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", "sqlite:///unused.db")
-    text = config.read_text().replace("lr: 0.03", "lr: 3e-3").replace("weight_decay: 0.01", "weight_decay: 1e-05")
-    config.write_text(text)
-    cfg = load_config(config, ["optim.eps=1e-8", "optim.beta2=.95", "run.steps=7"])
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.eps, cfg.optim.beta2) == (3e-3, 1e-5, 1e-8, 0.95)
-    assert load_config(config, ["optim.lr=3e-3"]).optim.lr == 0.003  # the README's own example
-    assert isinstance(cfg.run.steps, int)
-
-
+# --- 3. a sweep reads numbers as people write them, and does not exit 0 when a trial fails -------------------
 @pytest.mark.slow  # trains in a subprocess or in process: an integration probe
 def test_sweep_reads_1e_05_and_exits_1_when_a_trial_fails(shards, tmp_path) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -328,7 +276,7 @@ def sweep_study(shards: Path, root: Path, steps: int) -> tuple[Path, str]:
 @pytest.mark.slow
 def test_ctrl_c_stops_the_sweep_and_the_rerun_continues_its_trial(shards, tmp_path) -> None:
     study, uri = sweep_study(shards, tmp_path, steps=150)
-    # one trial at a time (a stack stops all its trials: tests/test_stacked_sweep.py)
+    # one trial at a time (a stack stops all its trials: tests/integration/test_stacked_sweep.py)
     command = [str(BIN / "mutransfer"), "sweep", "--config", str(study), "--tracking-uri", uri, "--stack", "1"]
     job = Job(command, tmp_path)
     trials = tmp_path / "trials"
@@ -393,27 +341,3 @@ def test_damaged_checkpoints_are_passed_over_and_replayed_steps_logged_once(shar
     history = MlflowClient(uri).get_metric_history(res["mlflow_run_id"], "train/loss")
     assert sorted(m.step for m in history) == list(range(1, 13))
 
-
-# --- 7. bad input before any work: exit 2 and one line ---------------------------------------------------------
-@pytest.mark.parametrize("case", ["no_info", "empty", "tars_gone", "yaml_syntax"])
-def test_bad_shard_folders_and_yaml_exit_2_with_one_line(case, shards, tmp_path, capsys) -> None:
-    folder = tmp_path / "shards"
-    if case == "empty":
-        folder.mkdir()
-    else:
-        copy_shards(shards, folder)
-    if case == "no_info":
-        (folder / "_info.json").unlink()
-    if case == "tars_gone":
-        for tar in folder.glob("validation-*.tar"):
-            tar.unlink()
-    config = write_config(tmp_path / "run.yaml", folder, tmp_path / "out", "sqlite:///unused.db")
-    if case == "yaml_syntax":
-        config.write_text(config.read_text() + "data: [1,\n  broken: {\n")
-    assert train_main(["--config", str(config)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    expected = {"no_info": "has no _info.json", "empty": "is empty", "tars_gone": "4 of 4 shards missing",
-                "yaml_syntax": "not valid YAML at line"}[case]
-    assert expected in err[0], err
-    assert not (tmp_path / "out").exists()

@@ -1,6 +1,7 @@
 """Unit tests of the trainer's pure pieces, in one process and without a DeepSpeed engine: the LR factor and
-scheduler (every step of a small run against a closed form written here), and the DeepSpeed config built from
-a RunConfig (merging, the user's JSON file, ZeRO / bf16 / offload / clipping, batch sizes)."""
+scheduler (every step of a small run against a closed form written here), the DeepSpeed config built from
+a RunConfig (merging, the user's JSON file, ZeRO / bf16 / offload / clipping, batch sizes), where a sqlite
+store's artifacts go, and how a finished rank's process ends (`exit_process`)."""
 
 from __future__ import annotations
 

@@ -1,29 +1,16 @@
-"""Fault probes, round two (issue 21): shell injection through generated scripts, damaged or foreign
-checkpoints, foreign or torn run files, concurrent sweeps of one study, config checks across sections, and
+"""Recovery and concurrency probes: damaged or foreign checkpoints passed over on resume, a torn metrics
+file, a checkpoint that cannot be written, concurrent sweeps of one study and concurrent creation of one
+store, the array task that closes a study, and the all-reduce buffers a DeepSpeed launch leaves in
 /dev/shm on one rank. Each probe runs the real thing (shards on disk, real commands and DeepSpeed ranks, real
-MLflow stores); README.md's "Reliability" table lists them. Probes that start processes are marked slow."""
+MLflow stores); README.md's "Reliability" table lists them. The probes that need no process of their own:
+tests/unit/test_bad_input.py and tests/unit/test_trial_claims.py."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
-from train_helpers import write_config
-
-from mutransfer.cli import main as cli_main
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """`mutransfer ...` in this process: (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(list(args))
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -31,157 +18,7 @@ def shards(shard_set) -> Path:
     return shard_set(256, 64, validation_per_shard=32)
 
 
-def fake_slurm_bin(folder: Path) -> Path:
-    """srun, scontrol and deepspeed that do nothing: a generated script can run to its end here."""
-    folder.mkdir()
-    for name in ("srun", "scontrol", "sbatch"):
-        (folder / name).write_text("#!/bin/sh\nexit 0\n")
-        (folder / name).chmod(0o755)
-    return folder
-
-
-def run_script(script: Path, cwd: Path, fake_bin: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1",
-               SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="0", SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1")
-    return subprocess.run(["bash", str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
-
-
-# --- 1. no shell injection through generated sbatch scripts ------------------------------------------------------
-@pytest.mark.parametrize("where", ["launch", "sweep"])
-def test_a_newline_in_a_path_is_refused_before_any_script_is_written(where, shards, tmp_path) -> None:
-    evil = "runs/x\nid > pwned.txt #"
-    config = write_config(tmp_path / "evil.yaml", shards, tmp_path / "unused", f"sqlite:///{tmp_path / 'db'}")
-    script = tmp_path / "job.sbatch"
-    if where == "launch":
-        raw = yaml.safe_load(config.read_text())
-        raw["run"]["output_dir"] = evil
-        config.write_text(yaml.safe_dump(raw))
-        args = ["launch", "--config", str(config), "--slurm", "--num-nodes", "1", "--gpus-per-node", "1"]
-    else:
-        study = tmp_path / "study.yaml"
-        study.write_text(yaml.safe_dump({"study": {"name": "evil", "base_config": str(config), "output_dir": evil},
-                                         "shapes": {"widths": [16], "depths": [1]}, "grid": {"lr": [1e-3]}}))
-        args = ["sweep", "--config", str(study), "--slurm", "--tracking-uri", "http://127.0.0.1:9"]
-    code, _, err = cli(*args, "--script", str(script))
-    assert code == 2, err
-    assert "output_dir: a path must not contain a newline" in err and len(err.strip().splitlines()) == 1
-    assert not script.exists() and not (tmp_path / "pwned.txt").exists()
-
-
-def test_shell_characters_in_paths_stay_text_when_the_script_runs(shards, tmp_path) -> None:
-    """A path full of shell syntax (but one line) is legal: the script quotes it, and running the script
-    (with do-nothing srun and scontrol) executes none of it."""
-    folder = tmp_path / "runs $(touch pwned1) `touch pwned2`; touch pwned3 #"
-    config = write_config(tmp_path / "odd.yaml", shards, folder, f"sqlite:///{tmp_path / 'db'}")
-    script = tmp_path / "job.sbatch"
-    code, _, err = cli("launch", "--config", str(config), "--slurm", "--num-nodes", "1", "--gpus-per-node", "1",
-                       "--script", str(script))
-    assert code == 0, err
-    done = run_script(script, tmp_path, fake_slurm_bin(tmp_path / "bin"))
-    assert done.returncode == 0, done.stderr
-    assert not list(tmp_path.glob("pwned*")) and not list(Path.cwd().glob("pwned*"))
-    assert (folder / "hostfile-7").is_file()  # the script did run, with the path as one word
-
-
-def test_script_values_with_a_newline_are_refused() -> None:
-    from mutransfer.errors import ConfigError
-    from mutransfer.launch.slurm import check_script_values
-
-    check_script_values(cwd=Path("/a b/$(c)"), overrides=["x=1"], tracking_uri=None)
-    for bad in ({"cwd": Path("/a\nb")}, {"overrides": ["ok=1", "x=1\rid"]}, {"tracking_uri": "http://h\0"}):
-        with pytest.raises(ConfigError, match="newline or NUL"):
-            check_script_values(**bad)
-
-
-# --- 7. cross-field constraints of model and data at config time ---------------------------------------------
-def test_an_image_size_the_patches_do_not_tile_is_a_config_error(shards, tmp_path, capsys) -> None:
-    from mutransfer.train.__main__ import main as train_main
-
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", f"sqlite:///{tmp_path / 'db'}")
-    assert train_main(["--config", str(config), "data.img_size=33"]) == 2
-    err = capsys.readouterr().err
-    assert "data.img_size: 33 is not divisible by the model's patch_size 8" in err
-    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
-
-
-def test_other_model_constraints_are_config_errors_naming_the_model(shards, tmp_path) -> None:
-    from mutransfer.errors import ConfigError
-    from mutransfer.train.config import load_config
-
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", f"sqlite:///{tmp_path / 'db'}")
-    with pytest.raises(ConfigError, match="^data.img_size: 40 is not divisible"):
-        load_config(config, ["model.patch_size=16", "data.img_size=40"])
-    load_config(config, ["model.patch_size=16", "data.img_size=48"])  # fits
-
-
-# --- weak: study names that escape their folder -------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["..", "."])
-def test_a_study_name_of_dots_is_refused(name, shards, tmp_path) -> None:
-    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "unused", f"sqlite:///{tmp_path / 'db'}")
-    study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({"study": {"name": name, "base_config": str(config)},
-                                     "shapes": {"widths": [16], "depths": [1]}, "grid": {"lr": [1e-3]}}))
-    code, _, err = cli("sweep", "--config", str(study), "--tracking-uri", f"sqlite:///{tmp_path / 'db'}")
-    assert code == 2 and "study.name: must be" in err and "not dots alone" in err
-
-
 # --- 5. concurrent sweeps of one study: each trial claimed once, the store created once ----------------------
-def test_a_claim_is_held_once_and_released(tmp_path) -> None:
-    from mutransfer.study.claims import TrialClaims
-
-    with TrialClaims(tmp_path) as mine, TrialClaims(tmp_path) as other:
-        assert mine.take("t1") and not other.take("t1") and not mine.take("t1")
-        mine.release("t1")
-        assert other.take("t1")
-    assert not list(tmp_path.iterdir())  # every claim released on exit, no drafts left
-
-
-def test_a_claim_whose_holder_is_gone_is_taken_over(tmp_path) -> None:
-    """Same host: a claim of a pid that no longer runs (kill -9) is taken at once; another host's claim only
-    once its heartbeat is older than stale_s."""
-    import json
-    import time
-
-    from mutransfer.study.claims import TrialClaims
-
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    with TrialClaims(tmp_path, stale_s=60) as claims:
-        (tmp_path / "dead.claim").write_text(json.dumps({"host": claims.holder["host"], "pid": dead.pid}))
-        (tmp_path / "remote.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
-        (tmp_path / "old.claim").write_text(json.dumps({"host": "elsewhere", "pid": 1}))
-        old = time.time() - 61
-        os.utime(tmp_path / "old.claim", (old, old))
-        assert claims.take("dead") and claims.take("old") and not claims.take("remote")
-        assert json.loads((tmp_path / "dead.claim").read_text())["pid"] == os.getpid()
-
-
-CLAIM_RACE = """
-import sys, time
-from pathlib import Path
-from mutransfer.study.claims import TrialClaims
-folder, start = Path(sys.argv[1]), float(sys.argv[2])
-with TrialClaims(folder) as claims:
-    while time.time() < start:
-        pass
-    won = [key for key in map(str, range(40)) if claims.take(key)]
-    print(",".join(won))
-    time.sleep(0.5)  # hold them while the others try
-"""
-
-
-def test_racing_processes_each_take_a_different_set_of_claims(tmp_path) -> None:
-    import sys
-    import time
-
-    start = time.time() + 3
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_RACE, str(tmp_path), str(start)], stdout=subprocess.PIPE,
-                              text=True) for _ in range(4)]
-    won = [p.communicate(timeout=60)[0].strip() for p in procs]
-    keys = [key for line in won for key in line.split(",") if key]
-    assert sorted(keys, key=int) == [str(i) for i in range(40)]  # every key once, none twice
-
-
 STORE_RACE = """
 import sys, time
 from mutransfer.train.tracking import mlflow_client
@@ -348,29 +185,7 @@ def test_a_checkpoint_that_fails_to_load_falls_back_to_the_one_before(shards, tm
     assert result(out)["step"] == 6
 
 
-# --- 4. run folders with files of another kind, torn metrics -------------------------------------------------
-@pytest.mark.parametrize("case", ["user_files", "a_file", "torn_metrics_only"])
-def test_an_output_dir_of_another_kind_is_refused_before_anything_is_written(case, shards, tmp_path, capsys) -> None:
-    from mutransfer.train.__main__ import main as train_main
-
-    config = checkpointed_run(shards, tmp_path)
-    out = tmp_path / "out"
-    if case == "a_file":
-        out.write_text("a file of the user's")
-        expected = "is a file, not a folder"
-    else:
-        out.mkdir()
-        (out / "metrics.jsonl").write_text("epoch,loss\n1,0.5\n" if case == "torn_metrics_only" else "")
-        if case == "user_files":
-            (out / "config.yaml").write_text("learning_rate: 0.1\n")
-        expected = "that mutransfer did not write"
-    before = {p: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())}
-    assert train_main(["--config", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert expected in err and len(err.strip().splitlines()) == 1
-    assert {p: p.read_bytes() for p in ([out] if out.is_file() else out.iterdir())} == before
-
-
+# --- 4. torn metrics ---------------------------------------------------------------------------------------------
 @pytest.mark.slow  # trains in process, twice
 def test_a_torn_last_metrics_line_is_dropped_and_the_run_resumes(shards, tmp_path, capsys) -> None:
     from mlflow.tracking import MlflowClient
@@ -426,28 +241,3 @@ def test_a_one_rank_deepspeed_launch_leaves_nothing_in_dev_shm(shards, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before == set()
 
-
-# --- errors: what a user can fix is one line; a bug keeps its traceback ---------------------------------------
-def test_a_user_error_is_one_line_with_exit_2_and_a_bug_keeps_its_traceback(monkeypatch, capsys) -> None:
-    import sys
-    import types
-
-    from mutransfer import cli as top
-    from mutransfer.errors import ConfigError, DataError, UsageError
-
-    raised = {"config": ConfigError("optim.lr", "must be positive"), "data": DataError("no shards"),
-              "usage": UsageError("--flag is wrong"), "bug": ValueError("an internal invariant broke")}
-
-    def register(subparsers) -> None:
-        probe = subparsers.add_parser("probe")
-        probe.add_argument("kind")
-        probe.set_defaults(func=lambda args: (_ for _ in ()).throw(raised[args.kind]))
-
-    monkeypatch.setitem(sys.modules, "probe_commands", types.SimpleNamespace(register=register))
-    monkeypatch.setitem(top.COMMANDS, "probe", ("probe_commands", "a probe"))
-    for kind in ("config", "data", "usage"):
-        assert top.main(["probe", kind]) == 2
-        err = capsys.readouterr().err
-        assert err == f"mutransfer probe: error: {raised[kind]}\n"
-    with pytest.raises(ValueError, match="an internal invariant broke"):
-        top.main(["probe", "bug"])

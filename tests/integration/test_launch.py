@@ -121,7 +121,7 @@ def test_the_demo_runs_end_to_end_on_a_small_study(tmp_path: Path) -> None:
     """`mutransfer demo` with the shipped demo study cut to 2 widths x 2 lrs x 1 seed of 5 steps: shards,
     sweep, report, transfer to the shipped target, its training, its loss against the best proxy, and the
     verdict line; `--seeds` makes a study of its own."""
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     study = yaml.safe_load((configs / "demo_study.yaml").read_text())
     study["study"].update(base_config=str(configs / "demo_proxy.yaml"), steps=5, target=str(configs / "demo_target.yaml"))
     study["shapes"]["widths"] = [32, 64]

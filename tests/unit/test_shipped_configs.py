@@ -10,7 +10,7 @@ import yaml
 from mutransfer.study.config import load_study
 from mutransfer.train.config import load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*.yaml"))
 
 
 def test_there_are_configs() -> None:

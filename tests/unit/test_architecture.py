@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "mutransfer"
+PACKAGE = Path(__file__).resolve().parents[2] / "mutransfer"
 MAX_FUNCTION_LINES = 60
 LEAVES = {"errors", "typed_config", "tags", "netutil", "logs"}
 # what each part may import, besides itself and the leaf modules

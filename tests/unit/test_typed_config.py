@@ -181,7 +181,7 @@ def test_epochs_and_warmup_epochs_become_steps_from_the_epoch_length() -> None:
 
 
 def test_imagenet_configs_derive_their_warmup_from_epochs() -> None:
-    configs = Path(__file__).resolve().parents[1] / "configs"
+    configs = Path(__file__).resolve().parents[2] / "configs"
     for name in ("vit_s16_imagenet_zero1.yaml", "vit_l16_zero3.yaml"):
         cfg = load_config(configs / name, check=False)
         assert cfg.run.epochs and cfg.optim.warmup_epochs and not cfg.optim.warmup_steps, name
