@@ -150,10 +150,12 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
     uri = resolve_tracking_uri(tracking_uri)
     shards = out_dir / "shards"
     ensure_shards(shards)
+    config = study_config or str(CONFIGS / "demo_study.yaml")
     overrides = [f"study.output_dir={out_dir / 'trials'}"]
     if seeds:
-        overrides += [f"seeds=[{','.join(map(str, seeds))}]", f"study.name=demo-seeds-{'-'.join(map(str, seeds))}"]
-    cfg = load_study(study_config or str(CONFIGS / "demo_study.yaml"), overrides)
+        name = load_study(config, overrides).study.name
+        overrides += [f"seeds=[{','.join(map(str, seeds))}]", f"study.name={name}-seeds-{'-'.join(map(str, seeds))}"]
+    cfg = load_study(config, overrides)
     cfg.base = with_values(cfg.base, {"data.shards_dir": str(shards)})
     summary = _sweep(cfg, shards, uri)
     print(f"[demo] sweep done after {time.perf_counter() - start:.0f} s", flush=True)

@@ -134,7 +134,7 @@ def test_the_demo_runs_end_to_end_on_a_small_study(tmp_path: Path) -> None:
     lines = result.stdout.strip().splitlines()
     assert lines[-1].startswith("[demo] verdict: ")
     assert any(line.startswith("[demo] done in") and "8 trials run" in line for line in lines)
-    assert any(line.startswith("[demo] study demo-seeds-7: 8 proxy trials") and "seeds [7]" in line for line in lines)
+    assert any(line.startswith("[demo] study demo-width-seeds-7: 8 proxy trials") and "seeds [7]" in line for line in lines)
     assert any(line.startswith("[demo] target eval loss ") and "the best depth_mup+fle0.5 proxy's" in line
                for line in lines)
     for name in ("lr_curves.png", "trend.png", "optima.md", "optima.csv"):
