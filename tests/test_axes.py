@@ -24,7 +24,7 @@ from mutransfer.study.trial import TrialSpec
 from mutransfer.train.config import RunConfig, RunSection, load_config, with_values
 from mutransfer.train.tracking import flatten
 
-LENGTH_SLOPE, LENGTH_ERROR, BATCH_SLOPE = -0.47, 0.15, 0.48  # docs/results.md: the measured defaults
+LENGTH_SLOPE, LENGTH_ERROR, BATCH_SLOPE = -0.43, 0.12, 0.48  # docs/results.md: the measured defaults
 LR_GRID = [2.0**x for x in range(-11, -1)]
 METRIC = "final/eval_loss"
 

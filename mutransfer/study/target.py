@@ -122,10 +122,10 @@ class Assumption:
 
 ASSUMED: dict[str, dict[str, Assumption]] = {
     "length": {
-        "measured": Assumption("length", -0.47, "measured (docs/results.md, 'Batch size and training length'; "
+        "measured": Assumption("length", -0.43, "measured (docs/results.md, 'Batch size and training length'; "
                                "configs/studies/vit_length.yaml): depth_mup+fle0.5 ViT, AdamW, warmup and decay "
                                "to zero, 40 -> 640 steps at batch 32, 3 seeds; the optimum falls with length as "
-                               "Bjorck et al., arXiv 2409.19913, found for LLMs", error=0.15),
+                               "Bjorck et al., arXiv 2409.19913, found for LLMs", error=0.12),
         "flat": Assumption("length", 0.0, "no correction: the proxies' lr at any length (the rule before this one)"),
     },
     "batch": {
