@@ -68,7 +68,8 @@ def register_transfer(subparsers: argparse._SubParsersAction) -> None:
                         "optim.accumulation x ranks")
     t.add_argument("--assume", action="append", default=[], metavar="AXIS=RULE",
                    help="a documented rule for an axis the study did not vary: length=measured|flat|SLOPE, "
-                        "batch=measured|sqrt|flat|SLOPE (slopes in log2 lr per doubling; docs/results.md)")
+                        "batch=measured|sqrt|flat|SLOPE (slopes in log2 lr per doubling; default: measured, "
+                        "with its error; docs/results.md)")
     t.add_argument("--keep-beta2-half-life", action="store_true",
                    help="move Adam's beta2 so that its half-life in samples stays the largest proxy's")
     t.add_argument("--from", dest="rule", choices=("trend", "largest"), default="trend",

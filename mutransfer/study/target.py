@@ -6,7 +6,8 @@ the rules that move weight decay and Adam's beta2 with the target's lr, batch an
   data-parallel ranks) and the length in steps (run.steps, or run.epochs x steps per epoch) and samples.
 - Matching: the variant by its resolved values (name, alpha, first-layer exponent), not its spelling;
   then `MATCHED_FIELDS`, each compared with the proxies' logged config, defaults resolved on both sides.
-- `ASSUMED`: slopes per doubling, each with its source, for a batch or a length the study did not vary.
+- `ASSUMED`: slopes per doubling, each with its error and source, for a batch or a length the study did not
+  vary; `DEFAULT_RULES` names the ones `transfer` applies unless told otherwise.
 - Weight decay by its timescale (Wang & Aitchison, arXiv 2405.13698; Bergsma et al., arXiv 2505.13738): AdamW's
   timescale B / (lr x weight_decay x samples), a fraction of the run, is held at the proxy's, so the target's
   weight decay follows its own lr, batch and length. Beta2 by its half-life in samples (Marek et al., arXiv
@@ -111,36 +112,51 @@ def check_matches(proxy_params: dict[str, str], cfg: RunConfig) -> None:
 
 @dataclass(frozen=True)
 class Assumption:
-    """A slope for an axis the study did not vary, and where it comes from."""
+    """A slope for an axis the study did not vary, its standard error, and where it comes from."""
 
     axis: str
     slope: float  # log2(lr) per doubling
     source: str
+    error: float = 0.0  # standard error of the slope (0: not known, or a rule taken as exact)
 
 
 ASSUMED: dict[str, dict[str, Assumption]] = {
     "length": {
-        "measured": Assumption("length", -0.22, "measured here (docs/results.md): depth_mup+fle0.5 ViT, AdamW, warmup "
-                               "and decay to zero, 100 -> 1,600 steps at a fixed batch; the optimum falls with "
-                               "length as Bjorck et al., arXiv 2409.19913, found for LLMs"),
+        "measured": Assumption("length", -0.43, "measured (docs/results.md, 'Batch size and training length'; "
+                               "configs/studies/vit_length.yaml): depth_mup+fle0.5 ViT, AdamW, warmup and decay "
+                               "to zero, 40 -> 640 steps at batch 32, 3 seeds; the optimum falls with length as "
+                               "Bjorck et al., arXiv 2409.19913, found for LLMs", error=0.12),
         "flat": Assumption("length", 0.0, "no correction: the proxies' lr at any length"),
     },
     "batch": {
-        "measured": Assumption("batch", 0.29, "measured here (docs/results.md): depth_mup+fle0.5 ViT, AdamW, batch 16 -> "
-                               "256 at a fixed 25,600 samples; how far it holds depends on the critical batch "
-                               "(Filatov et al., arXiv 2410.05838; Marek et al., arXiv 2507.07101)"),
+        "measured": Assumption("batch", 0.48, "measured (docs/results.md, 'Batch size and training length'; "
+                               "configs/studies/vit_batch.yaml): depth_mup+fle0.5 ViT, AdamW, batch 16 -> 256 at "
+                               "a fixed 10,240 samples, 3 seeds; how far it holds depends on the critical batch "
+                               "(Filatov et al., arXiv 2410.05838; Marek et al., arXiv 2507.07101)", error=0.09),
         "sqrt": Assumption("batch", 0.5, "square-root scaling for Adam at a fixed number of samples (Malladi et al., "
                            "arXiv 2205.10287), below the critical batch"),
         "flat": Assumption("batch", 0.0, "no correction: the proxies' lr at any batch"),
     },
 }
 """Rules for `--assume AXIS=RULE` (RULE a name here, or a number: the slope per doubling). The batch rules are
-at a fixed number of samples."""
+at a fixed number of samples: a target whose batch grows at a fixed number of steps also gets the length
+rule for its extra samples."""
+
+DEFAULT_RULES = {"length": "measured", "batch": "measured"}
+"""What `transfer` applies where the study did not vary an axis: both measured slopes are several standard
+errors from zero, with the sign found on real data (issue 18) and in the literature cited, so leaving the lr
+as it is would be the rule with the least support (docs/results.md, 'Batch size and training length')."""
+
+
+def default_assumptions() -> dict[str, Assumption]:
+    """The rules `transfer` applies to an axis the study did not vary, unless `--assume` says otherwise."""
+    return {axis: ASSUMED[axis][rule] for axis, rule in DEFAULT_RULES.items()}
 
 
 def parse_assumptions(items: list[str]) -> dict[str, Assumption]:
-    """`["length=measured", "batch=0.4"]` -> {axis: Assumption}; ValueError naming a bad one."""
-    out = {}
+    """The default rules, with `["length=flat", "batch=0.4"]` replacing them per axis; ValueError naming a
+    bad item."""
+    out = default_assumptions()
     for item in items:
         axis, _, rule = item.partition("=")
         if axis not in ASSUMED or not rule:

@@ -8,7 +8,7 @@ Two rules pick the target's lr from the proxies of the target's variant (matched
   whose slope is within two standard errors of zero are treated as flat (`fit.flat_where_insignificant`), so
   that noise is not carried over many doublings. Each axis's contribution is printed and recorded with its
   error and doublings. Where the target differs along an axis the study did not vary, transfer warns by name
-  and applies a documented rule only when asked (`--assume length=measured`, `target.ASSUMED`).
+  and applies a rule (`target.ASSUMED`): by default the slope docs/results.md measured, with its error.
 - `largest`: the best grid point of the largest proxy (no fit: robust when a curve is too flat or too coarse to fit).
 
 Weight decay follows AdamW's timescale (`target.timescale_weight_decay`), or the fitted law where the study
@@ -47,7 +47,7 @@ class Contribution:
     axis: str
     doublings: float  # from the largest proxy along the axis
     slope: float
-    error: float  # of the contribution (0 for an assumed slope: its error is not known)
+    error: float  # of the contribution: the slope's standard error x |doublings| (0 for a rule without one)
     source: str = "fitted"  # fitted | flat (not significant) | an assumption's source
 
     @property
@@ -103,11 +103,6 @@ class Prediction:
         return self.trend.length_unit if self.trend else analysis.SAMPLES
 
 
-def target_shape(cfg: RunConfig, ranks: int = 1) -> dict[str, float]:
-    """{width, depth, batch, steps, samples} of a run config (zoo defaults filled in) on `ranks` ranks."""
-    return target_sizes(cfg, ranks)
-
-
 def _axis_target(target: dict[str, float], fits: list[analysis.ShapeFit], unit: str) -> dict[str, float]:
     """The target's size on each axis; a batch or length it does not give is the largest proxy's."""
     largest = max(fits, key=lambda f: analysis.proxy_size(f.shape)).shape
@@ -131,7 +126,7 @@ def _contributions(law: fit.Trend, trend: analysis.VariantTrend, doublings: dict
             source = "fitted" if axis in law.axes else "flat (slope not significant)"
             out[axis] = Contribution(axis, d, law.slopes.get(axis, 0.0), law.errors.get(axis, 0.0) * abs(d), source)
         elif abs(d) > 1e-9 and axis in assumed:
-            out[axis] = Contribution(axis, d, assumed[axis].slope, 0.0, assumed[axis].source)
+            out[axis] = Contribution(axis, d, assumed[axis].slope, assumed[axis].error * abs(d), assumed[axis].source)
     return out
 
 
@@ -141,7 +136,9 @@ def _predict_trend(fits: list[analysis.ShapeFit], trend: analysis.VariantTrend, 
     law = fit.flat_where_insignificant(*analysis.lr_observations(fits, trend.length_unit), axes=analysis.AXES)
     x, error = law.predict(target)
     contributions = _contributions(law, trend, _extrapolation(trend, target), assumed)
-    x += sum(c.value for c in contributions.values() if c.axis not in trend.lr.axes)
+    added = [c for c in contributions.values() if c.axis not in trend.lr.axes]
+    x += sum(c.value for c in added)
+    error = math.sqrt(error**2 + sum(c.error**2 for c in added))  # the assumed slopes' errors are independent
     return x, error, tuple(a for a in trend.lr.axes if a not in law.axes), contributions
 
 
@@ -167,7 +164,8 @@ def _unmeasured(prediction: Prediction) -> list[str]:
         head = f"the target {what[axis].format(x=factor, dir=words[axis][d < 0])}; this study did not measure how " \
                f"the optimum moves with {axis}"
         used = prediction.contributions.get(axis)
-        tail = (f": assumed {used.slope:+.2f} log2 per doubling ({used.source})" if used else
+        tail = (f": assumed {used.slope:+.2f} +- {used.error / abs(d):.2f} log2 per doubling ({used.source}); "
+                f"`--assume {axis}=RULE` chooses another rule (see docs/results.md)" if used else
                 ": the proxies' lr is used as is" + (f"; `--assume {axis}=RULE` applies a documented rule "
                                                         "(see docs/results.md)" if axis in ("length", "batch") else ""))
         out.append(head + tail)
@@ -228,7 +226,9 @@ def _weight_decay(study: StudyAnalysis, variant: str, x: float, target: dict[str
 def predict(study: StudyAnalysis, variant: str, target: dict[str, float], rule: str = "trend",
             assumed: dict[str, Assumption] | None = None, optimizer: str = "adamw") -> Prediction:
     """The target's lr, momentum and weight decay from the study's proxies of `variant`, by `rule`. `target`
-    gives width and depth, and batch and steps (or samples) where they differ from the largest proxy's."""
+    gives width and depth, and batch and steps (or samples) where they differ from the largest proxy's.
+    `assumed`: the rules for axes the study did not vary; None: the defaults (`target.default_assumptions`),
+    {}: none."""
     if rule not in RULES:
         raise UsageError(f"unknown rule {rule!r}; choose one of {', '.join(RULES)}")
     fits = study.fits_of(variant)
@@ -243,7 +243,10 @@ def predict(study: StudyAnalysis, variant: str, target: dict[str, float], rule: 
             raise UsageError(f"no grid point of the largest {variant} proxy finished in every seed: use --from trend")
         x, error, flat, momentum = math.log2(grid_best.lr), 0.0, (), grid_best.momentum
     else:
-        x, error, flat, contributions = _predict_trend(fits, trend, sizes, assumed or {})
+        from .target import default_assumptions
+
+        rules = default_assumptions() if assumed is None else assumed
+        x, error, flat, contributions = _predict_trend(fits, trend, sizes, rules)
         momentum = _predict_momentum(fits, sizes, trend.length_unit)
     wd, wd_rule = _weight_decay(study, variant, x, sizes, optimizer)
     prediction = Prediction(rule, variant, sizes, x, error, momentum, wd, _extrapolation(trend, sizes), trend, flat,
@@ -276,7 +279,7 @@ def plan_transfer(study: StudyAnalysis, target: str, out: str | None = None, tra
     target_cfg = load_config(target, list(overrides), check=False)
     variant = matching_variant(target_cfg, set(study.variants))
     check_matches(_proxy_params(study.trials, variant), target_cfg)
-    prediction = predict(study, variant, target_shape(target_cfg, ranks or num_gpus), rule, assumed,
+    prediction = predict(study, variant, target_sizes(target_cfg, ranks or num_gpus), rule, assumed,
                          target_cfg.optim.name)
     if keep_beta2_half_life and target_cfg.optim.name == "adamw":
         _move_beta2(prediction, study.trials, variant)

@@ -27,6 +27,7 @@ from mutransfer.study.trial import TrialSpec
 from mutransfer.train.config import RunConfig, RunSection, load_config, with_values
 from mutransfer.train.tracking import flatten
 
+LENGTH_SLOPE, LENGTH_ERROR, BATCH_SLOPE = -0.43, 0.12, 0.48  # docs/results.md: the measured defaults
 LR_GRID = [2.0**x for x in range(-11, -1)]
 METRIC = "final/eval_loss"
 
@@ -116,16 +117,24 @@ def test_transfer_extrapolates_along_length_and_batch_with_each_contribution() -
     assert wide.log2_lr == pytest.approx(-6.0 + 0.29 * 6, abs=0.1)
 
 
-def test_an_axis_the_study_did_not_vary_is_warned_by_name_and_assumed_only_when_asked() -> None:
+def test_an_axis_the_study_did_not_vary_is_warned_by_name_and_the_measured_slope_applied_by_default() -> None:
     trials = planted({"depth": 0.0}, [(32, d, 64, 100) for d in (2, 4, 8)])
     longer = {"width": 32, "depth": 8, "batch": 64, "steps": 6400}
-    plain = predict_for(trials, longer)
-    warning = next(w for w in plain.warnings if "longer" in w)
+    plain = predict_for(trials, longer, assumed={})
+    assert "the proxies' lr is used as is" in next(w for w in plain.warnings if "longer" in w)
+    default = predict_for(trials, longer)  # target.DEFAULT_RULES: length=measured
+    warning = next(w for w in default.warnings if "longer" in w)
     assert "the target trains 64x longer than the proxies; this study did not measure how the optimum moves " \
            "with length" in warning and "--assume length=RULE" in warning
-    assumed = predict_for(trials, longer, assumed=target.parse_assumptions(["length=measured"]))
-    assert assumed.log2_lr == pytest.approx(plain.log2_lr - 0.22 * 6)
-    assert "Bjorck" in assumed.contributions["length"].source
+    # docs/results.md, "Batch size and training length": LENGTH_SLOPE +- LENGTH_ERROR per doubling
+    assert default.log2_lr == pytest.approx(plain.log2_lr + LENGTH_SLOPE * 6)
+    assert default.contributions["length"].error == pytest.approx(LENGTH_ERROR * 6)
+    assert default.log2_lr_error == pytest.approx(math.hypot(plain.log2_lr_error, LENGTH_ERROR * 6))
+    assert "docs/results.md" in default.contributions["length"].source
+    flat = predict_for(trials, longer, assumed=target.parse_assumptions(["length=flat"]))
+    assert flat.log2_lr == pytest.approx(plain.log2_lr) and flat.log2_lr_error == pytest.approx(plain.log2_lr_error)
+    wider = predict_for(trials, {**longer, "steps": 100, "batch": 1024})
+    assert wider.contributions["batch"].value == pytest.approx(BATCH_SLOPE * 4)  # at the proxies' 6,400 samples
     with pytest.raises(ValueError, match="length rules are"):
         target.parse_assumptions(["length=bogus"])
 
