@@ -125,15 +125,14 @@ def _train_target(study, out_dir: Path, shards: Path, uri: str) -> tuple[int, di
 def target_line(study, variant: str, result: dict) -> str:
     """The target's eval loss against the best seed-averaged proxy of its own variant: the transferred lr at
     work on a bigger model should beat every smaller one it was tuned on."""
-    proxies = [(value, shape) for shape, points in study.per_shape.items() if shape.variant == variant
-               for value in points.values() if math.isfinite(value)]
+    optima = [optimum for shape, optimum in study.optima.items() if shape.variant == variant]
     loss = result["eval"].get("eval/loss", float("nan"))
-    if not proxies:
+    if not optima:
         return f"[demo] target eval loss {loss:.3f}; no finished {variant} proxy to compare it with"
-    best, shape = min(proxies)
-    side = "below" if loss < best else "NOT below"
-    return (f"[demo] target eval loss {loss:.3f}, {side} the best {variant} proxy's {best:.3f} (width {shape.width}, "
-            f"depth {shape.depth}, mean over seeds)")
+    best = min(optima, key=lambda optimum: optimum.value)  # each shape's best grid point, averaged over seeds
+    side = "below" if loss < best.value else "NOT below"
+    return (f"[demo] target eval loss {loss:.3f}, {side} the best {variant} proxy's {best.value:.3f} (width "
+            f"{best.shape.width}, depth {best.shape.depth}, mean over seeds)")
 
 
 def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: str | None = None,
