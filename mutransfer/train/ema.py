@@ -14,7 +14,8 @@ MLP), so, unlike timm, there are none to average or copy. Under bf16 the average
 the module holds (DeepSpeed keeps the fp32 master copy inside its optimizer).
 
 Checkpoints hold it as `ema.safetensors` (full float32 tensors under the model's parameter names, written by
-rank 0), which `mutransfer export --ema` writes out as the model's weights.
+rank 0), which `mutransfer export --ema` writes out as the model's weights. A stack of trials
+(`train.stacked`) keeps its members' averages as stacked [K, ...] tensors (`StackedEma`), updated alike.
 """
 
 from __future__ import annotations
@@ -135,6 +136,25 @@ class WeightEma:
         state = self.full_state()
         if rank == 0:
             save_file({k: v.contiguous().cpu() for k, v in state.items()}, str(folder / EMA_FILE))
+
+
+class StackedEma:
+    """The averages of a stack's members: one [K, ...] float32 tensor per stacked parameter, slice k for
+    member k, updated after every optimizer step as `WeightEma` updates a lone run's."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float, warmup: bool) -> None:
+        self.decay, self.warmup = decay, warmup
+        self.averages = {name: p.detach().float().clone() for name, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor], step: int) -> None:
+        weight = 1.0 - ema_decay_at(step, self.decay, self.warmup)
+        for name, average in self.averages.items():
+            average.lerp_(params[name].detach().float(), weight)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the members at the positions in `index`."""
+        self.averages = {name: average.index_select(0, index) for name, average in self.averages.items()}
 
 
 def _rank() -> int:

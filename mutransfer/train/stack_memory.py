@@ -1,7 +1,8 @@
 """How many trials of one shape fit in one stack: each member's memory, estimated from its model without
 training it, against what the device has free.
 
-A member holds its parameters, their gradients and the optimizer's states (two for AdamW, one for SGD), plus
+A member holds its parameters, their gradients, the optimizer's states (two for AdamW, one for SGD) and its
+weight EMA under run.ema_decay, plus
 the activations its training forward saves for the backward pass; those are counted exactly, by running the
 forward on the meta device (no memory, no compute) with a hook on every tensor autograd saves. vmap's
 temporaries and the evaluation batch are covered by a factor of 2 on the total, and a stack takes at most
@@ -29,7 +30,7 @@ def member_bytes(cfg: RunConfig) -> int:
         model = create_model(cfg.model.name, weight_init=False,
                              **cfg.model.create_kwargs(cfg.data.img_size, num_classes))
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    states = len(STATE_SLOTS[cfg.optim.name])
+    states = len(STATE_SLOTS[cfg.optim.name]) + (1 if cfg.run.ema_decay else 0)
     saved = 0
 
     def count(tensor: torch.Tensor) -> torch.Tensor:

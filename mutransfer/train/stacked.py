@@ -5,10 +5,12 @@ The K run configs may differ only in optim.lr, the momentum (optim.momentum / op
 and run.seed (and where they record: run.output_dir, tracking); `stack_problem` says why a config cannot stack
 at all. Each member follows what the same config trains alone with `trainer.train` (the DeepSpeed path):
 its own init from its seed, its own data order and augmentation from its seed (members of one seed share each
-batch: one decode feeds them all), its own per-role learning rates and schedule, DeepSpeed's gradient clipping
+batch: one decode feeds them all), its own stochastic-depth masks (drawn once per seed, as a lone trial of
+that seed draws them), its own per-role learning rates and schedule, DeepSpeed's gradient clipping
 by its own gradient norm, the same divergence check at the same sync points (each `run.log_interval` steps and
 the last; a diverged member leaves the stack there and the others go on), the same stop requests (SIGTERM /
-SIGINT: every member stops as preempted at the next sync point) and the same final evaluation. What each
+SIGINT: every member stops as preempted at the next sync point) and the same final evaluation (with its
+weight EMA's beside it under run.ema_decay). What each
 member logs and how it ends goes to a `StackObserver` (`stacked_run` records it like a lone run).
 """
 
@@ -26,6 +28,7 @@ from mutransfer.data import train_loss
 from mutransfer.tags import RunStatus
 
 from .config import ConfigError, RunConfig, with_values
+from .ema import StackedEma
 from .engine import build_model, deepspeed_config
 from .evaluate import evaluate_members
 from .hardware import peak_flops
@@ -129,6 +132,7 @@ class Stack:
     warmup_steps: int
     observer: StackObserver
     flops: float | None
+    ema: StackedEma | None = None  # run.ema_decay
     step: int = 0
     window: StepWindow = field(default_factory=StepWindow)
     losses: dict[int, list[float]] = field(default_factory=dict)  # every step's loss, by member
@@ -180,7 +184,9 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
     optimizer = StackedOptimizer(model.params, groups_of(models[0], optim), optim, hypers,
                                  grad_clip=deepspeed_config(cfgs[0], 1)["gradient_clipping"])
     flops = models[0].flops_per_image() if hasattr(models[0], "flops_per_image") else None
-    return Stack(cfgs=cfgs, members=list(range(len(cfgs))), model=model, optimizer=optimizer, data=data,
+    run = cfgs[0].run
+    ema = StackedEma(model.params, run.ema_decay, run.ema_warmup) if run.ema_decay else None
+    return Stack(cfgs=cfgs, members=list(range(len(cfgs))), model=model, optimizer=optimizer, data=data, ema=ema,
                  criterion=train_loss(cfgs[0].data), device=device,
                  total_steps=total_steps,
                  warmup_steps=optim.warmup_steps_for(steps_per_epoch), observer=observer, flops=flops,
@@ -220,11 +226,11 @@ def stack_step(stack: Stack) -> None:
     """One optimizer step of every member over optim.accumulation micro-batches."""
     started = time.perf_counter()
     accumulation = stack.cfg.optim.accumulation
-    micro = [stack.data.next() for _ in range(accumulation)]
+    micro = [stack.data.draw() for _ in range(accumulation)]
     data_s = time.perf_counter() - started
     loss_sum = torch.zeros(len(stack.members), device=stack.device)
-    for images, targets, shared in micro:
-        losses = stack.model.losses(images, targets, stack.criterion, shared)
+    for batches in micro:
+        losses = stack_losses(stack, batches)
         total = losses.sum()
         # DeepSpeed's backward divides each member's loss by the accumulation steps (none when there is one)
         (total / accumulation if accumulation > 1 else total).backward()
@@ -233,7 +239,26 @@ def stack_step(stack: Stack) -> None:
     for param in stack.model.params.values():
         param.grad = None
     stack.step += 1
+    if stack.ema is not None:
+        stack.ema.update(stack.model.params, stack.step)
     stack.window.add_step(loss_sum / accumulation, data_s)
+
+
+def stack_losses(stack: Stack, batches: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Every member's training loss [K] on `batches` (`StackData.draw`). A model that draws in its forward
+    (stochastic depth) runs one seed's members at a time, in that seed's RNG streams, so that each draws
+    the masks its lone trial draws."""
+    if not stack.model.draws:
+        images, targets, shared = stack.data.combine(batches)
+        return stack.model.losses(images, targets, stack.criterion, shared)
+    parts, order = [], []
+    for slot, positions in stack.data.groups().items():
+        index = torch.tensor(positions, dtype=torch.long, device=stack.device)
+        with stack.data.streams[slot].own_rngs():
+            parts.append(stack.model.losses(*batches[slot], stack.criterion, True,
+                                            None if len(positions) == len(stack.members) else index))
+        order.append(index)
+    return torch.cat(parts).index_select(0, torch.argsort(torch.cat(order)))
 
 
 def stack_sync(stack: Stack) -> list[int]:
@@ -276,10 +301,19 @@ def log_members(stack: Stack) -> None:
 
 
 def evaluate_stack(stack: Stack) -> list[dict[str, float]]:
-    """The eval metrics of every member still in the stack, in stack order (one pass over the eval set)."""
+    """The eval metrics of every member still in the stack, in stack order (one pass over the eval set), and
+    eval/ema_* of their averages (a second pass) under run.ema_decay, as a lone run's `run_evaluation`."""
     with torch.no_grad():
-        return evaluate_members(lambda images: stack.model.logits(images, shared=True), len(stack.members),
-                                stack.cfg, stack.device, stack.step)
+        metrics = evaluate_members(lambda images: stack.model.logits(images), len(stack.members), stack.cfg,
+                                   stack.device, stack.step)
+        if stack.ema is None:
+            return metrics
+        averages = stack.ema.averages
+        averaged = evaluate_members(lambda images: stack.model.logits(images, params=averages),
+                                    len(stack.members), stack.cfg, stack.device, stack.step)
+    for member, member_averaged in zip(metrics, averaged):
+        member.update({f"eval/ema_{key}": member_averaged[f"eval/{key}"] for key in ("loss", "top1", "top5")})
+    return metrics
 
 
 def finish_members(stack: Stack, members: list[int], status: str) -> None:
@@ -326,5 +360,8 @@ def _drop(stack: Stack, members: list[int]) -> None:
     if not keep:
         return
     stack.optimizer.keep(keep)
-    stack.model.keep_buffers(torch.tensor(keep, dtype=torch.long, device=stack.device))
+    index = torch.tensor(keep, dtype=torch.long, device=stack.device)
+    stack.model.keep_buffers(index)
+    if stack.ema is not None:
+        stack.ema.keep(index)
     stack.data.keep(keep)

@@ -4,7 +4,10 @@ training data, one loader per distinct seed, each drawing its augmentation from 
 A member's model is built exactly as a lone trial builds it (`engine.build_model`: run.seed, then the zoo's
 init), and `torch.func.stack_module_state` stacks the K models' parameters into [K, ...] leaves. The forward
 pass calls the model's own code through `functional_call` under `vmap`, so every member computes what the
-lone model computes. A lone trial seeds its global RNGs from (run.seed, rank) after building its model
+lone model computes. Stochastic depth (model.drop_path_rate) draws its masks inside the forward: under vmap
+one draw serves every member (`randomness="same"`), which is the lone trial's draw when the members share a
+seed and the forward runs in that seed's RNG streams (`SeedStream.own_rngs`; `stacked.stack_losses`). A lone
+trial seeds its global RNGs from (run.seed, rank) after building its model
 (`engine.seed_rngs`); in-process augmentation (data.num_workers=0, random erasing) draws from them. Each seed's
 loader here gets those states swapped in while it draws and saved when it is done, so that several loaders
 in one process each see the stream a lone trial of their seed sees.
@@ -82,24 +85,43 @@ class StackedModel:
             if hasattr(module, "sdpa"):
                 module.sdpa = folded_sdpa
         self.skeleton = skeleton.to("meta")  # its code runs; its tensors come from `params`
+        self.randomness = "same" if getattr(models[0], "drop_path_rate", 0.0) > 0 else "error"
+
+    @property
+    def draws(self) -> bool:
+        """Whether the training forward draws random numbers (stochastic depth)."""
+        return self.randomness == "same"
 
     def _logits(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                 images: torch.Tensor) -> torch.Tensor:
         return functional_call(self.skeleton, (params, buffers), (images,))
 
-    def logits(self, images: torch.Tensor, shared: bool = True) -> torch.Tensor:
-        """Every member's logits [K, N, classes]; `shared`: one batch [N, ...] for all, else [K, N, ...]."""
-        return vmap(self._logits, in_dims=(0, 0, None if shared else 0))(self.params, self.buffers, images)
+    def logits(self, images: torch.Tensor, shared: bool = True,
+               params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Every member's eval-mode logits [K, N, classes] (no stochastic depth) of `params` (default: the
+        weights; the EMA's averages, say); `shared`: one batch [N, ...] for all, else [K, N, ...]."""
+        self.skeleton.eval()
+        try:
+            return vmap(self._logits, in_dims=(0, 0, None if shared else 0))(params or self.params, self.buffers,
+                                                                               images)
+        finally:
+            self.skeleton.train()
 
     def losses(self, images: torch.Tensor, targets: torch.Tensor, criterion: torch.nn.Module,
-               shared: bool) -> torch.Tensor:
-        """Every member's training loss [K] (the lone trial's: criterion on the float logits)."""
+               shared: bool, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The training loss [K] of every member, or of those at `positions` (the lone trial's: criterion on
+        the float logits)."""
         def member_loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
                         y: torch.Tensor) -> torch.Tensor:
             return criterion(self._logits(params, buffers, x).float(), y)
 
+        params, buffers = self.params, self.buffers
+        if positions is not None:
+            params = {name: p.index_select(0, positions) for name, p in params.items()}
+            buffers = {name: b.index_select(0, positions) for name, b in buffers.items()}
         data_dim = None if shared else 0
-        return vmap(member_loss, in_dims=(0, 0, data_dim, data_dim))(self.params, self.buffers, images, targets)
+        return vmap(member_loss, in_dims=(0, 0, data_dim, data_dim), randomness=self.randomness)(
+            params, buffers, images, targets)
 
     def keep_buffers(self, index: torch.Tensor) -> None:
         self.buffers = {name: b.index_select(0, index) for name, b in self.buffers.items()}
@@ -131,7 +153,8 @@ class SeedStream:
         _set_rng_states(outside)
 
     @contextmanager
-    def _own_rngs(self) -> Iterator[None]:
+    def own_rngs(self) -> Iterator[None]:
+        """The global RNGs in this seed's states (what a lone trial of it sees), saved again after."""
         outside = _rng_states()
         _set_rng_states(self.states)
         try:
@@ -141,7 +164,7 @@ class SeedStream:
             _set_rng_states(outside)
 
     def next(self) -> Any:
-        with self._own_rngs():
+        with self.own_rngs():
             return self.batches.next()
 
     def close(self) -> None:
@@ -157,16 +180,29 @@ class StackData:
         self.streams = [SeedStream(by_seed[seed], device) for seed in seeds]
         self.slot = [seeds.index(cfg.run.seed) for cfg in cfgs]  # each member's stream, in stack order
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(images, targets, shared): one batch for every member when they share a stream, else the members'
-        batches stacked [K, ...] (members of one seed get the same one)."""
-        used = sorted(set(self.slot))
-        batches = {slot: self.streams[slot].next()[:2] for slot in used}
-        if len(used) == 1:
-            return (*batches[used[0]], True)
+    def draw(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """The next (images, targets) of every stream a member uses, by stream."""
+        return {slot: self.streams[slot].next()[:2] for slot in sorted(set(self.slot))}
+
+    def combine(self, batches: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(images, targets, shared) of `draw()`'s batches: one batch for every member when they share a
+        stream, else the members' batches stacked [K, ...] (members of one seed get the same one)."""
+        if len(batches) == 1:
+            return (*next(iter(batches.values())), True)
         images = torch.stack([batches[slot][0] for slot in self.slot])
         targets = torch.stack([batches[slot][1] for slot in self.slot])
         return images, targets, False
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The stack's next micro-batch, as `combine` gives it."""
+        return self.combine(self.draw())
+
+    def groups(self) -> dict[int, list[int]]:
+        """The members' positions in the stack, by the stream they draw from."""
+        positions: dict[int, list[int]] = {}
+        for position, slot in enumerate(self.slot):
+            positions.setdefault(slot, []).append(position)
+        return positions
 
     def keep(self, indices: list[int]) -> None:
         """Only the members at `indices` train on; a stream no member uses any more stops drawing."""

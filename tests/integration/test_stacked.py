@@ -1,6 +1,7 @@
 """Stacked trials (`train.stacked`): a member of a stack follows the same config trained alone by
-`trainer.train` (the DeepSpeed path), step for step, for every parametrization and both optimizers; a diverged
-member leaves the stack and the others still follow their lone runs. The batched optimizer and the configs
+`trainer.train` (the DeepSpeed path), step for step, for every parametrization and both optimizers, and with
+stochastic depth and a weight EMA; a diverged member leaves the stack and the others still follow their lone
+runs. The batched optimizer and the configs
 that cannot stack, without a run: tests/unit/test_stacked_optimizer.py."""
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ def shards(shard_set) -> Path:
 
 
 def member_config(root: Path, shards: Path, parametrization: str, optimizer: str, member: dict, name: str,
-                  grad_clip: float = 0.0, **run: object) -> RunConfig:
+                  grad_clip: float = 0.0, model: dict | None = None, **run: object) -> RunConfig:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     momentum_key = "momentum" if optimizer == "sgd" else "beta1"
     optim = dict(name=optimizer, lr=member["lr"], weight_decay=member["weight_decay"], grad_clip=grad_clip,
                  **{momentum_key: member["momentum"]})
     return load_config(write_config(
-        folder / "run.yaml", shards, folder / "out", "sqlite:///unused.db", model=dict(parametrization=parametrization),
+        folder / "run.yaml", shards, folder / "out", "sqlite:///unused.db",
+        model=dict(parametrization=parametrization, **(model or {})),
         optim=optim, deepspeed=dict(zero_stage=0), tracking=dict(enabled=False),
         run={"steps": STEPS, "log_interval": 1, "seed": member["seed"], "save_checkpoints": False, "progress": False,
              **run}))
@@ -88,3 +90,21 @@ def test_a_diverged_member_leaves_the_stack_and_the_others_go_on(shards, tmp_pat
     for index in (0, 2):
         cfg = with_values(cfgs[index], {"run.log_interval": 1, "run.output_dir": str(tmp_path / f"lone{index}")})
         assert_follows(outcomes[index], *lone_run(cfg))
+
+
+@pytest.mark.slow
+def test_members_follow_their_lone_runs_with_stochastic_depth_and_a_weight_ema(shards, tmp_path) -> None:
+    """Two members of seed 0 and one of seed 1: each seed's members draw their lone runs' drop-path masks
+    (which differ between seeds), and eval/ema_* of each member's average is its lone run's."""
+    members = [MEMBERS[0], dict(MEMBERS[0], lr=1e-2), MEMBERS[1]]
+    cfgs = [member_config(tmp_path, shards, "depth_mup", "adamw", m, f"m{i}", model=dict(drop_path_rate=0.3),
+                          ema_decay=0.8, eval_interval=10) for i, m in enumerate(members)]
+    outcomes = train_stacked(cfgs)
+    for outcome, cfg in zip(outcomes, cfgs):
+        losses, result = lone_run(cfg)
+        assert_follows(outcome, losses, result)
+        assert result.eval["eval/ema_loss"] != pytest.approx(result.eval["eval/loss"], rel=1e-3)
+        for key in ("eval/ema_loss", "eval/ema_top1"):
+            assert outcome.eval[key] == pytest.approx(result.eval[key], rel=1e-4)
+    without = trainer.train(with_values(cfgs[0], {"model.drop_path_rate": 0.0, "run.output_dir": str(tmp_path / "no_dp")}))
+    assert without.eval["eval/loss"] != pytest.approx(outcomes[0].eval["eval/loss"], rel=1e-3)  # the masks do act
