@@ -17,7 +17,8 @@ output folder, so that nothing is skipped. Reported, as medians over the rounds:
   that per image) against the measured fp32 GEMM peak (median `torch.mm` of 2048 x 2048);
 - that both modes found the same results: the largest relative difference of any trial's final eval loss.
 
-The load average before and after is printed: other processes on the machine slow both modes alike, but not
+Every shard is read once through the process's sample cache (data.cache_mb) before anything is timed, so
+neither mode pays for the first read. The load average before and after is printed: other processes on the machine slow both modes alike, but not
 their ratio only when they run throughout.
 """
 
@@ -29,11 +30,13 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from mutransfer.data import DataConfig, build_eval_loader
 from mutransfer.study.config import load_study
 from mutransfer.study.demo import EVAL_SAMPLES, ensure_shards
 from mutransfer.study.store import client_for, latest_per_key, load_trials
@@ -75,6 +78,14 @@ def study_for(args: argparse.Namespace, root: Path, shards: Path):
     return cfg
 
 
+def warm_sample_cache(data: DataConfig) -> None:
+    """Read every training and eval shard once through the process's sample cache (data.cache_mb), so that
+    every timed sweep of either mode finds them in memory, as every sweep after a process's first does."""
+    for split in (data.train_split, data.eval_split):
+        for _ in build_eval_loader(replace(data, eval_split=split)):
+            pass
+
+
 def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: str) -> tuple[float, dict[str, float]]:
     """(wall seconds, final eval loss by trial key: NaN for a trial that did not finish) of one sweep into a
     fresh store."""
@@ -91,15 +102,20 @@ def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: s
                      for t in trials}
 
 
-def plain_loop_seconds(args: argparse.Namespace, shards: Path, depth: int) -> tuple[float, float]:
-    """(seconds, FLOPs) of one trial of `depth` as a bare torch loop: batches in memory, no engine, no MLflow;
+def study_shapes(args: argparse.Namespace, shards: Path) -> list[tuple[int, int]]:
+    """(width, depth) of every proxy shape the benchmark sweeps."""
+    shapes = study_for(args, Path(args.work), shards).shapes
+    return [(width, depth) for width in shapes.widths for depth in shapes.depths]
+
+
+def plain_loop_seconds(args: argparse.Namespace, shards: Path, width: int, depth: int) -> tuple[float, float]:
+    """(seconds, FLOPs) of one trial of a shape as a bare torch loop: batches in memory, no engine, no MLflow;
     on the GPU when there is one (float32, as stacks train)."""
     from mutransfer.models import create_model
     from mutransfer.models.optim import build_optimizer
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = with_values(study_for(args, Path(args.work), shards).base,
-                      {"model.depth": depth, **({"model.width": args.widths[0]} if args.widths else {})})
+    cfg = with_values(study_for(args, Path(args.work), shards).base, {"model.depth": depth, "model.width": width})
     model = create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, 10)).to(device)
     optimizer = build_optimizer(model, cfg.optim)
     images = torch.randn(cfg.data.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=device)
@@ -138,9 +154,11 @@ def main() -> None:
     warm = argparse.Namespace(**{**vars(args), "steps": 1})  # imports, DeepSpeed's op build, MLflow's tables
     run_sweep(study_for(warm, Path(tempfile.mkdtemp(dir=args.work)), shards), progress=False, trial_index=0,
               tracking_uri=f"sqlite:///{Path(tempfile.mkdtemp(dir=args.work)) / 'warm.db'}")
+    warm_sample_cache(study_for(args, Path(args.work), shards).base.data)
     load_before = os.getloadavg()
     peak = gemm_peak()
-    plain_loop_seconds(args, shards, args.depths[0])  # the first loop in a process pays oneDNN's set-up (~20 s)
+    shapes = study_shapes(args, shards)
+    plain_loop_seconds(args, shards, *shapes[0])  # the first loop in a process pays oneDNN's set-up (~20 s)
     plain_runs: list[list[tuple[float, float]]] = []
     times: dict[str, list[float]] = {"stack 1": [], "stacked": []}
     results: dict[str, dict[str, float]] = {}
@@ -150,16 +168,17 @@ def main() -> None:
             seconds, results[name] = sweep_once(args, shards, stack, name.replace(" ", ""))
             times[name].append(seconds)
             print(f"round {round_index}: {name}: {seconds:.1f} s", flush=True)
-        plain_runs.append([plain_loop_seconds(args, shards, depth) for depth in args.depths])
-    plain = [(statistics.median(run[i][0] for run in plain_runs), plain_runs[0][i][1]) for i in range(len(args.depths))]
+        plain_runs.append([plain_loop_seconds(args, shards, *shape) for shape in shapes])
+    plain = [(statistics.median(run[i][0] for run in plain_runs), plain_runs[0][i][1]) for i in range(len(shapes))]
     report(args, times, results, plain, peak, load_before)
 
 
 def report(args, times, results, plain, peak, load_before) -> None:
     trials = len(results["stack 1"])
-    plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, the depths weighted alike
+    plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, every shape has as many trials
     flops = sum(f for _, f in plain) / len(plain) * trials
-    print(f"\n{trials} trials ({args.variant}, depths {args.depths}, {args.steps} steps), "
+    print(f"\n{trials} trials ({args.variant}, widths {args.widths or 'of the study'}, depths {args.depths}, "
+          f"{args.steps} steps), "
           f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; load average before "
           f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"fp32 GEMM peak (torch.mm 2048^2): {peak / 1e9:.0f} GFLOP/s; plain loop: {plain_s:.2f} s per trial, "

@@ -101,6 +101,10 @@ class DataConfig(Section):
     """Label smoothing; folded into the soft targets when mixup/cutmix is on."""
     num_classes: int | None = None
     """Number of classes; None reads it from `_info.json` (needed for mixup and label checks)."""
+    cache_mb: int = 1024
+    """Memory (MiB) a process may keep the shards it read in, raw and decoded, so that the next trial or pass
+    reads none of them again (`data/sample_cache.py`); only where the loader runs in the training process
+    (num_workers=0, as proxy sweeps run); 0: none. The data is the same either way."""
     decode: str = "cpu"
     """Where training images are decoded and cropped: 'cpu' (PIL in the loader workers) or 'gpu' (the
     workers send JPEG bytes; nvJPEG decodes them on the rank's GPU, which also crops, flips and normalises;
@@ -122,7 +126,7 @@ class DataConfig(Section):
         for name in ("img_size", "batch_size", "prefetch_factor", "re_count", "eval_batch_size",
                      "batches_per_epoch", "train_num_samples", "num_classes"):
             _check_int(name, getattr(self, name), minimum=1)
-        for name in ("num_workers", "shuffle_buffer", "seed"):
+        for name in ("num_workers", "shuffle_buffer", "seed", "cache_mb"):
             _check_int(name, getattr(self, name), minimum=0)
         self._check_augmentation()
         self._check_mixup()

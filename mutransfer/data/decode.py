@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +18,7 @@ from PIL import Image
 from timm.data.transforms import MaybePILToTensor
 from torchvision.transforms import Compose
 
+from mutransfer.data.sample_cache import SampleCache
 from mutransfer.data.skips import SkipCounter
 from mutransfer.errors import DataError
 
@@ -88,16 +90,20 @@ def _problem(sample: dict[str, Any], num_classes: int | None) -> tuple[str | Non
 
 
 def decode_samples(samples: Iterable[dict[str, Any]], decoder: Decoder, counter: SkipCounter, slot: int,
-                   num_classes: int | None, max_consecutive_skips: int | None = None
-                   ) -> Iterator[tuple[Any, int, str]]:
-    """(transformed image, label, key) per good sample; bad ones are counted by reason and skipped."""
+                   num_classes: int | None, max_consecutive_skips: int | None = None,
+                   cache: SampleCache | None = None) -> Iterator[tuple[Any, int, str]]:
+    """(transformed image, label, key) per good sample; bad ones are counted by reason and skipped. PIL's
+    decoded images come from `cache` when it holds them, and are kept there."""
+    cached = cache is not None and isinstance(decoder, PilDecoder)
     skips_in_a_row = 0
     for sample in samples:
         url, key = sample.get("__url__"), sample.get("__key__")
         reason, detail, label, image_field = _problem(sample, num_classes)
         if reason is None:
             try:
-                image = decoder.open(sample[image_field])
+                data = sample[image_field]
+                image = (cache.image(url, key, image_field, partial(decoder.open, data)) if cached
+                         else decoder.open(data))
             except Exception as err:  # PIL raises many types for bad data
                 reason, detail = "corrupt_image", f"{type(err).__name__}: {err}"
         if reason is not None:

@@ -22,6 +22,7 @@ from mutransfer.data.config import DataConfig
 from mutransfer.data.decode import PilDecoder, decode_samples, pil_side
 from mutransfer.data.loader_base import LoaderBase, resolve_shards
 from mutransfer.data.partition import assign_shards, assigned_samples, derive_seed, worker_slot
+from mutransfer.data.sample_cache import process_cache
 from mutransfer.data.shards import ShardSet
 from mutransfer.data.tars import read_samples
 
@@ -37,8 +38,10 @@ class EvalStream(IterableDataset):
         owner = self.loader
         worker, workers = worker_slot()
         part = assign_shards(list(owner.shards.urls), owner.rank * workers + worker, owner.world_size * workers)
-        samples = read_samples(part.urls, owner.counter, worker, part.stride, part.offset, lengths=owner.lengths)
-        items = decode_samples(samples, owner.decoder, owner.counter, worker, owner.num_classes)
+        cache = process_cache(owner.cfg.cache_mb)
+        samples = read_samples(part.urls, owner.counter, worker, part.stride, part.offset, lengths=owner.lengths,
+                               cache=cache)
+        items = decode_samples(samples, owner.decoder, owner.counter, worker, owner.num_classes, cache=cache)
         yield from wds.batched(owner.batch_size, collation_fn=owner.decoder.collate, partial=True)(items)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from webdataset.tariterators import group_by_keys
 
 from mutransfer.data.partition import ShardAssignment, congruent
+from mutransfer.data.sample_cache import SampleCache, sample_bytes
 from mutransfer.data.skips import SkipCounter
 from mutransfer.data.urls import open_url
 from mutransfer.errors import DataError
@@ -31,24 +32,53 @@ def tar_members(stream: Any) -> Iterator[dict[str, Any]]:
         archive.members = []  # a stream: keep no index of what was read
 
 
-def shard_samples(url: str, counter: SkipCounter, slot: int) -> Iterator[dict[str, Any]]:
-    """Raw samples (dicts of bytes keyed by extension, plus __key__ and __url__) of one shard. A shard that
-    cannot be opened or breaks off (a truncated tar) is counted once as `bad_shard`; what was read before the
-    break is kept."""
+def shard_samples(url: str, counter: SkipCounter, slot: int, cache: SampleCache | None = None
+                  ) -> Iterator[dict[str, Any]]:
+    """Raw samples (dicts of bytes keyed by extension, plus __key__ and __url__) of one shard, from `cache`
+    when it holds them (and kept there when this read completes cleanly and they fit). A shard that cannot
+    be opened or breaks off (a truncated tar) is counted once as `bad_shard`; what was read before the break
+    is kept."""
+    kept = cache.shard(url) if cache is not None else None
+    if kept is not None:
+        yield from (dict(sample) for sample in kept)
+        return
+    read: list[dict[str, Any]] | None = [] if cache is not None else None
+    size = 0
+    for sample in _read_shard(url, counter, slot):
+        if sample is None:  # a problem was counted: read the shard again next time, and count it again
+            read = None
+            continue
+        if read is not None:
+            size += sample_bytes(sample)
+            read = read if cache.room_for(size) else None  # too big to keep
+        if read is not None:
+            read.append(dict(sample))
+        yield sample
+    if read is not None:
+        cache.keep_shard(url, read)
+
+
+def _read_shard(url: str, counter: SkipCounter, slot: int) -> Iterator[dict[str, Any] | None]:
+    """`shard_samples` from the tar itself, with a None after each problem it counted."""
     try:
         stream = open_url(url)
     except Exception as err:
         counter.record(slot, "bad_shard", url, None, f"{type(err).__name__}: {err}")
+        yield None
         return
+    problems: list[Exception] = []
 
     def bad_group(err: Exception) -> bool:
         counter.record(slot, "bad_shard", url, None, err)
+        problems.append(err)
         return True
 
     error: Exception | None = None
     try:
         files = ({**entry, "__url__": url} for entry in tar_members(stream))
         yield from group_by_keys(files, handler=bad_group)
+        if problems:
+            yield None
     except Exception as err:
         error = err
     finally:
@@ -58,6 +88,7 @@ def shard_samples(url: str, counter: SkipCounter, slot: int) -> Iterator[dict[st
             error = error or err
     if error is not None:
         counter.record(slot, "bad_shard", url, None, f"{type(error).__name__}: {error}")
+        yield None
 
 
 def read_samples(
@@ -68,8 +99,9 @@ def read_samples(
     offset: int = 0,
     max_empty_shards: int | None = None,
     lengths: dict[str, int] | None = None,
+    cache: SampleCache | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples of each shard in turn, keeping sample i (counted over all shards read) when
+    """Raw samples of each shard in turn (through `cache` when given), keeping sample i (counted over all shards read) when
     i % stride == offset.
 
     A shard that gives fewer samples than `lengths` (from `_info.json`) says it holds counts this worker's
@@ -80,7 +112,7 @@ def read_samples(
     empty_in_a_row = 0
     for url in urls:
         read = 0
-        for sample in shard_samples(url, counter, slot):
+        for sample in shard_samples(url, counter, slot, cache):
             if (position + read) % stride == offset:
                 yield sample
             read += 1
@@ -98,7 +130,8 @@ def read_samples(
 
 
 def cycle_passes(part: ShardAssignment, counter: SkipCounter, slot: int, shuffle: Any = None,
-                  lengths: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+                  lengths: dict[str, int] | None = None, cache: SampleCache | None = None
+                  ) -> Iterator[dict[str, Any]]:
     """A worker's part of the shards, read again and again until its batch quota is met (with unequal
     shard sizes, the worker with less data re-reads its own shards rather than leave its rank short).
 
@@ -107,7 +140,7 @@ def cycle_passes(part: ShardAssignment, counter: SkipCounter, slot: int, shuffle
     would see some samples twice and miss others."""
     while True:
         produced = False
-        one_pass = read_samples(part.urls, counter, slot, part.stride, part.offset, lengths=lengths)
+        one_pass = read_samples(part.urls, counter, slot, part.stride, part.offset, lengths=lengths, cache=cache)
         for sample in shuffle(one_pass) if shuffle else one_pass:
             produced = True
             yield sample

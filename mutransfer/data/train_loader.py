@@ -30,6 +30,7 @@ from mutransfer.data.config import DataConfig
 from mutransfer.data.decode import MAX_CONSECUTIVE_SKIPS, Decoder, PilDecoder, decode_samples, pil_side
 from mutransfer.data.loader_base import LoaderBase, resolve_shards
 from mutransfer.data.partition import assign_shards, derive_seed, worker_slot
+from mutransfer.data.sample_cache import SampleCache, process_cache
 from mutransfer.data.tars import cycle_passes, read_samples
 from mutransfer.errors import UsageError
 
@@ -46,12 +47,14 @@ class TrainStream(IterableDataset):
         owner, cfg = self.loader, self.loader.cfg
         worker, workers = worker_slot()
         global_worker = owner.rank * workers + worker
-        items = decode_samples(self._samples(worker, global_worker, owner.world_size * workers), owner.decoder,
-                               owner.counter, worker, owner.num_classes, MAX_CONSECUTIVE_SKIPS)
+        cache = process_cache(cfg.cache_mb)
+        items = decode_samples(self._samples(worker, global_worker, owner.world_size * workers, cache), owner.decoder,
+                               owner.counter, worker, owner.num_classes, MAX_CONSECUTIVE_SKIPS, cache)
         batches = wds.batched(cfg.batch_size, collation_fn=owner.decoder.collate, partial=False)(items)
         yield from itertools.islice(batches, -(-owner.batches_per_epoch // workers))
 
-    def _samples(self, worker: int, global_worker: int, global_workers: int) -> Iterator[dict[str, Any]]:
+    def _samples(self, worker: int, global_worker: int, global_workers: int, cache: SampleCache | None
+                 ) -> Iterator[dict[str, Any]]:
         owner, cfg = self.loader, self.loader.cfg
         urls = list(owner.shards.urls)
         shuffle = None
@@ -62,12 +65,12 @@ class TrainStream(IterableDataset):
             rng = random.Random(derive_seed(cfg.seed, self.epoch, global_worker, 1))
             samples = read_samples(
                 iter(lambda: rng.choice(urls), None),  # endless draws with replacement
-                owner.counter, worker, max_empty_shards=max(2 * len(urls), 16), lengths=owner.lengths,
+                owner.counter, worker, max_empty_shards=max(2 * len(urls), 16), lengths=owner.lengths, cache=cache,
             )
             return shuffle(samples) if shuffle else samples
         random.Random(derive_seed(cfg.seed, self.epoch, 2)).shuffle(urls)  # same permutation everywhere
         part = assign_shards(urls, global_worker, global_workers)
-        return cycle_passes(part, owner.counter, worker, shuffle, owner.lengths)
+        return cycle_passes(part, owner.counter, worker, shuffle, owner.lengths, cache)
 
 
 def cpu_train_decoder(cfg: DataConfig, num_classes: int | None) -> PilDecoder:

@@ -30,7 +30,8 @@ def shards(shard_set) -> Path:
 
 
 def member_config(root: Path, shards: Path, parametrization: str, optimizer: str, member: dict, name: str,
-                  grad_clip: float = 0.0, model: dict | None = None, **run: object) -> RunConfig:
+                  grad_clip: float = 0.0, model: dict | None = None, data: dict | None = None,
+                  **run: object) -> RunConfig:
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     momentum_key = "momentum" if optimizer == "sgd" else "beta1"
@@ -39,7 +40,7 @@ def member_config(root: Path, shards: Path, parametrization: str, optimizer: str
     return load_config(write_config(
         folder / "run.yaml", shards, folder / "out", "sqlite:///unused.db",
         model=dict(parametrization=parametrization, **(model or {})),
-        optim=optim, deepspeed=dict(zero_stage=0), tracking=dict(enabled=False),
+        optim=optim, deepspeed=dict(zero_stage=0), tracking=dict(enabled=False), data=data or {},
         run={"steps": STEPS, "log_interval": 1, "seed": member["seed"], "save_checkpoints": False, "progress": False,
              **run}))
 
@@ -108,3 +109,13 @@ def test_members_follow_their_lone_runs_with_stochastic_depth_and_a_weight_ema(s
             assert outcome.eval[key] == pytest.approx(result.eval[key], rel=1e-4)
     without = trainer.train(with_values(cfgs[0], {"model.drop_path_rate": 0.0, "run.output_dir": str(tmp_path / "no_dp")}))
     assert without.eval["eval/loss"] != pytest.approx(outcomes[0].eval["eval/loss"], rel=1e-3)  # the masks do act
+
+
+@pytest.mark.slow
+def test_members_follow_their_lone_runs_with_mixup_cutmix_label_smoothing_and_random_erasing(shards, tmp_path) -> None:
+    """timm's batch augmentations draw from each seed's own RNG streams in the stack as they do alone."""
+    augment = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, re_prob=0.5)
+    cfgs = [member_config(tmp_path, shards, "mup", "adamw", m, f"m{i}", data=augment) for i, m in enumerate(MEMBERS)]
+    outcomes = train_stacked(cfgs)
+    for outcome, cfg in zip(outcomes, cfgs):
+        assert_follows(outcome, *lone_run(cfg))
