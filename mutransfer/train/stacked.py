@@ -29,7 +29,7 @@ from mutransfer.tags import RunStatus
 
 from .config import ConfigError, RunConfig, with_values
 from .ema import StackedEma
-from .engine import build_model, deepspeed_config
+from .engine import COMPILE_KWARGS, build_model, deepspeed_config
 from .evaluate import evaluate_members
 from .hardware import peak_flops
 from .mlflow_model import wants_model
@@ -75,8 +75,8 @@ def stack_problem(cfg: RunConfig) -> str | None:
     ds = deepspeed_config(cfg, 1)
     if ds["bf16"]["enabled"] or ds.get("fp16", {}).get("enabled"):
         return "deepspeed.bf16 (stacks train in float32)"
-    if cfg.run.compile != "off":
-        return "run.compile (stacks run eagerly under vmap)"
+    if cfg.run.compile != "off" and cfg.model.drop_path_rate > 0:
+        return "run.compile with model.drop_path_rate (a compiled stack draws no stochastic-depth masks)"
     if cfg.run.save_checkpoints:
         return "run.save_checkpoints (stacked trials keep no checkpoints)"
     if cfg.run.record_samples:
@@ -179,7 +179,8 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
     total_steps = cfgs[0].run.total_steps(steps_per_epoch)
     for index, (cfg, model) in enumerate(zip(cfgs, models)):
         observer.started(index, cfg, model, total_steps)
-    model = StackedModel(models, device)
+    compiled = cfgs[0].run.compile
+    model = StackedModel(models, device, None if compiled == "off" else COMPILE_KWARGS[compiled])
     hypers = [MemberHypers(cfg.optim.lr, cfg.optim.momentum_value, cfg.optim.weight_decay) for cfg in cfgs]
     optimizer = StackedOptimizer(model.params, groups_of(models[0], optim), optim, hypers,
                                  grad_clip=deepspeed_config(cfgs[0], 1)["gradient_clipping"])

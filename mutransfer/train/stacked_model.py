@@ -11,6 +11,11 @@ trial seeds its global RNGs from (run.seed, rank) after building its model
 (`engine.seed_rngs`); in-process augmentation (data.num_workers=0, random erasing) draws from them. Each seed's
 loader here gets those states swapped in while it draws and saved when it is done, so that several loaders
 in one process each see the stream a lone trial of their seed sees.
+
+Under run.compile the vmapped training loss goes through torch.compile as a whole (inductor fuses the small
+elementwise ops that bound a narrow proxy's step), with attention written as matmul-softmax-matmul, which
+it can fuse too; evaluation stays eager. A lone trial compiles its model through DeepSpeed instead: the same
+arithmetic, rounded differently.
 """
 
 from __future__ import annotations
@@ -71,10 +76,17 @@ def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
     return FoldedAttention.apply(q, k, v, scale)
 
 
+def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """`Attention.sdpa` for a compiled stack: attention as ops inductor can fuse (no dropout, no mask)."""
+    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+
+
 class StackedModel:
     """K models of one architecture: `params` and `buffers` map each name to a [K, ...] tensor."""
 
-    def __init__(self, models: list[torch.nn.Module], device: torch.device) -> None:
+    def __init__(self, models: list[torch.nn.Module], device: torch.device,
+                 compile_kwargs: dict[str, Any] | None = None) -> None:
+        """`compile_kwargs`: torch.compile's keyword arguments for the training loss (None: eager)."""
         params, buffers = stack_module_state(models)
         self.params = {name: p.detach().to(device).requires_grad_() for name, p in params.items()}
         self.buffers = {name: b.to(device) for name, b in buffers.items()}
@@ -83,9 +95,12 @@ class StackedModel:
             skeleton.grad_checkpointing = False
         for module in skeleton.modules():
             if hasattr(module, "sdpa"):
-                module.sdpa = folded_sdpa
+                module.sdpa = folded_sdpa if compile_kwargs is None else plain_sdpa
         self.skeleton = skeleton.to("meta")  # its code runs; its tensors come from `params`
         self.randomness = "same" if getattr(models[0], "drop_path_rate", 0.0) > 0 else "error"
+        self._vmapped_losses = self._eager_losses
+        if compile_kwargs is not None:
+            self._vmapped_losses = torch.compile(self._eager_losses, **compile_kwargs)
 
     @property
     def draws(self) -> bool:
@@ -111,14 +126,18 @@ class StackedModel:
                shared: bool, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The training loss [K] of every member, or of those at `positions` (the lone trial's: criterion on
         the float logits)."""
-        def member_loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
-                        y: torch.Tensor) -> torch.Tensor:
-            return criterion(self._logits(params, buffers, x).float(), y)
-
         params, buffers = self.params, self.buffers
         if positions is not None:
             params = {name: p.index_select(0, positions) for name, p in params.items()}
             buffers = {name: b.index_select(0, positions) for name, b in buffers.items()}
+        return self._vmapped_losses(params, buffers, images, targets, criterion, shared)
+
+    def _eager_losses(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], images: torch.Tensor,
+                      targets: torch.Tensor, criterion: torch.nn.Module, shared: bool) -> torch.Tensor:
+        def member_loss(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+            return criterion(self._logits(params, buffers, x).float(), y)
+
         data_dim = None if shared else 0
         return vmap(member_loss, in_dims=(0, 0, data_dim, data_dim), randomness=self.randomness)(
             params, buffers, images, targets)

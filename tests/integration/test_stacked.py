@@ -1,6 +1,6 @@
 """Stacked trials (`train.stacked`): a member of a stack follows the same config trained alone by
-`trainer.train` (the DeepSpeed path), step for step, for every parametrization and both optimizers, and with
-stochastic depth and a weight EMA; a diverged member leaves the stack and the others still follow their lone
+`trainer.train` (the DeepSpeed path), step for step, for every parametrization and both optimizers, with
+stochastic depth and a weight EMA, and compiled (run.compile); a diverged member leaves the stack and the others still follow their lone
 runs. The batched optimizer and the configs
 that cannot stack, without a run: tests/unit/test_stacked_optimizer.py."""
 
@@ -116,6 +116,15 @@ def test_members_follow_their_lone_runs_with_mixup_cutmix_label_smoothing_and_ra
     """timm's batch augmentations draw from each seed's own RNG streams in the stack as they do alone."""
     augment = dict(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, re_prob=0.5)
     cfgs = [member_config(tmp_path, shards, "mup", "adamw", m, f"m{i}", data=augment) for i, m in enumerate(MEMBERS)]
+    outcomes = train_stacked(cfgs)
+    for outcome, cfg in zip(outcomes, cfgs):
+        assert_follows(outcome, *lone_run(cfg))
+
+
+@pytest.mark.slow  # inductor compiles the stack's loss and each lone model (about a minute on 2 cores)
+def test_a_compiled_stack_follows_its_compiled_lone_runs(shards, tmp_path) -> None:
+    cfgs = [member_config(tmp_path, shards, "depth_mup", "adamw", m, f"m{i}", compile="model")
+            for i, m in enumerate(MEMBERS)]
     outcomes = train_stacked(cfgs)
     for outcome, cfg in zip(outcomes, cfgs):
         assert_follows(outcome, *lone_run(cfg))

@@ -60,6 +60,8 @@ def test_configs_that_cannot_stack_are_refused_by_name(shard_set, tmp_path) -> N
     assert stack_problem(cfg) is None
     assert "bf16" in stack_problem(with_values(cfg, {"deepspeed.bf16": True}))
     assert "save_checkpoints" in stack_problem(with_values(cfg, {"run.save_checkpoints": True}))
+    assert stack_problem(with_values(cfg, {"run.compile": "model"})) is None  # a compiled stack
+    assert "drop_path_rate" in stack_problem(with_values(cfg, {"run.compile": "model", "model.drop_path_rate": 0.1}))
     check_stack([cfg, with_values(cfg, {"optim.lr": 1.0, "run.seed": 3, "run.output_dir": str(tmp_path / "b")})])
     with pytest.raises(ConfigError, match="model"):
         check_stack([cfg, with_values(cfg, {"model.width": 64})])
