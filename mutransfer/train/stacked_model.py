@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, stack_module_state, vmap
 
 from mutransfer.data import build_train_loader
@@ -37,48 +36,7 @@ from .batches import BatchStream
 from .checkpoint import TrainState
 from .config import RunConfig
 from .engine import seed_rngs
-
-
-class FoldedAttention(torch.autograd.Function):
-    """SDPA with a vmap rule: the stack's dimension folds into the batch dimension and the same SDPA kernel
-    runs once for all members (torch has no batching rule for the CPU flash kernel, and falls back to a
-    loop over members). Each (member, image, head) is computed by the kernel exactly as alone; the backward
-    recomputes the forward and asks autograd for SDPA's own backward."""
-
-    @staticmethod
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        q, k, v, scale = inputs
-        ctx.save_for_backward(q, k, v)
-        ctx.scale = scale
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in ctx.saved_tensors]
-            out = F.scaled_dot_product_attention(*leaves, scale=ctx.scale)
-        return (*torch.autograd.grad(out, leaves, grad), None)
-
-    @staticmethod
-    def vmap(info: Any, in_dims: tuple[int | None, ...], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             scale: float) -> tuple[torch.Tensor, int]:
-        members = info.batch_size
-        qkv = [t.movedim(d, 0) if d is not None else t.expand(members, *t.shape) for t, d in zip((q, k, v), in_dims)]
-        out = FoldedAttention.apply(*(t.flatten(0, 1) for t in qkv), scale)
-        return out.unflatten(0, (members, -1)), 0
-
-
-def folded_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """`Attention.sdpa` for a stacked model."""
-    return FoldedAttention.apply(q, k, v, scale)
-
-
-def plain_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """`Attention.sdpa` for a compiled stack: attention as ops inductor can fuse (no dropout, no mask)."""
-    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
+from .stacked_attention import folded_sdpa, plain_sdpa
 
 
 class StackedModel:
