@@ -11,6 +11,7 @@ line on stderr and exit code 2). Paths are checked apart (`check_paths`), where 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass, field
@@ -286,20 +287,34 @@ class RunConfig(Section):
 
 def check_model_fits_data(cfg: RunConfig) -> None:
     """The constraints between model and data, before any work: the patches must tile the image, and the model
-    must build from the config (on the meta device: no memory, about 0.1 s for a ViT-L), so that every check
-    its constructor makes is a config error here rather than a traceback after the data has loaded."""
-    import torch
-
-    from mutransfer.models import create_model, zoo_entry
+    must build from the config, so that every check its constructor makes is a config error here rather than
+    a traceback after the data has loaded."""
+    from mutransfer.models import zoo_entry
 
     patch = cfg.model.patch_size or zoo_entry(cfg.model.name).defaults.get("patch_size")
     if patch and cfg.data.img_size % patch:
         raise ConfigError("data.img_size", f"{cfg.data.img_size} is not divisible by the model's patch_size {patch}")
+    kwargs = cfg.model.create_kwargs(cfg.data.img_size, cfg.data.num_classes or 2)
+    problem = model_build_problem(cfg.model.name, tuple(sorted(kwargs.items())))
+    if problem is not None:
+        raise ConfigError("model", problem)
+
+
+@functools.lru_cache(maxsize=256)
+def model_build_problem(name: str, kwargs: tuple[tuple[str, Any], ...]) -> str | None:
+    """Why the zoo's `name` does not build from `kwargs`, or None. Built on the meta device without its init
+    (no memory; the meta device's init alone took 0.14 s for a depth-16 proxy) and remembered, because every
+    trial of a sweep checks its config several times and a shape's trials share one model section."""
+    import torch
+
+    from mutransfer.models import create_model
+
     try:
         with torch.device("meta"):
-            create_model(cfg.model.name, **cfg.model.create_kwargs(cfg.data.img_size, cfg.data.num_classes or 2))
+            create_model(name, weight_init=False, **dict(kwargs))
     except ValueError as err:
-        raise ConfigError("model", str(err)) from None
+        return str(err)
+    return None
 
 
 def check_paths(cfg: RunConfig) -> None:

@@ -126,6 +126,21 @@ def test_other_model_constraints_are_config_errors_naming_the_model(shards, tmp_
     load_config(config, ["model.patch_size=16", "data.img_size=48"])  # fits
 
 
+def test_the_model_build_check_is_remembered_per_model_section(shards, tmp_path) -> None:
+    """A sweep checks each trial's config several times and a shape's trials share one model section: the
+    second config of a shape costs no build, and a model that does not build stays a problem every time."""
+    from mutransfer.train.config import model_build_problem
+
+    config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", f"sqlite:///{tmp_path / 'db'}")
+    load_config(config, ["optim.lr=0.001"])
+    hits = model_build_problem.cache_info().hits
+    load_config(config, ["optim.lr=0.002", "run.seed=3"])
+    assert model_build_problem.cache_info().hits > hits
+    bad = (("base_width", 0), ("img_size", 32), ("num_classes", 10), ("width", 32))
+    assert model_build_problem("vit", bad) == model_build_problem("vit", bad) == (
+        "base_width must be a positive integer, got 0")
+
+
 # --- no shell injection through generated sbatch scripts -----------------------------------------------------
 @pytest.mark.parametrize("where", ["launch", "sweep"])
 def test_a_newline_in_a_path_is_refused_before_any_script_is_written(where, shards, tmp_path) -> None:
