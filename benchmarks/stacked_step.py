@@ -6,10 +6,11 @@
 The proxy of configs/demo_proxy.yaml at --width and --depth; K members (default the demo's 24 per stack: eight
 learning rates x three seeds, so each seed's eight members share a batch) stepped as `train.stacked` steps them
 (StackedModel's vmapped loss, backward, StackedOptimizer), against one member's lone step (the same model and
-torch AdamW), interleaved round robin, medians. --compile adds the stacked loss under torch.compile (inductor,
-attention written as matmul-softmax-matmul, which inductor fuses): what compiling stacks would buy (stacks
-run eagerly today). A torch.profiler pass over a few eager stacked steps then splits the step's CPU time into
-matrix products, attention and everything else (elementwise ops, normalisation, copies, the optimizer).
+torch AdamW), interleaved round robin, medians. --compile adds the stacked loss under torch.compile, as a
+study whose base config sets run.compile=model trains its stacks. A torch.profiler pass over a few eager
+stacked steps then splits the step's CPU time into matrix products, the SDPA kernel and everything else
+(elementwise ops, normalisation, copies, the optimizer); attention over at most 32 tokens runs as batched
+matrix products and softmax (`train/stacked_attention.py`), so it counts under those.
 Training FLOPs are the model's `flops_per_image()` x images; the peak is the median fp32 `torch.mm` of
 2048 x 2048 (sweep_throughput.py's).
 """
@@ -24,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sweep_throughput import gemm_peak  # noqa: E402
@@ -32,6 +32,7 @@ from sweep_throughput import gemm_peak  # noqa: E402
 from mutransfer.models import create_model  # noqa: E402
 from mutransfer.models.optim import build_optimizer  # noqa: E402
 from mutransfer.train.config import config_from_dict  # noqa: E402
+from mutransfer.train.engine import COMPILE_KWARGS  # noqa: E402
 from mutransfer.train.stacked_model import StackedModel  # noqa: E402
 from mutransfer.train.stacked_optim import MemberHypers, StackedOptimizer, groups_of  # noqa: E402
 from mutransfer.typed_config import read_yaml_mapping  # noqa: E402
@@ -58,13 +59,10 @@ def members(cfg, count: int) -> list[torch.nn.Module]:
     return models
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return torch.softmax((q * scale) @ k.transpose(-2, -1), dim=-1) @ v
-
-
 def stacked_step(cfg, models: list[torch.nn.Module], seeds: int, compiled: bool):
-    """A function running one optimizer step of the stack (eager, or its loss under torch.compile)."""
-    stack = StackedModel(models, torch.device("cpu"))
+    """A function running one optimizer step of the stack as `train.stacked` runs it (eager, or its loss
+    under torch.compile as run.compile=model compiles it)."""
+    stack = StackedModel(models, torch.device("cpu"), COMPILE_KWARGS["model"] if compiled else None)
     hypers = [MemberHypers(cfg.optim.lr * 2.0 ** (i % 8 - 4), cfg.optim.beta1, 0.0) for i in range(len(models))]
     optimizer = StackedOptimizer(stack.params, groups_of(models[0], cfg.optim), cfg.optim, hypers)
     size = cfg.data.img_size
@@ -73,20 +71,9 @@ def stacked_step(cfg, models: list[torch.nn.Module], seeds: int, compiled: bool)
     slot = torch.arange(len(models)) % seeds
     images, targets = batches[slot], labels[slot]  # each member its seed's batch, as StackData.combine gives it
     criterion = torch.nn.CrossEntropyLoss()
-    if compiled:
-        for module in stack.skeleton.modules():
-            if hasattr(module, "sdpa"):
-                module.sdpa = math_attention
-
-    def total_loss(params, buffers, x, y):
-        def member(p, b, xi, yi):
-            return criterion(functional_call(stack.skeleton, (p, b), (xi,)).float(), yi)
-        return vmap(member)(params, buffers, x, y).sum()
-
-    loss_fn = torch.compile(total_loss) if compiled else total_loss
 
     def step() -> None:
-        loss_fn(stack.params, stack.buffers, images, targets).backward()
+        stack.losses(images, targets, criterion, shared=False).sum().backward()
         optimizer.step(1.0)
         for param in stack.params.values():
             param.grad = None

@@ -76,9 +76,10 @@ class SampleCache:
             self.hits += 1
             return image
         image = decode()
-        if url is not None and key is not None and self.room_for(image_bytes(image)):
+        size = image_bytes(image)
+        if url is not None and key is not None and self.room_for(size):
             self.images[index] = image
-            self.used += image_bytes(image)
+            self.used += size
         return image
 
     def clear(self) -> None:

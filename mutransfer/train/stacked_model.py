@@ -205,10 +205,6 @@ class StackData:
         targets = torch.stack([batches[slot][1] for slot in self.slot])
         return images, targets, False
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """The stack's next micro-batch, as `combine` gives it."""
-        return self.combine(self.draw())
-
     def groups(self) -> dict[int, list[int]]:
         """The members' positions in the stack, by the stream they draw from."""
         positions: dict[int, list[int]] = {}
