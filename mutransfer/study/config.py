@@ -53,7 +53,8 @@ class StudySection(Section):
     metric: str = DEFAULT_METRIC
     """The metric whose optimum the study looks for (minimised, or maximised for top-1/top-5)."""
     target: str | None = None
-    """Default target run config for `mutransfer transfer`."""
+    """The target run config `mutransfer demo` transfers to and trains (path relative to the study file or the
+    working directory); `mutransfer transfer` takes its target with --target."""
 
     def check(self) -> None:
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name) or set(self.name) == {"."}:

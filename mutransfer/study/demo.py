@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mutransfer.data import read_info, write_synthetic_shards
+from mutransfer.errors import ConfigError
 from mutransfer.train.tracking import resolve_tracking_uri
 from mutransfer.typed_config import with_values
 
@@ -106,12 +107,25 @@ def _sweep(cfg, shards: Path, uri: str):
     return run_sweep(cfg, tracking_uri=uri)
 
 
-def _train_target(study, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict, str]:
-    """Transfer by the fitted trend of the study's analysis to the recommended target, and train it."""
+def target_config(cfg) -> str:
+    """The study's target run config (study.target, found as its base config is), else the shipped one."""
+    from .config import resolve_path
+    from .transfer import check_target_exists
+
+    target = resolve_path(cfg.study.target, cfg.source) if cfg.study.target else str(CONFIGS / "demo_target.yaml")
+    try:
+        check_target_exists(target)
+    except ConfigError as err:
+        raise ConfigError("study.target", f"no such run config: {cfg.study.target!r}") from err
+    return target
+
+
+def _train_target(study, target: str, out_dir: Path, shards: Path, uri: str) -> tuple[int, dict, str]:
+    """Transfer by the fitted trend of the study's analysis to the target run config, and train it."""
     from .transfer import describe, launch_target, plan_transfer
 
     target_dir = out_dir / "target"
-    plan = plan_transfer(study, str(CONFIGS / "demo_target.yaml"), out=str(target_dir / "target.yaml"),
+    plan = plan_transfer(study, target, out=str(target_dir / "target.yaml"),
                          tracking_uri=uri, num_gpus=2, ranks=1,
                          overrides=[f"data.shards_dir={shards}", f"run.output_dir={target_dir}", "run.resume=never"])
     print(describe(plan), flush=True)
@@ -148,7 +162,6 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
     out_dir = Path(out)
     uri = resolve_tracking_uri(tracking_uri)
     shards = out_dir / "shards"
-    ensure_shards(shards)
     config = study_config or str(CONFIGS / "demo_study.yaml")
     overrides = [f"study.output_dir={out_dir / 'trials'}"]
     if seeds:
@@ -156,13 +169,15 @@ def run_demo(out: str = "demo", study_config: str | None = None, tracking_uri: s
         overrides += [f"seeds=[{','.join(map(str, seeds))}]", f"study.name={name}-seeds-{'-'.join(map(str, seeds))}"]
     cfg = load_study(config, overrides)
     cfg.base = with_values(cfg.base, {"data.shards_dir": str(shards)})
+    target = target_config(cfg)  # a missing target is said before anything runs, not after the sweep
+    ensure_shards(shards)
     summary = _sweep(cfg, shards, uri)
     print(f"[demo] sweep done after {time.perf_counter() - start:.0f} s", flush=True)
     report_dir = out_dir / "report"
     client = client_for(uri)
     study = StudyAnalysis.load(client, cfg.study.name, cfg.study.metric, cfg.study.experiment)
     write_report(client, study, report_dir)  # the report, the transfer and the verdict read this one analysis
-    code, result, variant = _train_target(study, out_dir, shards, uri)
+    code, result, variant = _train_target(study, target, out_dir, shards, uri)
     minutes = (time.perf_counter() - start) / 60
     ui = "mutransfer ui --study " + cfg.study.name + ("" if tracking_uri is None else f" --tracking-uri {uri}")
     print(f"\n[demo] done in {minutes:.1f} min: {len(summary.ran)} trials run, {len(summary.skipped)} reused; "

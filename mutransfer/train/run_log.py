@@ -4,6 +4,8 @@ without it), `result.json`, the optional per-rank sample log, and the params and
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from mutransfer import tags
 
 from .config import RunConfig
 from .tracking import flatten
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,3 +102,29 @@ def run_tags(cfg: RunConfig, model: torch.nn.Module, world_size: int, total_step
         **tags.identity_tags(identity),
     }
     return {**names, **cfg.tracking.tags}
+
+
+def trim_metrics_file(path: str | os.PathLike, through_step: int) -> int:
+    """Drop the rows of metrics.jsonl after `through_step` (what a resumed run trains again, or all of a
+    run that starts over): the run appends them again, once. A row that is not whole JSON (the last line of a
+    process killed while writing it) is dropped too, and said. Returns how many rows were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    rows = path.read_text().splitlines()
+    kept, torn = [], 0
+    for row in rows:
+        try:
+            values = json.loads(row) if row.strip() else None
+        except ValueError:
+            values = None
+        torn += values is None and bool(row.strip())
+        if isinstance(values, dict) and values.get("step", 0) <= through_step:
+            kept.append(row)
+    if torn:
+        log.warning(f"mutransfer: {path}: dropped {torn} line(s) that were cut short (a process killed while writing)")
+    if len(kept) != len(rows):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(row + "\n" for row in kept))
+        tmp.replace(path)
+    return len(rows) - len(kept)

@@ -22,10 +22,11 @@ from mutransfer.tags import RunStatus
 
 from .config import RunConfig
 from .engine import deepspeed_config
-from .run_log import RunResult, append_metrics, run_params, run_tags, write_result
+from .run_log import RunResult, append_metrics, run_params, run_tags, trim_metrics_file, write_result
+from .signals import StopRequest
 from .stacked import MemberOutcome, StackObserver, train_stacked
 from .system_metrics import SystemMetrics, start_system_metrics
-from .tracking import Tracker, trim_metrics_file
+from .tracking import Tracker
 from .trainer import skips_for_mlflow, write_run_files
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,8 @@ class RecordingObserver(StackObserver):
         tracking = cfg.tracking
         output_dir = Path(cfg.run.output_dir)
         tracker = Tracker(tracking.uri, tracking.experiment, active=tracking.enabled,
-                          fallback=output_dir / "metrics.jsonl", wait_at_end_s=tracking.wait_at_end_s)
+                          fallback=output_dir / "metrics.jsonl", wait_at_end_s=tracking.wait_at_end_s,
+                          send_interval_s=tracking.send_interval_s)
         record = self.records[member] = MemberRecord(cfg, tracker)
         self.teardown.callback(lambda: tracker.end(record.outcome))
         trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0
@@ -104,8 +106,9 @@ class RecordingObserver(StackObserver):
 
 def train_stack(cfgs: list[RunConfig], device: torch.device | None = None) -> list[RunResult]:
     """Train `cfgs` as one stack (`stacked.train_stacked`), each recorded as its lone run would be; the
-    results in the order given."""
-    with ExitStack() as teardown:
+    results in the order given. A stop request after the last step (SIGTERM / SIGINT) waits until every
+    member's end is recorded; one before it stops the stack at its next sync point."""
+    with StopRequest(), ExitStack() as teardown:
         observer = RecordingObserver(teardown)
         train_stacked(cfgs, observer, device)
         return [observer.records[i].result for i in range(len(cfgs))]

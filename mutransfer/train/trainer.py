@@ -60,10 +60,18 @@ from .hardware import peak_flops
 from .mlflow_model import log_final_model
 from .progress import StepWindow
 from .resume import check_fresh_start, resume_run, save_checkpoint
-from .run_log import RunResult, SampleLog, append_metrics, run_params, run_tags, write_result
+from .run_log import (
+    RunResult,
+    SampleLog,
+    append_metrics,
+    run_params,
+    run_tags,
+    trim_metrics_file,
+    write_result,
+)
 from .signals import StopRequest
 from .system_metrics import SystemMetrics, start_system_metrics
-from .tracking import Tracker, trim_metrics_file
+from .tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +143,7 @@ def train_loop(run: Run) -> str:
             if eval_now:
                 _excluded(run, run_evaluation)
             if save_now:
-                _excluded(run, lambda r: save_checkpoint(r.engine, r.state, r.cfg, r.rank, r.ema))
+                _excluded(run, checkpoint)
     return RunStatus.FINISHED
 
 
@@ -225,7 +233,7 @@ def finish(run: Run, status: str) -> RunResult:
         _say(run, f"run {run.output_dir} {run.message}; stopping")
     elif status == RunStatus.PREEMPTED:
         if run.cfg.run.save_checkpoints:
-            save_checkpoint(run.engine, run.state, run.cfg, run.rank, run.ema)
+            checkpoint(run)
         run.message = (f"stopped by {signal.Signals(run.stop_signal).name} at step {run.state.step}; " + (
             "checkpoint saved, run.resume=auto continues" if run.cfg.run.save_checkpoints
             else "no checkpoint (run.save_checkpoints=false): the run starts over when run again"))
@@ -234,7 +242,7 @@ def finish(run: Run, status: str) -> RunResult:
     else:
         run_evaluation(run)
         if run.cfg.run.save_checkpoints:
-            save_checkpoint(run.engine, run.state, run.cfg, run.rank, run.ema)
+            checkpoint(run)
         final = {f"final/{k.replace('/', '_')}": v for k, v in run.eval_metrics.items()}
         run.tracker.log_metrics({"final/train_loss": run.last_loss, **final, **skips_for_mlflow(_data_summary(run))},
                                 run.state.step)
@@ -297,12 +305,20 @@ def write_run_files(cfg: RunConfig, ds_config: dict[str, Any]) -> None:
     (output_dir / "result.json").unlink(missing_ok=True)  # a run's outcome is written when it ends, or never
 
 
+def checkpoint(run: Run) -> None:
+    """Save a checkpoint of the run, with every metric held for MLflow sent first: a run resumed from it
+    trains (and records) only the steps after it, so MLflow must already hold the ones before."""
+    run.tracker.flush()
+    save_checkpoint(run.engine, run.state, run.cfg, run.rank, run.ema)
+
+
 def _start_tracking(run: Run, model: torch.nn.Module) -> None:
     """Start (or, resumed, continue) the MLflow run on rank 0; every rank keeps its id in the state, so
     that every rank's checkpoint names it."""
     cfg, state = run.cfg, run.state
     run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0,
-                          fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s)
+                          fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s,
+                          send_interval_s=cfg.tracking.send_interval_s)
     if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
         trim_metrics_file(run.output_dir / "metrics.jsonl", state.step)
     run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name,

@@ -51,7 +51,7 @@ def launch(config: Path, cwd: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 2])  # stage 1 partitions the optimizer state as stage 2 does, gradients apart
 def test_compiled_training_matches_eager_and_checkpoints_cross_over(stage, shards, tmp_path) -> None:
     launch(compile_config(tmp_path, shards, "a", stage, steps=8, checkpoint_interval=3, keep_checkpoints=3), tmp_path)
     eager = losses(tmp_path / "a")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -119,11 +120,14 @@ def test_bad_study_config_names_the_key(workspace, tmp_path) -> None:
 
 def test_the_demo_runs_end_to_end_on_a_small_study(tmp_path: Path) -> None:
     """`mutransfer demo` with the shipped demo study cut to 2 widths x 2 lrs x 1 seed of 5 steps: shards,
-    sweep, report, transfer to the shipped target, its training, its loss against the best proxy, and the
-    verdict line; `--seeds` makes a study of its own."""
+    sweep, report, transfer to the study's target (the shipped one cut to 20 steps), its training, its loss
+    against the best proxy, and the verdict line; `--seeds` makes a study of its own."""
     configs = Path(__file__).resolve().parents[2] / "configs"
+    target = yaml.safe_load((configs / "demo_target.yaml").read_text())
+    target["run"].update(steps=20, eval_interval=20, log_interval=10)
+    (tmp_path / "target.yaml").write_text(yaml.safe_dump(target))
     study = yaml.safe_load((configs / "demo_study.yaml").read_text())
-    study["study"].update(base_config=str(configs / "demo_proxy.yaml"), steps=5, target=str(configs / "demo_target.yaml"))
+    study["study"].update(base_config=str(configs / "demo_proxy.yaml"), steps=5, target="target.yaml")
     study["shapes"]["widths"] = [32, 64]
     study["grid"]["lr"] = [2.0 ** -6, 2.0 ** -4]
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
@@ -141,4 +145,15 @@ def test_the_demo_runs_end_to_end_on_a_small_study(tmp_path: Path) -> None:
         assert (tmp_path / "demo" / "report" / name).is_file(), name
     target = load_config(tmp_path / "demo" / "target" / "target.yaml", check=False)
     assert target.tracking.tags["mutransfer.role"] == "target" and target.tracking.params["transfer.rule"] == "trend"
-    assert (tmp_path / "demo" / "target" / "result.json").is_file()
+    assert json.loads((tmp_path / "demo" / "target" / "result.json").read_text())["step"] == 20
+
+
+def test_a_demo_whose_study_names_a_missing_target_says_so_before_it_runs(tmp_path: Path) -> None:
+    configs = Path(__file__).resolve().parents[2] / "configs"
+    study = yaml.safe_load((configs / "demo_study.yaml").read_text())
+    study["study"].update(base_config=str(configs / "demo_proxy.yaml"), target="no_such_target.yaml")
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study))
+    result = mutransfer("demo", "--out", str(tmp_path / "demo"), "--config", str(tmp_path / "study.yaml"),
+                        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path)
+    assert result.returncode == 2 and "study.target" in result.stderr and "no_such_target.yaml" in result.stderr
+    assert not (tmp_path / "demo" / "shards").exists() and not (tmp_path / "mlflow.db").exists()
