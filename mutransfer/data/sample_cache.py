@@ -4,7 +4,8 @@ study on the same small shards, and each trial's loaders would otherwise read an
 Only a process that iterates its loaders itself (data.num_workers=0, as proxy studies and stacks run) keeps
 a cache: loader workers start anew for every pass, and a cache in one would die with it.
 
-What is kept: a shard's raw samples once it has been read whole with nothing wrong (a shard that broke off,
+What is kept: a shard's raw samples once it has been read whole with nothing wrong (a local shard that fits is
+read whole when first opened, so that a stack's loaders, which read in step, parse it once; a shard that broke off,
 could not be opened or had a damaged entry is read again every time, so that its problems are counted every
 time), and each image as PIL decoded it (RGB; the transforms make new images and never change it). Both count
 against one bound, the largest data.cache_mb of the loaders that used it; once it is reached nothing more is

@@ -5,6 +5,7 @@ counted as `unread_samples`."""
 
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -35,13 +36,34 @@ def tar_members(stream: Any) -> Iterator[dict[str, Any]]:
 def shard_samples(url: str, counter: SkipCounter, slot: int, cache: SampleCache | None = None
                   ) -> Iterator[dict[str, Any]]:
     """Raw samples (dicts of bytes keyed by extension, plus __key__ and __url__) of one shard, from `cache`
-    when it holds them (and kept there when this read completes cleanly and they fit). A shard that cannot
-    be opened or breaks off (a truncated tar) is counted once as `bad_shard`; what was read before the break
-    is kept."""
+    when it holds them (and kept there when this read completes cleanly and they fit). A local shard that fits
+    is read whole before its first sample is given, so that loaders reading it in step (a stack's seeds) find
+    it kept. A shard that cannot be opened or breaks off (a truncated tar) is counted once as `bad_shard`;
+    what was read before the break is kept."""
     kept = cache.shard(url) if cache is not None else None
     if kept is not None:
         yield from (dict(sample) for sample in kept)
         return
+    if cache is not None and cache.room_for(local_size(url)):
+        read = list(_read_shard(url, counter, slot))
+        samples = [sample for sample in read if sample is not None]
+        if len(samples) == len(read):  # no problem counted
+            cache.keep_shard(url, [dict(sample) for sample in samples])
+        yield from samples
+        return
+    yield from _stream_shard(url, counter, slot, cache)
+
+
+def local_size(url: str) -> int:
+    """The size of a local shard file; a size nothing fits for a pipe or a remote url."""
+    try:
+        return os.stat(url).st_size
+    except (OSError, ValueError):
+        return 1 << 62
+
+
+def _stream_shard(url: str, counter: SkipCounter, slot: int, cache: SampleCache | None) -> Iterator[dict[str, Any]]:
+    """`shard_samples` as the tar is read, kept at the end when it was clean and fits."""
     read: list[dict[str, Any]] | None = [] if cache is not None else None
     size = 0
     for sample in _read_shard(url, counter, slot):

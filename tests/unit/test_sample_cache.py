@@ -104,3 +104,14 @@ def test_loader_workers_keep_no_cache(small):  # noqa: F811
 def test_cache_mb_must_not_be_negative(small):  # noqa: F811
     with pytest.raises(ConfigError, match="cache_mb"):
         config(small, cache_mb=-1).check()
+
+
+def test_loaders_reading_in_step_read_each_shard_once(small):  # noqa: F811
+    """A stack's seeds draw a batch each in turn: the first to open a shard reads it whole and keeps it, so
+    the others find it kept rather than each parsing the tar while none has finished it."""
+    loaders = [iter(build_train_loader(config(small, seed=seed, batches_per_epoch=4))) for seed in (0, 1, 2)]
+    next(loaders[0])
+    assert PROCESS_CACHE.shards and PROCESS_CACHE.hits == 0  # kept after one batch of 4: less than its shard
+    for loader in loaders[1:]:
+        next(loader)
+    assert PROCESS_CACHE.hits > 0
