@@ -63,9 +63,7 @@ class RecordingObserver(StackObserver):
         write_run_files(cfg, deepspeed_config(cfg, 1))
         tracking = cfg.tracking
         output_dir = Path(cfg.run.output_dir)
-        tracker = Tracker(tracking.uri, tracking.experiment, active=tracking.enabled,
-                          fallback=output_dir / "metrics.jsonl", wait_at_end_s=tracking.wait_at_end_s,
-                          send_interval_s=tracking.send_interval_s)
+        tracker = Tracker.for_run(tracking, output_dir, active=True)
         record = self.records[member] = MemberRecord(cfg, tracker)
         self.teardown.callback(lambda: tracker.end(record.outcome))
         trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0

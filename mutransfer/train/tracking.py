@@ -187,10 +187,10 @@ def transient(err: BaseException) -> bool:
 @dataclass
 class _Request:
     what: str
-    send: Callable[[], Any]
+    send: Callable[[], Any] | None = None  # None for metrics: consecutive ones go out as one log_batch
     values: int = 0  # metric values it carries (what the buffer bound counts)
     step: int | None = None
-    metrics: list | None = None  # a metrics request's values: consecutive ones go out as one log_batch
+    metrics: list | None = None  # a metrics request's values
 
 
 class Tracker:
@@ -219,6 +219,14 @@ class Tracker:
         self._recorded: dict[str, int] = {}  # metric -> last step the MLflow run holds (when resuming)
         if active and not server_reachable(self.uri):
             self._disable(f"the MLflow server at {self.uri} cannot be reached")
+
+    @classmethod
+    def for_run(cls, tracking: Any, output_dir: Path, active: bool) -> Tracker:
+        """The tracker of one run from its `tracking` config section (metrics.jsonl in `output_dir` as the
+        fallback); `active` also needs tracking.enabled."""
+        return cls(tracking.uri, tracking.experiment, active=tracking.enabled and active,
+                   fallback=output_dir / "metrics.jsonl", wait_at_end_s=tracking.wait_at_end_s,
+                   send_interval_s=tracking.send_interval_s)
 
     def _disable(self, why: str) -> None:
         if self.active:
@@ -286,7 +294,7 @@ class Tracker:
         return list(itertools.takewhile(lambda request: request.metrics is not None, self._held))
 
     def _send(self, requests: list[_Request]) -> None:
-        if len(requests) == 1:
+        if requests[0].metrics is None:
             requests[0].send()
         else:
             self.client.log_batch(self.run_id, metrics=[metric for request in requests for metric in request.metrics])
@@ -342,8 +350,7 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
                  if v is not None and step > self._recorded.get(k, -1)]
         if items:
-            self._submit(_Request("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=items),
-                                  values=len(items), step=step, metrics=items))
+            self._submit(_Request("log_metrics", values=len(items), step=step, metrics=items))
 
     def set_tags(self, values: Mapping[str, str]) -> None:
         if not self.active:  # before `self.client`: an inactive rank must not open the store

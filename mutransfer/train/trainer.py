@@ -316,9 +316,7 @@ def _start_tracking(run: Run, model: torch.nn.Module) -> None:
     """Start (or, resumed, continue) the MLflow run on rank 0; every rank keeps its id in the state, so
     that every rank's checkpoint names it."""
     cfg, state = run.cfg, run.state
-    run.tracker = Tracker(cfg.tracking.uri, cfg.tracking.experiment, active=cfg.tracking.enabled and run.rank == 0,
-                          fallback=run.output_dir / "metrics.jsonl", wait_at_end_s=cfg.tracking.wait_at_end_s,
-                          send_interval_s=cfg.tracking.send_interval_s)
+    run.tracker = Tracker.for_run(cfg.tracking, run.output_dir, active=run.rank == 0)
     if run.rank == 0:  # the steps after the checkpoint are trained (and recorded) again
         trim_metrics_file(run.output_dir / "metrics.jsonl", state.step)
     run.mlflow_run_id = run.tracker.start(cfg.tracking.run_name or run.output_dir.name,
