@@ -9,12 +9,12 @@ run, naming the test and the folder it belongs in. A `slow` mark written in an i
 more. Helpers shared by both folders live in tests/train_helpers.py (tests/ is on sys.path through
 pyproject's `pythonpath`); scripts a test runs by path sit next to it.
 
-Fixtures: synthetic shard sets written by our own writer (any size, cached per session), and images for the
+Fixtures: the suite's own cache folder, synthetic shard sets written by our own writer (any size, cached per session), and images for the
 data tests."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +44,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if misplaced:
         raise pytest.UsageError("marked slow but under tests/unit (the folder decides; move them to "
                                 "tests/integration): " + ", ".join(misplaced))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The suite's cache folder (the MLflow store template, `train/sqlite_store.py`), inherited by the
+    processes tests start: the suite leaves the user's ~/.cache alone."""
+    folder = tmp_path_factory.mktemp("mutransfer_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MUTRANSFER_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")

@@ -51,14 +51,17 @@ class SampleCache:
         self.used = 0
         self.shards: dict[tuple, list[dict[str, Any]]] = {}
         self.images: dict[tuple, Image.Image] = {}
+        self.versions: dict[str, tuple] = {}  # each shard's version when it was last opened (`shard`)
         self.hits = 0  # shards and images served from memory
 
     def room_for(self, size: int) -> bool:
         return self.used + size <= self.limit
 
     def shard(self, url: str) -> list[dict[str, Any]] | None:
-        """The kept samples of `url`, or None."""
-        samples = self.shards.get(shard_version(url))
+        """The kept samples of `url`, or None. Called as a shard is opened: its version is read here, once per
+        opening, and its images are known by it until it is opened again."""
+        version = self.versions[url] = shard_version(url)
+        samples = self.shards.get(version)
         if samples is not None:
             self.hits += 1
         return samples
@@ -71,7 +74,8 @@ class SampleCache:
 
     def image(self, url: str | None, key: str | None, field: str, decode: Callable[[], Image.Image]) -> Image.Image:
         """The decoded image of sample `key` of `url`, decoded by `decode` the first time (its errors pass)."""
-        index = (shard_version(url or ""), key, field)
+        version = self.versions.get(url) if url is not None else None
+        index = (version or shard_version(url or ""), key, field)
         image = self.images.get(index)
         if image is not None:
             self.hits += 1
@@ -86,6 +90,7 @@ class SampleCache:
     def clear(self) -> None:
         self.shards.clear()
         self.images.clear()
+        self.versions.clear()
         self.used = self.hits = 0
 
 

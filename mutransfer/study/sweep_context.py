@@ -13,7 +13,8 @@ from mutransfer import tags
 from mutransfer.tags import DONE, RunStatus
 from mutransfer.train.config import RunConfig
 from mutransfer.train.signals import StopRequest
-from mutransfer.train.tracking import flatten, folder_lock, training_experiment_id
+from mutransfer.train.sqlite_store import folder_lock
+from mutransfer.train.tracking import flatten, training_experiment_id
 
 from .claims import TrialClaims
 from .config import StudyConfig

@@ -20,8 +20,6 @@ resumed run does not train again.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
 import logging
 import os
@@ -31,7 +29,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,8 @@ from typing import Any
 from mutransfer import tags
 from mutransfer.errors import UsageError
 from mutransfer.tags import RunStatus
+
+from .sqlite_store import prepare_store
 
 log = logging.getLogger(__name__)
 
@@ -114,13 +114,8 @@ def artifact_location_beside(tracking_uri: str, experiment: str) -> str | None:
     return (store_artifact_root(tracking_uri) / re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment)).as_uri()
 
 
-_PREPARED_STORES: set[str] = set()
-
-
 def mlflow_client(uri: str | None = None):
-    """An MlflowClient of the store. A local sqlite store is created (its schema set up) under a lock on its
-    folder, once per process: processes that create one store at once otherwise race in MLflow's schema
-    setup ("duplicate column name: step"), and one of them fails or trains untracked."""
+    """An MlflowClient of the store; a local sqlite store is made first when new (`sqlite_store.prepare_store`)."""
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(uri)
@@ -128,25 +123,9 @@ def mlflow_client(uri: str | None = None):
         kind, path = local_store_path(uri)
     except ValueError:
         kind = ""
-    if kind != "sqlite" or uri in _PREPARED_STORES:
-        return MlflowClient(tracking_uri=uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with folder_lock(path.parent):
-        client = MlflowClient(tracking_uri=uri)
-        client.search_experiments(max_results=1)  # the database and its tables exist once this returns
-    _PREPARED_STORES.add(uri)
-    return client
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock (flock) on a folder, among the processes of this machine, for a few quick steps."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    if kind == "sqlite":
+        prepare_store(uri, path)
+    return MlflowClient(tracking_uri=uri)
 
 
 def training_experiment_id(client, name: str) -> str:

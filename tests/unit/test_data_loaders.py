@@ -53,6 +53,7 @@ def test_eval_reads_every_sample_exactly_once_with_equal_batch_counts(small, wor
         loader = build_eval_loader(cfg, rank, world_size)
         keys, batches = eval_keys(loader)
         assert batches == len(loader)  # the same on every rank: ZeRO-3 ranks step together
+        assert sum(loader.good_per_shard()) == len(keys)  # counted by the workers in shared memory, read here
         seen += keys
     assert sorted(seen) == EVAL_KEYS
 

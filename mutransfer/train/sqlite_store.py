@@ -1,0 +1,136 @@
+"""Making a local sqlite MLflow store: once per process, under a lock on its folder, as a copy of an empty one.
+
+Processes that create one store at once race in MLflow's schema setup ("duplicate column name: step"), and
+one of them fails or trains untracked: a store is made under an exclusive lock on its folder.
+
+MLflow sets up a new sqlite store by creating its tables and running every schema migration since its first
+release: about 2 s on 2 CPU cores, paid by every new store (each demo, each study written to a new database
+file, each test). The first new store on a machine under one MLflow version is built by MLflow itself in
+the cache folder and kept as that version's template, without its one row that depends on where it was made
+(the Default experiment, whose artifact location is the working directory's `mlruns`). Every later new
+store is a copy of the template; MLflow opens it, finds its schema current, and adds the Default experiment
+as it does for any new store. A template that MLflow does not accept (another version's, a damaged file) is
+dropped and the store is made by MLflow as before: the template only ever saves time.
+
+The cache folder is $MUTRANSFER_CACHE_DIR, else $XDG_CACHE_HOME/mutransfer, else ~/.cache/mutransfer;
+MUTRANSFER_STORE_TEMPLATE=0 turns the template off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_PREPARED_STORES: set[str] = set()
+
+
+def prepare_store(uri: str, path: Path) -> None:
+    """Make sure the sqlite store `uri` (the database `path`) exists with its schema: made here when new (a
+    copy of the template when one can be used), checked by MLflow when not; once per process."""
+    if uri in _PREPARED_STORES:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with folder_lock(path.parent):
+        seeded = not path.exists() and enabled() and seed_store(path, open_store)
+        if not seeded:
+            open_store(uri)
+    _PREPARED_STORES.add(uri)
+
+
+def open_store(uri: str) -> None:
+    """Open the store at `uri`: MLflow creates its database and tables, or checks them, before this returns."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive lock (flock) on a folder, among the processes of this machine, for a few quick steps."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MUTRANSFER_CACHE_DIR"):
+        return Path(os.environ["MUTRANSFER_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mutransfer"
+
+
+def template_path() -> Path:
+    """This MLflow version's template (a new version's schema differs, so it gets its own)."""
+    import mlflow
+
+    return cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
+
+
+def enabled() -> bool:
+    return os.environ.get("MUTRANSFER_STORE_TEMPLATE", "1") != "0"
+
+
+def build_template(open_store: Callable[[str], None]) -> Path:
+    """Have MLflow make a new store in the cache folder (`open_store(uri)` opens one), take its Default
+    experiment out, and put it in place as the template (atomically: a reader sees the whole file or none)."""
+    target = template_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".template-") as work:
+        database = Path(work) / "store.db"
+        open_store(f"sqlite:///{database}")
+        forget_engine(f"sqlite:///{database}")
+        with sqlite3.connect(database) as connection:
+            connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        connection.close()
+        os.replace(database, target)
+    return target
+
+
+def seed_store(path: Path, open_store: Callable[[str], None]) -> bool:
+    """Make the new store `path` (which must not exist) a copy of the template, building the template first
+    when there is none; then `open_store` it. True when the store is the template's copy; False when it was
+    left to MLflow: no template could be made or used (the reason is logged), and `path` is not there."""
+    try:
+        template = template_path()
+        if not template.exists():
+            build_template(open_store)
+        copy = path.with_name(f".{path.name}.{os.getpid()}.seed")
+        shutil.copyfile(template, copy)
+        try:
+            os.link(copy, path)  # fails if the store appeared meanwhile: a store is never overwritten
+        finally:
+            copy.unlink()
+    except Exception as err:  # no cache folder, a full disk, another process's store: MLflow makes it
+        log.debug("no store template for %s: %s", path, err)
+        return False
+    try:
+        open_store(f"sqlite:///{path}")
+    except Exception as err:  # a template MLflow does not accept: remove both, MLflow makes the store
+        log.info("the MLflow store template %s was not accepted (%s); MLflow sets up the store instead", template, err)
+        forget_engine(f"sqlite:///{path}")
+        path.unlink(missing_ok=True)
+        template.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def forget_engine(uri: str) -> None:
+    """Close and drop the database engine MLflow keeps for `uri` (one per URI, for the process's life), so
+    that the file can go and a new one be made at the same path."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+    if engine is not None:
+        engine.dispose()
