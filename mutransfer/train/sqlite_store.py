@@ -40,7 +40,7 @@ def prepare_store(uri: str, path: Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(path.parent):
-        seeded = not path.exists() and enabled() and seed_store(path, open_store)
+        seeded = not path.exists() and enabled() and seed_store(uri, path, open_store)
         if not seeded:
             open_store(uri)
     _PREPARED_STORES.add(uri)
@@ -98,28 +98,29 @@ def build_template(open_store: Callable[[str], None]) -> Path:
     return target
 
 
-def seed_store(path: Path, open_store: Callable[[str], None]) -> bool:
-    """Make the new store `path` (which must not exist) a copy of the template, building the template first
-    when there is none; then `open_store` it. True when the store is the template's copy; False when it was
-    left to MLflow: no template could be made or used (the reason is logged), and `path` is not there."""
+def seed_store(uri: str, path: Path, open_store: Callable[[str], None]) -> bool:
+    """Make the new store `uri` (its database `path`, not there yet) a copy of the template, building the
+    template first when there is none; then `open_store` it. True when the store is the template's copy;
+    False when it is left to MLflow: no template could be made or used (the reason is logged), or the
+    database appeared meanwhile (it is then left as it is)."""
     try:
         template = template_path()
         if not template.exists():
             build_template(open_store)
         copy = path.with_name(f".{path.name}.{os.getpid()}.seed")
-        shutil.copyfile(template, copy)
         try:
-            os.link(copy, path)  # fails if the store appeared meanwhile: a store is never overwritten
+            shutil.copyfile(template, copy)
+            os.link(copy, path)  # fails if the database appeared meanwhile: a store is never overwritten
         finally:
-            copy.unlink()
+            copy.unlink(missing_ok=True)
     except Exception as err:  # no cache folder, a full disk, another process's store: MLflow makes it
         log.debug("no store template for %s: %s", path, err)
         return False
     try:
-        open_store(f"sqlite:///{path}")
+        open_store(uri)
     except Exception as err:  # a template MLflow does not accept: remove both, MLflow makes the store
         log.info("the MLflow store template %s was not accepted (%s); MLflow sets up the store instead", template, err)
-        forget_engine(f"sqlite:///{path}")
+        forget_engine(uri)
         path.unlink(missing_ok=True)
         template.unlink(missing_ok=True)
         return False

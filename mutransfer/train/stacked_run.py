@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ class MemberRecord:
 
     cfg: RunConfig
     tracker: Tracker
-    system_metrics: SystemMetrics = field(default_factory=SystemMetrics)
+    system_metrics: bool = False  # whether its MLflow run gets the stack's system metrics
     outcome: str = RunStatus.FAILED  # how its MLflow run ends; set once result.json is written
     result: RunResult | None = None
 
@@ -58,6 +58,11 @@ class RecordingObserver(StackObserver):
     def __init__(self, teardown: ExitStack) -> None:
         self.teardown = teardown
         self.records: dict[int, MemberRecord] = {}
+        # one sampler for the stack (one process on one machine), sampled once per logging point: psutil's
+        # CPU utilisation counts from the previous call in the process, so 24 samplers asked one after the
+        # other gave every member but the first the few microseconds since the member before it
+        self.system_metrics = SystemMetrics()
+        self.system_sample: tuple[int, dict[str, float]] = (-1, {})
 
     def started(self, member: int, cfg: RunConfig, model: torch.nn.Module, total_steps: int) -> None:
         write_run_files(cfg, deepspeed_config(cfg, 1))
@@ -73,13 +78,17 @@ class RecordingObserver(StackObserver):
             tracker.log_params(run_params(cfg, model, 1))
             tracker.log_artifact(output_dir / "config.yaml")
             tracker.log_artifact(output_dir / "deepspeed.json")
-        record.system_metrics = start_system_metrics(tracking.system_metrics, tracker)
+        record.system_metrics = bool(tracking.system_metrics and run_id)
+        if record.system_metrics and not self.system_metrics.on:
+            self.system_metrics = start_system_metrics(True, tracker)
 
     def logged(self, member: int, step: int, metrics: dict[str, float]) -> None:
         record = self.records[member]
         record.record(metrics, step)
-        if "train/loss" in metrics:  # a logging point, not an evaluation: the lone run samples the system here
-            record.tracker.log_metrics(record.system_metrics.sample(), step)
+        if "train/loss" in metrics and record.system_metrics:  # a logging point: the lone run samples it here
+            if self.system_sample[0] != step:
+                self.system_sample = (step, self.system_metrics.sample())
+            record.tracker.log_metrics(self.system_sample[1], step)
 
     def ended(self, member: int, outcome: MemberOutcome) -> None:
         record = self.records[member]

@@ -29,6 +29,10 @@ class SystemMetrics:
         self._monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri)
         self.sample()  # psutil's CPU percentage counts from the previous call: start the clock
 
+    @property
+    def on(self) -> bool:
+        return self._monitor is not None
+
     def sample(self) -> dict[str, float]:
         if self._monitor is None:
             return {}

@@ -97,6 +97,13 @@ def test_each_stacked_trial_is_recorded_as_the_same_trial_alone(shards, tmp_path
             assert trial.metrics["final/eval_loss"] == pytest.approx(lone_trials[key].metrics["final/eval_loss"],
                                                                      rel=1e-4)
 
+    # one process, one machine: every member gets the stack's one system sample at each logging point (each
+    # member sampling in turn gave all but the first a CPU utilisation over the microseconds since the last)
+    cpu = {key: dict(history(stacked_root, t.run_id, "system/cpu_utilization_percentage"))
+           for key, t in stacked_trials.items()}
+    longest = max(cpu.values(), key=len)
+    assert len(longest) >= 2 and all(longest[step] == value for values in cpu.values() for step, value in values.items())
+
     # a stack stopped part way: its trials run again, as a stack, in their own child runs
     client = MlflowClient(f"sqlite:///{stacked_root / 'mlflow.db'}")
     again = [key for key, t in stacked_trials.items() if t.spec.lr == LRS[0]]
