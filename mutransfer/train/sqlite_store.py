@@ -25,7 +25,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def prepare_store(uri: str, path: Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(path.parent):
-        seeded = not path.exists() and enabled() and seed_store(uri, path, open_store)
+        seeded = not path.exists() and enabled() and seed_store(uri, path)
         if not seeded:
             open_store(uri)
     _PREPARED_STORES.add(uri)
@@ -82,9 +82,9 @@ def enabled() -> bool:
     return os.environ.get("MUTRANSFER_STORE_TEMPLATE", "1") != "0"
 
 
-def build_template(open_store: Callable[[str], None]) -> Path:
-    """Have MLflow make a new store in the cache folder (`open_store(uri)` opens one), take its Default
-    experiment out, and put it in place as the template (atomically: a reader sees the whole file or none)."""
+def build_template() -> Path:
+    """Have MLflow make a new store in the cache folder, take its Default experiment out, and put it in place
+    as the template (atomically: a reader sees the whole file or none)."""
     target = template_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".template-") as work:
@@ -98,15 +98,15 @@ def build_template(open_store: Callable[[str], None]) -> Path:
     return target
 
 
-def seed_store(uri: str, path: Path, open_store: Callable[[str], None]) -> bool:
+def seed_store(uri: str, path: Path) -> bool:
     """Make the new store `uri` (its database `path`, not there yet) a copy of the template, building the
-    template first when there is none; then `open_store` it. True when the store is the template's copy;
+    template first when there is none; then open it. True when the store is the template's copy;
     False when it is left to MLflow: no template could be made or used (the reason is logged), or the
     database appeared meanwhile (it is then left as it is)."""
     try:
         template = template_path()
         if not template.exists():
-            build_template(open_store)
+            build_template()
         copy = path.with_name(f".{path.name}.{os.getpid()}.seed")
         try:
             shutil.copyfile(template, copy)

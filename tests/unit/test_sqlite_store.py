@@ -60,7 +60,7 @@ def test_an_existing_store_is_opened_never_replaced(cache: Path, tmp_path: Path)
     store = tmp_path / "kept.db"
     client = MlflowClient(f"sqlite:///{store}")  # made by MLflow, before any template exists
     run = client.create_run(client.create_experiment("kept")).info.run_id
-    assert not sqlite_store.seed_store(f"sqlite:///{store}", store, lambda uri: None)  # a store that is there is no seed's target
+    assert not sqlite_store.seed_store(f"sqlite:///{store}", store)  # a store that is there is no seed's target
     found = mlflow_client(f"sqlite:///{store}").get_run(run)
     assert found.info.run_id == run
 
