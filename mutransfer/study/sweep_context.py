@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mutransfer import tags
+from mutransfer.folder_lock import folder_lock
 from mutransfer.tags import DONE, RunStatus
 from mutransfer.train.config import RunConfig
 from mutransfer.train.signals import StopRequest
-from mutransfer.train.sqlite_store import folder_lock
 from mutransfer.train.tracking import flatten, training_experiment_id
 
 from .claims import TrialClaims

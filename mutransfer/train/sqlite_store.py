@@ -19,14 +19,14 @@ MUTRANSFER_STORE_TEMPLATE=0 turns the template off.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+
+from mutransfer.folder_lock import folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def prepare_store(uri: str, path: Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with folder_lock(path.parent):
-        seeded = not path.exists() and enabled() and seed_store(uri, path)
+        seeded = not path.exists() and template_enabled() and seed_store(uri, path)
         if not seeded:
             open_store(uri)
     _PREPARED_STORES.add(uri)
@@ -51,17 +51,6 @@ def open_store(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """An exclusive lock (flock) on a folder, among the processes of this machine, for a few quick steps."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def cache_dir() -> Path:
@@ -78,7 +67,7 @@ def template_path() -> Path:
     return cache_dir() / f"mlflow-{mlflow.__version__}-empty-store.db"
 
 
-def enabled() -> bool:
+def template_enabled() -> bool:
     return os.environ.get("MUTRANSFER_STORE_TEMPLATE", "1") != "0"
 
 
@@ -92,7 +81,7 @@ def build_template() -> Path:
         open_store(f"sqlite:///{database}")
         forget_engine(f"sqlite:///{database}")
         with sqlite3.connect(database) as connection:
-            connection.execute("DELETE FROM experiments WHERE experiment_id = 0")
+            connection.execute("DELETE FROM experiments")  # the Default experiment: made where it was built
         connection.close()
         os.replace(database, target)
     return target
@@ -102,7 +91,11 @@ def seed_store(uri: str, path: Path) -> bool:
     """Make the new store `uri` (its database `path`, not there yet) a copy of the template, building the
     template first when there is none; then open it. True when the store is the template's copy;
     False when it is left to MLflow: no template could be made or used (the reason is logged), or the
-    database appeared meanwhile (it is then left as it is)."""
+    database appeared meanwhile (it is then left as it is), or a journal of an earlier database at that path
+    is still there."""
+    leftovers = [path.with_name(path.name + suffix) for suffix in ("-journal", "-wal", "-shm")]
+    if any(leftover.exists() for leftover in leftovers):  # sqlite would replay a dead database's journal into
+        return False                                      # the copy; into an empty file it replays nothing
     try:
         template = template_path()
         if not template.exists():
@@ -121,8 +114,9 @@ def seed_store(uri: str, path: Path) -> bool:
     except Exception as err:  # a template MLflow does not accept: remove both, MLflow makes the store
         log.info("the MLflow store template %s was not accepted (%s); MLflow sets up the store instead", template, err)
         forget_engine(uri)
-        path.unlink(missing_ok=True)
-        template.unlink(missing_ok=True)
+        for made in (path, template):
+            with contextlib.suppress(OSError):  # a template in a folder this user cannot write stays
+                made.unlink(missing_ok=True)
         return False
     return True
 

@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MemberRecord:
-    """What records one member: its folder, its MLflow run and its system-metrics sampler."""
+    """What records one member: its folder, its MLflow run, and whether the run gets the stack's system metrics."""
 
     cfg: RunConfig
     tracker: Tracker
-    system_metrics: bool = False  # whether its MLflow run gets the stack's system metrics
+    records_system_metrics: bool = False  # whether its MLflow run gets the stack's system metrics
     outcome: str = RunStatus.FAILED  # how its MLflow run ends; set once result.json is written
     result: RunResult | None = None
 
@@ -78,14 +78,14 @@ class RecordingObserver(StackObserver):
             tracker.log_params(run_params(cfg, model, 1))
             tracker.log_artifact(output_dir / "config.yaml")
             tracker.log_artifact(output_dir / "deepspeed.json")
-        record.system_metrics = bool(tracking.system_metrics and run_id)
-        if record.system_metrics and not self.system_metrics.on:
+        record.records_system_metrics = bool(tracking.system_metrics and run_id)
+        if record.records_system_metrics and not self.system_metrics.on:
             self.system_metrics = start_system_metrics(True, tracker)
 
     def logged(self, member: int, step: int, metrics: dict[str, float]) -> None:
         record = self.records[member]
         record.record(metrics, step)
-        if "train/loss" in metrics and record.system_metrics:  # a logging point: the lone run samples it here
+        if "train/loss" in metrics and record.records_system_metrics:  # a logging point: a lone run samples here
             if self.system_sample[0] != step:
                 self.system_sample = (step, self.system_metrics.sample())
             record.tracker.log_metrics(self.system_sample[1], step)

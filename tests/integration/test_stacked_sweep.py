@@ -102,7 +102,8 @@ def test_each_stacked_trial_is_recorded_as_the_same_trial_alone(shards, tmp_path
     cpu = {key: dict(history(stacked_root, t.run_id, "system/cpu_utilization_percentage"))
            for key, t in stacked_trials.items()}
     longest = max(cpu.values(), key=len)
-    assert len(longest) >= 2 and all(longest[step] == value for values in cpu.values() for step, value in values.items())
+    assert len(longest) >= 2 and all(cpu.values())  # (a diverged member's history ends where it left)
+    assert all(longest[step] == value for values in cpu.values() for step, value in values.items())
 
     # a stack stopped part way: its trials run again, as a stack, in their own child runs
     client = MlflowClient(f"sqlite:///{stacked_root / 'mlflow.db'}")

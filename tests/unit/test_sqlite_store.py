@@ -43,6 +43,7 @@ def test_new_stores_copy_the_template_and_match_mlflows_own(cache: Path, tmp_pat
     template = sqlite_store.template_path()
     assert template.parent == cache and template.exists()
     built = template.stat().st_mtime_ns
+    assert sqlite_store.seed_store(f"sqlite:///{tmp_path / 'second.db'}", tmp_path / "second.db")
     second = mlflow_client(f"sqlite:///{tmp_path / 'second.db'}")
     assert template.stat().st_mtime_ns == built  # the second store was a copy: the template was not built again
     monkeypatch.setenv("MUTRANSFER_STORE_TEMPLATE", "0")
@@ -85,3 +86,15 @@ def test_an_unwritable_cache_folder_leaves_the_store_to_mlflow(tmp_path: Path, m
     client = mlflow_client(f"sqlite:///{tmp_path / 'store.db'}")
     assert default_experiment(client)[0] == "Default"
     assert not list(tmp_path.glob(".*.seed"))
+
+
+def test_a_journal_left_at_the_path_leaves_the_store_to_mlflow(cache: Path, tmp_path: Path) -> None:
+    """sqlite replays a journal it finds beside a database that is not empty: a copy would take in pages of the
+    dead database the journal belonged to, where MLflow's empty new file takes none."""
+    store = tmp_path / "store.db"
+    journal = tmp_path / "store.db-journal"
+    journal.write_bytes(b"journal of a database that is gone")
+    assert not sqlite_store.seed_store(f"sqlite:///{store}", store)
+    assert not store.exists()
+    client = mlflow_client(f"sqlite:///{store}")
+    assert default_experiment(client)[0] == "Default"
