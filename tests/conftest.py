@@ -9,8 +9,8 @@ run, naming the test and the folder it belongs in. A `slow` mark written in an i
 more. Helpers shared by both folders live in tests/train_helpers.py (tests/ is on sys.path through
 pyproject's `pythonpath`); scripts a test runs by path sit next to it.
 
-Fixtures: the suite's own cache folder, synthetic shard sets written by our own writer (any size, cached per session), and images for the
-data tests."""
+Fixtures: the suite's own cache folder, synthetic shard sets written by our own writer (any size, cached per
+session), and images for the data tests."""
 
 from __future__ import annotations
 

@@ -74,8 +74,7 @@ class SampleCache:
 
     def image(self, url: str | None, key: str | None, field: str, decode: Callable[[], Image.Image]) -> Image.Image:
         """The decoded image of sample `key` of `url`, decoded by `decode` the first time (its errors pass)."""
-        version = self.versions.get(url) if url is not None else None
-        index = (version or shard_version(url or ""), key, field)
+        index = (self.versions.get(url) or shard_version(url or ""), key, field)
         image = self.images.get(index)
         if image is not None:
             self.hits += 1
