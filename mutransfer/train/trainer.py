@@ -120,30 +120,37 @@ class Run:
 
 
 def train(cfg: RunConfig) -> RunResult:
-    """Train until run.steps / run.epochs, divergence, or a stop signal. Call on every rank."""
+    """Train until run.steps / run.epochs, divergence, or a stop signal. Call on every rank.
+
+    Stop requests are held from the first step to the end of the teardown, not only in the loop: a
+    preempted job's ranks often get SIGTERM twice (SLURM signals every process, and DeepSpeed's launcher
+    passes its own on), and the second must not kill a rank in its preemption checkpoint. Before the first
+    step a signal still ends the process: the rendezvous may be waiting for a node that never comes."""
     with ExitStack() as teardown:
         run = open_run(cfg, teardown)
-        status = train_loop(run)
-        return finish(run, status)
+        with StopRequest() as stop:
+            try:
+                return finish(run, train_loop(run, stop))
+            finally:
+                teardown.close()  # the MLflow run's end and the loaders' stop, still under the stop request
 
 
-def train_loop(run: Run) -> str:
+def train_loop(run: Run, stop: StopRequest) -> str:
     """Optimizer steps until the end ('finished'), a stop request ('preempted') or divergence ('diverged')."""
-    with StopRequest() as stop:
-        while run.state.step < run.total_steps:
-            train_step(run)
-            log_now, eval_now, save_now = _due(run)
-            if not (log_now or eval_now or save_now):
-                continue
-            status = sync(run, stop)
-            if log_now or status == "preempted":  # a preempted run keeps every step it trained on record
-                log_window(run)
-            if status is not None:
-                return status
-            if eval_now:
-                _excluded(run, run_evaluation)
-            if save_now:
-                _excluded(run, checkpoint)
+    while run.state.step < run.total_steps:
+        train_step(run)
+        log_now, eval_now, save_now = _due(run)
+        if not (log_now or eval_now or save_now):
+            continue
+        status = sync(run, stop)
+        if log_now or status == "preempted":  # a preempted run keeps every step it trained on record
+            log_window(run)
+        if status is not None:
+            return status
+        if eval_now:
+            _excluded(run, run_evaluation)
+        if save_now:
+            _excluded(run, checkpoint)
     return RunStatus.FINISHED
 
 

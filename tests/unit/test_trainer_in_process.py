@@ -171,6 +171,35 @@ def test_sigterm_stops_at_the_next_sync_point_and_checkpoints(shards, tmp_path, 
 
 
 
+def test_a_second_sigterm_during_the_preemption_checkpoint_is_held(shards, tmp_path, monkeypatch) -> None:
+    """A preempted rank often gets SIGTERM twice (SLURM signals every process; DeepSpeed's launcher passes
+    its own on). The second, arriving while the preemption checkpoint is written, reached the process's own
+    handler, by default death without a checkpoint (a flaky two-node test: a rank gone mid-checkpoint)."""
+    real_step, real_save = trainer.train_step, trainer.save_checkpoint
+
+    def step_then_signal(run):
+        real_step(run)
+        if run.state.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def signal_then_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    monkeypatch.setattr(trainer, "save_checkpoint", signal_then_save)
+    reached: list[int] = []  # stands in for the default action, which would end this test process
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: reached.append(signum))
+    try:
+        result = trainer.train(in_process_config(tmp_path, shards, run=dict(steps=40, log_interval=4)))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reached == []
+    assert result.status == "preempted" and result.step == 4
+    (saved,) = complete_checkpoints(tmp_path / "out")
+    assert read_state(saved)[0].status == "preempted"
+
+
 def test_an_inactive_tracker_never_opens_the_store(tmp_path: Path) -> None:
     """Ranks other than 0 (and runs with tracking.enabled=false) log through an inactive Tracker: had it
     opened the sqlite store, two ranks would create and migrate the same file at once."""
