@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,49 @@ def deepspeed_command(config: Path, *overrides: str, procs: int = 2) -> list[str
 
 def python_command(config: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "mutransfer.train", "--config", str(config), *overrides]
+
+
+RANK_GRACE_S = 10.0  # how long the other ranks of `run_ranks` may go on after one failed
+
+
+def run_ranks(command: list[str], cwd: Path, procs: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`command` (say `python_command(...)`) as `procs` ranks of one job, started directly with the environment
+    a launcher gives its ranks (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, as torchrun sets them):
+    real DeepSpeed engines on gloo, without DeepSpeed's runner and per-node launcher, which import torch and
+    DeepSpeed one after the other before any rank starts (7 of the 17 s of a short two-rank launch here, and
+    2-3 s more at the end). Tests of the launcher itself (signals, nodes, /dev/shm) use `deepspeed_command`.
+
+    Returns the ranks' outputs (rank 0's first) and the exit status of the rank that failed first. As DeepSpeed's
+    launcher does, a failed rank ends the others (after RANK_GRACE_S: they may be writing their own error)."""
+    port, deadline = str(free_port()), time.time() + timeout
+    outputs = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in range(procs)]
+    ranks = [subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, start_new_session=True,
+                              env=dict(run_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs),
+                                       LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for rank, (out, err) in enumerate(outputs)]
+    failure: tuple[float, int] | None = None  # (when, exit status) of the first rank that failed
+    try:
+        while None in [rank.poll() for rank in ranks]:  # every rank polled: any() would stop at the first
+            failure = failure or next(((time.time(), r.returncode) for r in ranks if r.returncode), None)
+            if time.time() > deadline:
+                raise subprocess.TimeoutExpired(command, timeout)
+            if failure is not None and time.time() > failure[0] + RANK_GRACE_S:
+                break
+            time.sleep(0.05)
+    finally:
+        for rank in ranks:
+            if rank.poll() is None:
+                os.killpg(rank.pid, signal.SIGKILL)
+                rank.wait()
+    failure = failure or next(((0.0, r.returncode) for r in ranks if r.returncode), (0.0, 0))
+    text = ["".join(_read(f) for f in files) for files in zip(*outputs)]
+    return subprocess.CompletedProcess(command, failure[1], *text)
+
+
+def _read(file: Any) -> str:
+    file.seek(0)
+    with file:
+        return file.read().decode(errors="replace")
 
 
 def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

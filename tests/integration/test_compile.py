@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 from train_helpers import (
-    deepspeed_command,
     expected_lr_scales,
     losses,
     python_command,
     result,
     run,
+    run_ranks,
     write_config,
 )
 
@@ -45,7 +45,7 @@ def compile_config(tmp_path: Path, shards: Path, name: str, stage: int, **run_va
 
 
 def launch(config: Path, cwd: Path) -> None:
-    proc = run(deepspeed_command(config), cwd)
+    proc = run_ranks(python_command(config), cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result(Path(config).parent / Path(config).stem)["status"] == "finished"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import deepspeed_command, eval_loss_of_weights, losses, result, run, write_config
+from train_helpers import eval_loss_of_weights, losses, python_command, result, run, run_ranks, write_config
 
 from mutransfer.train.ema import EMA_FILE, ema_decay_at
 from mutransfer.train.export import consolidated_state_dict
@@ -38,7 +38,7 @@ def launch(tmp_path: Path, shards: Path, name: str, stage: int, **run_values) ->
     config = write_config(tmp_path / f"{name}.yaml", shards, out, "", deepspeed=deepspeed,
                           run=dict(steps=STEPS, checkpoint_interval=1, keep_checkpoints=STEPS, eval_interval=2,
                                    **run_values), tracking=dict(enabled=False))
-    proc = run(deepspeed_command(config), tmp_path)
+    proc = run_ranks(python_command(config), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result(out)["status"] == "finished"
     return out

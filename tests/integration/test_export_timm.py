@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
-from train_helpers import TINY_MODEL, deepspeed_command, result, run, write_config
+from train_helpers import TINY_MODEL, python_command, result, run_ranks, write_config
 
 from mutransfer.cli import main
 from mutransfer.data import write_synthetic_shards
@@ -106,7 +106,7 @@ def test_zero3_checkpoint_exports_to_timm(tmp_path: Path, capsys: pytest.Capture
     config = write_config(tmp_path / "run.yaml", shards, out, f"sqlite:///{tmp_path / 'mlflow.db'}",
                           deepspeed=dict(zero_stage=3), run=dict(steps=4, log_interval=2),
                           tracking=dict(enabled=False))
-    proc = run(deepspeed_command(config), tmp_path)
+    proc = run_ranks(python_command(config), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert result(out)["status"] == "finished"
     assert not (tmp_path / "mlflow.db").exists()  # tracking off: no rank opens the store (they raced to create it)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from train_helpers import deepspeed_command, python_command, result, run, write_config
+from train_helpers import python_command, result, run, run_ranks, write_config
 
 from mutransfer.cli import main
 from mutransfer.models import load_model
@@ -70,7 +70,7 @@ def test_zero3_run_logs_a_registered_model_and_system_metrics(shards: Path, tmp_
     cfg = write_config(tmp_path / "run.yaml", shards, out, uri, deepspeed=dict(zero_stage=3),
                        run=dict(steps=4, log_interval=2), tracking=dict(uri=uri, experiment="eco",
                                                                         registered_model_name="tiny-vit"))
-    proc = run(deepspeed_command(cfg), tmp_path)
+    proc = run_ranks(python_command(cfg), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "registered as tiny-vit" in proc.stderr
     client = MlflowClient(uri)

@@ -22,6 +22,7 @@ from train_helpers import (
     result,
     run,
     run_env,
+    run_ranks,
     write_config,
 )
 
@@ -47,7 +48,7 @@ def test_two_rank_zero_training_learns_and_keeps_group_lr_ratios(stage, shards, 
     config = write_config(tmp_path / "run.yaml", shards, out, mlflow_uri, deepspeed=dict(zero_stage=stage),
                           optim=dict(min_lr_ratio=0.5), run=dict(steps=30, eval_interval=15))
     shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
-    proc = run(deepspeed_command(config, f"tracking.run_name=zero{stage}"), tmp_path)
+    proc = run_ranks(python_command(config, f"tracking.run_name=zero{stage}"), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = result(out)
     assert res["status"] == "finished" and res["step"] == 30
@@ -92,10 +93,7 @@ def test_zero3_init_matches_single_process(shards, mlflow_uri, tmp_path) -> None
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "unused", mlflow_uri)
     out = tmp_path / "stats.json"
     script = Path(__file__).with_name("zero3_init_stats.py")
-    command = deepspeed_command(config)
-    command[command.index("--module"):command.index("--module") + 2] = [str(script)]
-    command = command[:command.index("--config")] + [str(config), str(out)]
-    proc = run(command, tmp_path)
+    proc = run_ranks([sys.executable, str(script), str(config), str(out)], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     zero3 = json.loads(out.read_text())
 

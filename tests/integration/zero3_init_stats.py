@@ -1,4 +1,4 @@
-"""Run under `deepspeed --num_gpus 2`: build the model as the trainer does at ZeRO-3 and write each
+"""Run as two ranks (`train_helpers.run_ranks`): build the model as the trainer does at ZeRO-3 and write each
 parameter's full-tensor statistics (rank 0) to the JSON file named on the command line."""
 
 from __future__ import annotations
