@@ -5,8 +5,9 @@ same child runs, statuses, stop handling and resume), and writes each trial's sw
 
 The plan is JSON written by the sweep (`write_plan`): {"trials": {trial key: path of its RunConfig YAML},
 "statuses": path}. The sweep holds the trials' claims while this runs and reads the statuses when it exits;
-a worker that ends without writing them (killed, or stopped before its stack started) leaves its trials
-interrupted or failed, by how it ended, and their child runs for the next sweep to continue.
+a worker that ends without writing them (killed, or failed before its stack started) leaves its trials
+interrupted or failed, by how it ended, and their child runs for the next sweep to continue. Stop signals are
+held from start to end: the stack stops at its next sync point, and the statuses are still written.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 from mutransfer.train.config import load_config
+from mutransfer.train.signals import StopRequest
 
 from .stacks import train_trials
 
@@ -60,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     from mutransfer.logs import configure_logging
 
     configure_logging()  # an entry point of its own: the members' messages go to the stack's log
-    train_plan(Path(args[0]))
+    # Held until the statuses are written: the sweep signals the launch's whole group, and the launcher passes
+    # its own SIGTERM on, so a stopped worker gets two. The stack stops at its next sync point on the first.
+    with StopRequest():
+        train_plan(Path(args[0]))
     return 0
 
 

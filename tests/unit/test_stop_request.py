@@ -1,6 +1,7 @@
 """Stop requests nest: a training loop's own StopRequest inside a stack's (or a sweep's) passes each signal
 on, and starts with a signal that came before it, so that the outer one still holds signals while the
-runs' ends are recorded (a SIGTERM then left a launched stack's member RUNNING in MLflow)."""
+runs' ends are recorded (a SIGTERM then left a launched stack's member RUNNING in MLflow); a launched stack's
+worker holds them until its statuses are written."""
 
 from __future__ import annotations
 
@@ -28,3 +29,25 @@ def test_an_inner_request_starts_with_a_signal_the_outer_already_holds() -> None
             assert inner.signal == signal.SIGTERM  # its loop stops at the first sync point
     with StopRequest() as fresh:
         assert fresh.signal is None and outer.signal == signal.SIGTERM
+
+
+def test_a_stack_worker_writes_its_statuses_through_a_second_sigterm(tmp_path, monkeypatch) -> None:
+    """A stopped sweep signals each launch's whole group and the launcher passes its own SIGTERM on, so a
+    stack's worker gets two. The second, after the stack ended, reached the worker's default handler (death)
+    before it wrote its statuses, and the sweep then took finished members for interrupted ones."""
+    from mutransfer.study import stack_worker
+
+    def stack_then_launchers_signal(configs, keys):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return ["finished"] * len(keys)
+
+    monkeypatch.setattr(stack_worker, "train_trials", stack_then_launchers_signal)
+    plan = stack_worker.write_plan(tmp_path / "plan.json", {"a": tmp_path / "a.yaml", "b": tmp_path / "b.yaml"})
+    reached: list[int] = []  # stands in for the default action, which would end this test process
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: reached.append(signum))
+    try:
+        assert stack_worker.main([str(plan)]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert reached == []
+    assert stack_worker.read_statuses(plan) == {"a": "finished", "b": "finished"}
