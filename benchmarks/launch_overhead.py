@@ -6,8 +6,9 @@ trial (a stack is a plain process whatever the launcher), and so does every laun
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/launch_overhead.py --rounds 3 --work /tmp/launch_overhead
 
 The shards are the demo's (written once into --work); tracking and checkpoints are off and the run evaluates
-once, at its end, so that what differs between the modes is how the rank starts and ends. Printed: seconds per run of each mode, its
-ratio to the plain process, and the launcher's overhead in seconds (the difference of the medians).
+once, at its end, so that what differs between the modes is how the rank starts and ends. Printed: seconds
+per run of each mode, its ratio to the plain process, and the launcher's overhead in seconds (the difference
+of the medians).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,24 @@ def python_command(config: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "mutransfer.train", "--config", str(config), *overrides]
 
 
+def rank_env(rank: int, procs: int, port: int) -> dict[str, str]:
+    """The environment of rank `rank` of a one-node job of `procs` ranks on loopback, as torchrun gives it."""
+    return dict(run_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs),
+                LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+@contextlib.contextmanager
+def sigterms_reaching_the_process() -> Iterator[list[int]]:
+    """The SIGTERMs that get past every handler the code under test installs, recorded by the handler it
+    finds in place (standing in for the default action, death, which would end the test process)."""
+    reached: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: reached.append(signum))
+    try:
+        yield reached
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 RANK_GRACE_S = 10.0  # how long the other ranks of `run_ranks` may go on after one failed
 
 
@@ -103,11 +123,10 @@ def run_ranks(command: list[str], cwd: Path, procs: int = 2, timeout: float = 60
 
     Returns the ranks' outputs (rank 0's first) and the exit status of the rank that failed first. As DeepSpeed's
     launcher does, a failed rank ends the others (after RANK_GRACE_S: they may be writing their own error)."""
-    port, deadline = str(free_port()), time.time() + timeout
+    port, deadline = free_port(), time.time() + timeout
     outputs = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in range(procs)]
     ranks = [subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, start_new_session=True,
-                              env=dict(run_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(procs),
-                                       LOCAL_WORLD_SIZE=str(procs), MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                              env=rank_env(rank, procs, port))
              for rank, (out, err) in enumerate(outputs)]
     failure: tuple[float, int] | None = None  # (when, exit status) of the first rank that failed
     try:

@@ -26,6 +26,7 @@ from train_helpers import (
     cut_in_half,
     losses,
     python_command,
+    rank_env,
     result,
     run,
     run_env,
@@ -129,9 +130,7 @@ def test_a_rank_whose_peer_died_exits(shards, tmp_path) -> None:
     port = free_port()
     jobs = []
     for rank in (0, 1):
-        env = dict(run_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-        jobs.append(Job(python_command(config), tmp_path, env))
+        jobs.append(Job(python_command(config), tmp_path, rank_env(rank, 2, port)))
     try:
         jobs[0].wait_for(lambda: len(rows(tmp_path / "out")) >= 3, "three logged steps")
         jobs[1].kill()

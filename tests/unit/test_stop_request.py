@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import signal
 
+from train_helpers import sigterms_reaching_the_process
+
 from mutransfer.train.signals import StopRequest
 
 
@@ -43,11 +45,7 @@ def test_a_stack_worker_writes_its_statuses_through_a_second_sigterm(tmp_path, m
 
     monkeypatch.setattr(stack_worker, "train_trials", stack_then_launchers_signal)
     plan = stack_worker.write_plan(tmp_path / "plan.json", {"a": tmp_path / "a.yaml", "b": tmp_path / "b.yaml"})
-    reached: list[int] = []  # stands in for the default action, which would end this test process
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: reached.append(signum))
-    try:
+    with sigterms_reaching_the_process() as reached:
         assert stack_worker.main([str(plan)]) == 0
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert reached == []
     assert stack_worker.read_statuses(plan) == {"a": "finished", "b": "finished"}

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import TINY_MODEL, losses, write_config
+from train_helpers import TINY_MODEL, losses, sigterms_reaching_the_process, write_config
 
 from mutransfer.models import create_model
 from mutransfer.models.optim import OptimSection, build_optimizer, param_groups
@@ -188,12 +188,8 @@ def test_a_second_sigterm_during_the_preemption_checkpoint_is_held(shards, tmp_p
 
     monkeypatch.setattr(trainer, "train_step", step_then_signal)
     monkeypatch.setattr(trainer, "save_checkpoint", signal_then_save)
-    reached: list[int] = []  # stands in for the default action, which would end this test process
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: reached.append(signum))
-    try:
+    with sigterms_reaching_the_process() as reached:
         result = trainer.train(in_process_config(tmp_path, shards, run=dict(steps=40, log_interval=4)))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert reached == []
     assert result.status == "preempted" and result.step == 4
     (saved,) = complete_checkpoints(tmp_path / "out")
