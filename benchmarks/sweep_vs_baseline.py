@@ -72,7 +72,7 @@ def write_study(root: Path, args: argparse.Namespace, shards: Path, name: str) -
 def sweep(root: Path, study: Path, store: Path, extra: list[str]) -> float:
     """Wall seconds of one `mutransfer sweep` process of the version at `root`."""
     env = {**os.environ, "PYTHONPATH": str(root), "DS_ACCELERATOR": "cpu"}
-    command = [sys.executable, "-c", "import sys; from mutransfer.cli import main; sys.exit(main())", "sweep",
+    command = [sys.executable, "-m", "mutransfer.cli", "sweep",  # the `mutransfer` console script's entry point
                "--config", str(study), "--tracking-uri", f"sqlite:///{store}", *extra]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)

@@ -227,7 +227,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
-    from mutransfer.train.distributed import exit_process, init_distributed, shutdown_distributed
+    from mutransfer.process import exit_process
+    from mutransfer.train.distributed import init_distributed, shutdown_distributed
 
     init_distributed()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

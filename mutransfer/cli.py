@@ -11,9 +11,11 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from mutransfer.errors import UserError
 from mutransfer.logs import configure_logging
+from mutransfer.process import run_entry_point
 
 log = logging.getLogger(__name__)
 
@@ -80,5 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The `mutransfer` console script: `main` as a process's entry point (`mutransfer.process`), with the
+    command's module as its lasting imports."""
+    argv = sys.argv[1:]
+    run_entry_point(lambda: main(argv), lambda: build_parser(_command_of(argv)))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -17,10 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from mutransfer.train.config import load_config
 from mutransfer.train.signals import StopRequest
-
-from .stacks import train_trials
 
 
 def write_plan(path: Path, configs: dict[str, Path]) -> Path:
@@ -43,6 +40,10 @@ def read_statuses(plan: Path) -> dict[str, str]:
 
 def train_plan(plan: Path) -> dict[str, str]:
     """Train the plan's trials as one stack (one alone when it lists one); write and return their statuses."""
+    from mutransfer.train.config import load_config
+
+    from .stacks import train_trials
+
     spec = json.loads(plan.read_text())
     configs: dict[str, str] = spec["trials"]
     statuses = train_trials(lambda: [load_config(path) for path in configs.values()], list(configs))
@@ -70,4 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import importlib
+
+    from mutransfer.process import run_entry_point
+
+    run_entry_point(main, lambda: importlib.import_module("mutransfer.study.stacks"))

@@ -15,8 +15,6 @@ from mutransfer.errors import ConfigError, DataError, UserError
 from mutransfer.logs import configure_logging
 from mutransfer.tags import RunStatus
 
-from .config import load_config
-
 log = logging.getLogger(__name__)
 
 
@@ -32,6 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
+    from .config import load_config
+
     try:
         cfg = load_config(args.config, args.overrides)
     except UserError as err:
@@ -71,6 +71,8 @@ def leave_after_error() -> None:
 
 
 if __name__ == "__main__":
-    from .distributed import exit_process
+    import importlib
 
-    exit_process(main())
+    from mutransfer.process import run_entry_point
+
+    run_entry_point(main, lambda: importlib.import_module("mutransfer.train.trainer"))

@@ -3,14 +3,12 @@ trainer and its evaluation use. Nothing else in `mutransfer.train` calls torch.d
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import io
 import logging
 import os
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 
@@ -77,20 +75,6 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def exit_process(code: int) -> NoReturn:
-    """End an entry point's process with `code` once its work is saved and `shutdown_distributed` has run.
-
-    Gloo has no shutdown: `destroy_process_group` only forgets the group, and DeepSpeed's globals keep it
-    (and gloo's threads) alive until the interpreter tears itself down, where now and then the destruction
-    aborts the rank ("terminate called without an active exception", exit -6) after a run that went well;
-    the launcher then reports the run as failed. Python's exit hooks (MLflow, logging, loader workers) still
-    run here; only that teardown is skipped."""
-    atexit._run_exitfuncs()  # the hooks sys.exit would have run
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

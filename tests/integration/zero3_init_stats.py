@@ -8,8 +8,9 @@ import sys
 
 import deepspeed
 
+from mutransfer.process import exit_process
 from mutransfer.train.config import load_config
-from mutransfer.train.distributed import exit_process, init_distributed, shutdown_distributed
+from mutransfer.train.distributed import init_distributed, shutdown_distributed
 from mutransfer.train.engine import build_model, deepspeed_config
 
 

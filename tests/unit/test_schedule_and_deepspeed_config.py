@@ -1,7 +1,7 @@
 """Unit tests of the trainer's pure pieces, in one process and without a DeepSpeed engine: the LR factor and
 scheduler (every step of a small run against a closed form written here), the DeepSpeed config built from
 a RunConfig (merging, the user's JSON file, ZeRO / bf16 / offload / clipping, batch sizes), where a sqlite
-store's artifacts go, and how a finished rank's process ends (`exit_process`)."""
+store's artifacts go."""
 
 from __future__ import annotations
 
@@ -181,30 +181,3 @@ def test_a_sqlite_stores_artifacts_go_beside_it_and_other_stores_keep_mlflows_de
     assert artifact_location_beside(f"sqlite:///{db}", "a b/c") == (tmp_path / "runs" / "mlruns" / "a-b-c").as_uri()
     assert artifact_location_beside("http://127.0.0.1:5000", "x") is None
     assert artifact_location_beside(f"file://{tmp_path}", "x") is None
-
-
-# --- exit_process ------------------------------------------------------------------------------------------------
-def test_exit_process_runs_the_exit_hooks_and_skips_interpreter_teardown(tmp_path: Path) -> None:
-    """The entry points end through exit_process: the exit code and Python's exit hooks (MLflow, the loader's
-    worker stop) are kept, while the interpreter's teardown, where an orphaned gloo group can abort the
-    rank, never runs. The object below stands for that group: its destructor runs only at teardown."""
-    import subprocess
-    import sys
-
-    script = f"""
-import atexit, pathlib
-from mutransfer.train.distributed import exit_process
-out = pathlib.Path({str(tmp_path)!r})
-atexit.register(lambda: (out / "hook").write_text("ran"))
-class StandsForTheGroup:
-    def __del__(self):
-        (out / "teardown").write_text("ran")
-group = StandsForTheGroup()
-print("work done", flush=False)
-exit_process(3)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "work done\n"  # buffered output is flushed
-    assert (tmp_path / "hook").read_text() == "ran"
-    assert not (tmp_path / "teardown").exists()

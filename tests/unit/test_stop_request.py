@@ -37,13 +37,13 @@ def test_a_stack_worker_writes_its_statuses_through_a_second_sigterm(tmp_path, m
     """A stopped sweep signals each launch's whole group and the launcher passes its own SIGTERM on, so a
     stack's worker gets two. The second, after the stack ended, reached the worker's default handler (death)
     before it wrote its statuses, and the sweep then took finished members for interrupted ones."""
-    from mutransfer.study import stack_worker
+    from mutransfer.study import stack_worker, stacks
 
     def stack_then_launchers_signal(configs, keys):
         os.kill(os.getpid(), signal.SIGTERM)
         return ["finished"] * len(keys)
 
-    monkeypatch.setattr(stack_worker, "train_trials", stack_then_launchers_signal)
+    monkeypatch.setattr(stacks, "train_trials", stack_then_launchers_signal)
     plan = stack_worker.write_plan(tmp_path / "plan.json", {"a": tmp_path / "a.yaml", "b": tmp_path / "b.yaml"})
     with sigterms_reaching_the_process() as reached:
         assert stack_worker.main([str(plan)]) == 0
