@@ -31,6 +31,7 @@ from sweep_throughput import gemm_peak  # noqa: E402
 
 from mutransfer.models import create_model  # noqa: E402
 from mutransfer.models.optim import build_optimizer  # noqa: E402
+from mutransfer.process import keep_freed_memory  # noqa: E402
 from mutransfer.train.config import config_from_dict  # noqa: E402
 from mutransfer.train.engine import COMPILE_KWARGS  # noqa: E402
 from mutransfer.train.stacked_model import StackedModel  # noqa: E402
@@ -117,6 +118,7 @@ def time_split(step, steps: int = 3) -> dict[str, float]:
 
 
 def main() -> None:
+    keep_freed_memory()  # as in the product's processes (mutransfer.process)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--depth", type=int, default=16)

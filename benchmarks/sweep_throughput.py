@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from mutransfer.data import DataConfig, build_eval_loader
+from mutransfer.process import keep_freed_memory
 from mutransfer.study.config import load_study
 from mutransfer.study.demo import EVAL_SAMPLES, ensure_shards
 from mutransfer.study.store import client_for, latest_per_key, load_trials
@@ -138,6 +139,7 @@ def plain_loop_seconds(args: argparse.Namespace, shards: Path, width: int, depth
 
 
 def main() -> None:
+    keep_freed_memory()  # as in the product's processes (mutransfer.process)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="depth_mup+fle0.5")
     parser.add_argument("--depths", type=int, nargs="+", default=[4])
