@@ -10,8 +10,8 @@ allocates and frees its activations every step, so each step paid for its memory
 Why the imports: a sweep's code (torch, timm, DeepSpeed, MLflow) builds about 390,000 objects that live as long
 as the process. While they are built, the collector's full passes scan them again and again, and every full
 pass after that scans them once more; at exit the interpreter collects them all one last time. On 2 CPU cores
-that was 0.5-0.8 s of a sweep's 3.8 s of imports and 1.8-2.0 s of its exit. With the allocator's settings, the
-demo's stacked sweep of 24 proxies went from 34.5 to 28.7 s (`benchmarks/sweep_vs_baseline.py --baseline
+that was 0.5-0.8 s of a sweep's 3.8 s of imports and 1.8-2.0 s of its exit. With the allocator's settings, a
+stacked sweep of the demo's 24 width-32 proxies went from 34.5 to 28.7 s (`benchmarks/sweep_vs_baseline.py --baseline
 0410966`, docs/benchmarks.md). Nothing here changes what a run computes or records.
 
 Only this module's functions touch the allocator or the collector or end a process early; the package's entry
