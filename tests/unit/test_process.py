@@ -4,6 +4,7 @@ interpreter's teardown. Each case runs in a Python process of its own: these are
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,11 +28,8 @@ def faults_of_steps():
 
 
 def run_python(script: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
-    return proc
 
 
 def faults(keep: bool, env: dict[str, str] | None = None) -> tuple[bool, int]:
