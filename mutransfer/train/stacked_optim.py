@@ -49,12 +49,13 @@ def groups_of(model: torch.nn.Module, optim: OptimSection) -> list[StackedGroup]
             for g in param_groups(model, optim)]
 
 
-def member_values(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
-    """A python float when every member has the same value (torch's own scalar kernel runs), else a float32
-    tensor [K, 1, ...] that broadcasts over `like`'s member dimension."""
+def member_values(values: list[float], likes: list[torch.Tensor]) -> float | list[torch.Tensor]:
+    """A python float when every member has the same value (torch's own scalar kernel runs), else one float32
+    tensor [K] viewed as [K, 1, ...] for each tensor of `likes`, to broadcast over its member dimension."""
     if all(v == values[0] for v in values):
         return values[0]
-    return torch.tensor(values, dtype=torch.float32, device=like.device).view(-1, *[1] * (like.dim() - 1))
+    column = torch.tensor(values, dtype=torch.float32, device=likes[0].device)
+    return [column.view(-1, *[1] * (like.dim() - 1)) for like in likes]
 
 
 class StackedOptimizer:
@@ -84,45 +85,54 @@ class StackedOptimizer:
             self._clip()
         self.steps += 1
         for group in self.groups:
-            lrs = [(h.lr * group.lr_scale) * factor for h in self.hypers]
-            wds = [h.weight_decay * group.wd_scale for h in self.hypers]
-            for name in group.names:
-                param = self.params[name]
-                if param.grad is None:
-                    continue
-                self.update(param, self.state[name], lrs, wds, group)
+            names = [name for name in group.names if self.params[name].grad is not None]
+            if names:
+                lrs = [(h.lr * group.lr_scale) * factor for h in self.hypers]
+                wds = [h.weight_decay * group.wd_scale for h in self.hypers]
+                self.update([self.params[n] for n in names], [self.state[n] for n in names], lrs, wds, group)
 
-    def _adamw(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float],
-               group: StackedGroup) -> None:
+    # Each update runs torch's per-tensor ops as foreach ops over the group's parameters: the same kernels on
+    # each tensor (bit for bit), one Python call per op and group instead of per op and parameter.
+    def _adamw(self, params: list[torch.Tensor], states: list[dict[str, torch.Tensor]], lrs: list[float],
+               wds: list[float], group: StackedGroup) -> None:
         """torch's `_multi_tensor_adam` (decoupled weight decay, no amsgrad), one member per slice."""
-        grad, exp_avg, exp_avg_sq = param.grad, state["exp_avg"], state["exp_avg_sq"]
+        grads = [param.grad for param in params]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         if any(wds):
-            param.mul_(member_values([1 - lr * wd for lr, wd in zip(lrs, wds)], param))
-        exp_avg.lerp_(grad, member_values([1 - h.momentum for h in self.hypers], param))
-        exp_avg_sq.mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
-        step_size = [(lr / (1 - h.momentum ** float(self.steps))) * -1 for lr, h in zip(lrs, self.hypers)]
+            torch._foreach_mul_(params, member_values([1 - lr * wd for lr, wd in zip(lrs, wds)], params))
+        torch._foreach_lerp_(exp_avgs, grads, member_values([1 - h.momentum for h in self.hypers], params))
+        torch._foreach_mul_(exp_avg_sqs, self.beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - self.beta2)
+        step_size = member_values([(lr / (1 - h.momentum ** float(self.steps))) * -1
+                                   for lr, h in zip(lrs, self.hypers)], params)
         bias_correction2_sqrt = (1 - self.beta2 ** float(self.steps)) ** 0.5
-        denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(group.eps)
-        scaled = exp_avg * member_values(step_size, param)  # addcdiv's order: (value * t1) / t2, then add
-        param.add_(scaled.div_(denom))
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, bias_correction2_sqrt)
+        torch._foreach_add_(denoms, group.eps)
+        if isinstance(step_size, list):  # addcdiv computes (value * t1) / t2: here value 1 and t1 = step * exp_avg
+            torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, step_size), denoms)
+        else:
+            torch._foreach_addcdiv_(params, exp_avgs, denoms, step_size)
 
-    def _sgd(self, param: torch.Tensor, state: dict[str, torch.Tensor], lrs: list[float], wds: list[float],
-             group: StackedGroup) -> None:
+    def _sgd(self, params: list[torch.Tensor], states: list[dict[str, torch.Tensor]], lrs: list[float],
+             wds: list[float], group: StackedGroup) -> None:
         """torch's `_multi_tensor_sgd` (coupled weight decay, momentum, no dampening, no nesterov); SGD has no
         eps, so `group` is not read."""
-        grad, buffer = param.grad, state["momentum_buffer"]
-        decay = member_values(wds, param)
-        if isinstance(decay, torch.Tensor):
-            grad = grad + param * decay
+        grads = [param.grad for param in params]
+        buffers = [s["momentum_buffer"] for s in states]
+        decay = member_values(wds, params)
+        if isinstance(decay, list):
+            grads = torch._foreach_add(grads, torch._foreach_mul(params, decay))
         elif decay:
-            grad = grad.add(param, alpha=decay)
+            grads = torch._foreach_add(grads, params, alpha=decay)
         # the first step's buffer is the gradient itself: 0 * momentum + grad is exactly that
-        buffer.mul_(member_values([h.momentum for h in self.hypers], param)).add_(grad)
-        step = member_values([-lr for lr in lrs], param)
-        if isinstance(step, torch.Tensor):
-            param.add_(buffer * step)
+        torch._foreach_mul_(buffers, member_values([h.momentum for h in self.hypers], params))
+        torch._foreach_add_(buffers, grads)
+        step = member_values([-lr for lr in lrs], params)
+        if isinstance(step, list):
+            torch._foreach_add_(params, torch._foreach_mul(buffers, step))
         else:  # torch's own kernel: one rounding
-            param.add_(buffer, alpha=step)
+            torch._foreach_add_(params, buffers, alpha=step)
 
     def _clip(self) -> None:
         """DeepSpeed's `clip_grad_norm_` at ZeRO-0 in fp32, per member: every parameter's gradient norm, their
