@@ -210,23 +210,31 @@ def test_demo_verdict_names_the_parametrization_that_transfers_and_the_one_that_
 
     trials = planted_trials("mup", -0.5) + planted_trials("completep", 0.0)
     lines = verdict_lines(analysis.trends(analysis.fit_shapes(trials, "final/eval_loss")))
-    assert lines[-1].startswith("[demo] verdict: completep keeps its optimal lr across depth")
-    assert "mup does not (-0.50" in lines[-1]
+    assert lines[-1].startswith("[demo] verdict: tune completep proxies, not mup, for deeper targets: across depth")
+    assert "and that of mup -0.50 +- 0.00: 0.49 +- 0.00 less" in lines[-1]
+    assert lines[-1].endswith("its slope is measured within the 0.17 bar.")
     assert any("mup: optimal lr -0.50" in line and "drifts" in line for line in lines)
 
 
-def test_demo_verdict_prefers_the_one_without_significant_drift_only_when_the_slopes_differ_by_two_errors() -> None:
+def test_demo_verdict_compares_how_far_the_optima_move_and_needs_two_errors_between_them() -> None:
     from mutransfer.study.demo import _axis_verdict
 
-    drifts, quiet = analysis.judge("depth", 0.56, 0.26, 2), analysis.judge("depth", -0.19, 0.25, 2)  # the demo's
-    assert (drifts.outcome, quiet.outcome) == ("drifts", "unclear")
-    verdict = _axis_verdict("depth", {"depth_mup": drifts, "depth_mup+fle0.5": quiet})
-    assert verdict.startswith("depth_mup+fle0.5 shows no significant drift with depth (-0.19 +- 0.25")
-    assert "depth_mup does not (+0.56 +- 0.26, 2.2 standard errors" in verdict
-    assert "differ by +0.75 +- 0.36 (2.1 standard errors). Prefer depth_mup+fle0.5" in verdict
-    close = analysis.judge("depth", 0.30, 0.20, 2)  # no drift, but only 0.9 errors from the drifting slope
-    assert "does not separate them (their depth slopes differ by +0.26" in _axis_verdict(
-        "depth", {"depth_mup": drifts, "other": close})
+    sp, quiet = analysis.judge("width", -1.34, 0.17, 2), analysis.judge("width", 0.27, 0.27, 2)  # a demo run
+    assert (sp.outcome, quiet.outcome) == ("drifts", "unclear")
+    verdict = _axis_verdict("width", {"sp": sp, "depth_mup+fle0.5": quiet})
+    assert verdict.startswith("tune depth_mup+fle0.5 proxies, not sp, for wider targets: across width the optimal "
+                              "lr of depth_mup+fle0.5 moves +0.27 +- 0.27")
+    assert "1.07 +- 0.32 less, 3.4 standard errors; whether its own slope is within the 0.17 bar needs more" in verdict
+    drifts_less = analysis.judge("width", 0.48, 0.14, 2)  # drifts too, by far less
+    assert _axis_verdict("width", {"sp": sp, "b": drifts_less}).endswith(
+        "it drifts too, less, and `transfer` carries its fitted slope.")
+    close = analysis.judge("width", -0.57, 0.35, 2)  # 0.77 less, but 2 errors are 0.78
+    assert _axis_verdict("width", {"sp": sp, "b": close}).startswith("this run does not separate them (across width")
+    other_way = analysis.judge("width", 1.10, 0.10, 2)  # as steep the other way: no steadier, however far apart
+    assert "0.24 +- 0.20 less, 1.2 standard errors, under two" in _axis_verdict("width", {"sp": sp, "b": other_way})
+    assert "no variant's optimum drifts" in _axis_verdict("width", {"b": quiet, "c": close})
+    holds = analysis.judge("width", 0.05, 0.05, 2)
+    assert "does not choose between them" in _axis_verdict("width", {"b": holds, "c": holds})
 
 
 def test_a_study_label_becomes_typed_model_values_of_the_trial() -> None:
@@ -243,13 +251,13 @@ def test_a_study_label_becomes_typed_model_values_of_the_trial() -> None:
     assert base.model.width is None  # the base is not changed
 
 
-def test_demo_verdict_counts_a_flat_but_noisy_slope_as_steady_and_says_so_when_nothing_separates() -> None:
+def test_demo_verdict_prefers_a_flat_but_noisy_slope_and_says_when_there_is_nothing_to_compare() -> None:
     from mutransfer.study.demo import verdict_lines
 
     noisy = planted_trials("depth_mup+fle0.5", 0.0, seeds=2, noise=0.15)
     trends = analysis.trends(analysis.fit_shapes(planted_trials("depth_mup", 1.0, seeds=2) + noisy,
                                                  "final/eval_loss"))
     assert trends["depth_mup+fle0.5"].verdicts["depth"].outcome in ("holds", "unclear")
-    assert verdict_lines(trends)[-1].startswith("[demo] verdict: depth_mup+fle0.5 keeps its optimal lr")
+    assert verdict_lines(trends)[-1].startswith("[demo] verdict: tune depth_mup+fle0.5 proxies, not depth_mup")
     flat_only = analysis.trends(analysis.fit_shapes(noisy, "final/eval_loss"))
-    assert "does not separate them" in verdict_lines(flat_only)[-1]
+    assert "one variant only (depth_mup+fle0.5), nothing to compare it with" in verdict_lines(flat_only)[-1]
