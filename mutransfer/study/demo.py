@@ -63,11 +63,13 @@ class Comparison:
     @property
     def errors(self) -> float:
         """The margin in standard errors."""
-        return self.margin / self.error if self.error > 0 else math.copysign(math.inf, self.margin)
+        if self.error > 0:
+            return self.margin / self.error
+        return math.copysign(math.inf, self.margin) if self.margin else 0.0
 
     @property
     def decisive(self) -> bool:
-        return self.margin >= 2 * self.error
+        return self.margin > 0 and self.margin >= 2 * self.error  # equal drifts never decide, however exact
 
 
 def compare(verdicts: dict) -> Comparison | None:
