@@ -28,14 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from slope_errors import read_trials  # noqa: E402
 
 from mutransfer.study import analysis  # noqa: E402
-from mutransfer.study.demo import compare  # noqa: E402
-
-
-def verdicts_of(trials, metric: str) -> dict[str, dict]:
-    """axis -> {variant: AxisVerdict}, as the demo fits them."""
-    trends = analysis.trends(analysis.fit_shapes(trials, metric))
-    axes = {axis for trend in trends.values() for axis in trend.verdicts}
-    return {axis: {v: t.verdicts[axis] for v, t in trends.items() if axis in t.verdicts} for axis in sorted(axes)}
+from mutransfer.study.demo import compare, verdicts_by_axis  # noqa: E402
 
 
 def measure(trials, metric: str, seeds_per_run: int) -> dict[str, tuple[Counter, Counter, list[float]]]:
@@ -45,7 +38,8 @@ def measure(trials, metric: str, seeds_per_run: int) -> dict[str, tuple[Counter,
     out: dict[str, tuple[Counter, Counter, list[float]]] = {}
     for subset in itertools.combinations(seeds, seeds_per_run):
         chosen = [t for t in trials if t.spec.seed in subset]
-        for axis, verdicts in verdicts_of(chosen, metric).items():
+        trends = analysis.trends(analysis.fit_shapes(chosen, metric))
+        for axis, verdicts in verdicts_by_axis(trends).items():
             counts, steadier, margins = out.setdefault(axis, (Counter(), Counter(), []))
             comparison = compare(verdicts)
             decisive = comparison is not None and comparison.decisive

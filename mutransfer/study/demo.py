@@ -114,21 +114,28 @@ def _axis_verdict(axis: str, verdicts: dict) -> str:
             f"{compared}; {qualifier}.")
 
 
+def verdicts_by_axis(trends: dict) -> dict[str, dict]:
+    """axis -> {variant: AxisVerdict}, for every axis some variant's law varies along (in `AXES` order)."""
+    from .analysis import AXES
+
+    return {axis: {variant: t.verdicts[axis] for variant, t in trends.items() if axis in t.verdicts}
+            for axis in AXES if any(axis in t.verdicts for t in trends.values())}
+
+
 def verdict_lines(trends: dict) -> list[str]:
     """The demo's last word, from its own fits: each variant's slope along each axis the study varied, then per
     axis which variant to tune proxies under (`_axis_verdict`)."""
-    from .analysis import AXES, summary_sentence
+    from .analysis import summary_sentence
 
     lines = [f"[demo] {summary_sentence(t)}" for t in trends.values()]
-    axes = [axis for axis in AXES if any(axis in t.verdicts for t in trends.values())]
-    for axis in axes:
-        verdicts = {variant: t.verdicts[axis] for variant, t in trends.items() if axis in t.verdicts}
+    by_axis = verdicts_by_axis(trends)
+    for axis, verdicts in by_axis.items():
         for variant, v in verdicts.items():
             small, large = trends[variant].sizes[axis]
             lines.append(f"[demo]   {variant}: optimal lr {v.slope:+.2f} +- {v.error:.2f} log2 per {axis} doubling, "
                          f"{v.drift:+.2f} log2 from {axis} {small:g} to {large:g}: {v.outcome}")
-    lines += [f"[demo] verdict{f' ({axis})' if len(axes) > 1 else ''}: " + _axis_verdict(axis, {
-        variant: t.verdicts[axis] for variant, t in trends.items() if axis in t.verdicts}) for axis in axes]
+    lines += [f"[demo] verdict{f' ({axis})' if len(by_axis) > 1 else ''}: " + _axis_verdict(axis, verdicts)
+              for axis, verdicts in by_axis.items()]
     return lines
 
 
