@@ -11,8 +11,8 @@ study whose base config sets run.compile=model trains its stacks. A torch.profil
 stacked steps then splits the step's CPU time into matrix products, the SDPA kernel and everything else
 (elementwise ops, normalisation, copies, the optimizer); attention over at most 32 tokens runs as batched
 matrix products and softmax (`train/stacked_attention.py`), so it counts under those.
-Training FLOPs are the model's `flops_per_image()` x images; the peak is the median fp32 `torch.mm` of
-2048 x 2048 (sweep_throughput.py's).
+Training FLOPs are what the model computes per image (`flops_per_image(performed=True)`) x images; the peak
+is the median fp32 `torch.mm` of 2048 x 2048 (sweep_throughput.py's).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = proxy_config(args)
     models = members(cfg, args.members)
-    per_image = models[0].flops_per_image()
+    per_image = models[0].flops_per_image(performed=True)
     steps = {"lone": lone_step(cfg, members(cfg, 1)[0]),
              "stacked": stacked_step(cfg, models, args.seeds, compiled=False)}
     if args.compile:

@@ -134,7 +134,7 @@ def plain_loop_seconds(args: argparse.Namespace, shards: Path, width: int, depth
             model(eval_images)
     synchronize()
     seconds = time.perf_counter() - start
-    per_image = model.flops_per_image()
+    per_image = model.flops_per_image(performed=True)
     return seconds, per_image * (args.steps * cfg.data.batch_size + EVAL_SAMPLES / 3)
 
 

@@ -129,6 +129,8 @@ def _train_and_record(net: torch.nn.Module, opt: torch.optim.Optimizer, size: in
                       seed: int, first_layers: bool) -> list[CoordRecord]:
     """`steps` optimizer steps of one model on one fixed batch, recording every coordinate module per step."""
     images, labels = _fixed_batch(net, batch_size, seed)
+    if hasattr(net, "skip_unread_tokens"):
+        net.skip_unread_tokens = False  # the coordinates are every token's, the last block's included
     outputs: dict[str, torch.Tensor] = {}
     own_updates: dict[str, torch.Tensor] = {}
     modules = coordinate_modules(net, first_layers)

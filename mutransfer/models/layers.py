@@ -62,12 +62,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The attention output of every token, or of the first `queries` tokens only (all of them still
+        serve as keys and values)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if queries is not None:
+            q = q[:, :, :queries]
         x = self.sdpa(q, k, v, scale=self.scale)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.proj(x.transpose(1, 2).reshape(batch, q.shape[2], dim))
 
 
 def block_linear_info(first_layer: bool) -> dict[str, ParamInfo]:
@@ -120,9 +124,14 @@ class TransformerBlock(nn.Module):
         self.drop_path2 = drop_path_layer(drop_path)
         self.branch_multiplier = float(branch_multiplier)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """The block's output for every token, or for the first `queries` tokens only (each token's output
+        past attention depends on that token alone, so the others need not be computed)."""
+        branch = self.drop_path1(self.attn(self.norm1(x), queries))
+        if queries is not None:
+            x = x[:, :queries]
         # add(..., alpha=m) fuses the branch multiplier into the residual add: no extra kernel
-        x = torch.add(x, self.drop_path1(self.attn(self.norm1(x))), alpha=self.branch_multiplier)
+        x = torch.add(x, branch, alpha=self.branch_multiplier)
         return torch.add(x, self.drop_path2(self.mlp(self.norm2(x))), alpha=self.branch_multiplier)
 
     def own_param_info(self) -> dict[str, ParamInfo]:

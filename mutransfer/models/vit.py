@@ -83,6 +83,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self.head = Readout(width, num_classes, multiplier=param.readout_scale(width))
         self.grad_checkpointing = False
+        self.skip_unread_tokens = True  # see `forward`; the coordinate check turns it off to see every token
         if weight_init:
             self.init_weights()
 
@@ -121,23 +122,34 @@ class VisionTransformer(nn.Module):
         recomputed in the backward pass instead of kept. Gradients are unchanged."""
         self.grad_checkpointing = enable
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, class_token_only: bool = False) -> torch.Tensor:
+        """The normalised tokens [N, T, width] after the last block; with `class_token_only`, the class token
+        alone [N, 1, width], the last block computing no other token's output."""
         x = self.patch_embed(x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            queries = 1 if class_token_only and index == last else None
             # non-reentrant: works under torch.compile and with ZeRO-3's parameter hooks
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
-                else block(x)
+            x = checkpoint(block, x, queries, use_reentrant=False) \
+                if self.grad_checkpointing and torch.is_grad_enabled() else block(x, queries)
         return self.norm(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+        """Logits from the class token, the one token the head reads: unless `skip_unread_tokens` is off, the
+        last block computes that token's output only (the same logits; at depth 4 a fifth less compute)."""
+        return self.head(self.forward_features(x, class_token_only=self.skip_unread_tokens)[:, 0])
 
-    def flops_per_image(self) -> float:
-        """Training FLOPs per image (forward + backward = 3x forward, 2 FLOPs per MAC) from the shapes."""
+    def flops_per_image(self, performed: bool = False) -> float:
+        """Training FLOPs per image (forward + backward = 3x forward, 2 FLOPs per MAC) from the shapes: the
+        architecture's count, as timm and MFU conventions take it, or with `performed` what `forward`
+        computes (the last block's attention, projection and MLP for the class token only)."""
         tokens = self.patch_embed.num_patches + 1
         w, hidden = self.width, int(self.width * self.mlp_ratio)
         patch = self.patch_embed.num_patches * w * self.patch_embed.proj.in_channels * self.patch_size**2
         per_block = tokens * (4 * w * w + 2 * w * hidden) + 2 * tokens * tokens * w
-        macs = patch + self.depth * per_block + w * self.num_classes
+        last_block = per_block
+        if performed and self.skip_unread_tokens:
+            last_block = tokens * 3 * w * w + 2 * tokens * w + w * w + 2 * w * hidden
+        macs = patch + (self.depth - 1) * per_block + last_block + w * self.num_classes
         return 3 * 2 * macs

@@ -47,6 +47,38 @@ def test_forward_backward_every_entry(name: str, parametrization: str) -> None:
     assert nonzero >= len(list(model.parameters())) - 1
 
 
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.3])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_skipping_the_unread_tokens_keeps_logits_and_gradients(drop_path_rate: float, checkpointing: bool) -> None:
+    """The last block computing the class token's output alone gives the logits and gradients of computing
+    every token's (float32 rounding apart), in training (stochastic depth draws alike) and in eval."""
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    results = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = create_model("vit", width=32, depth=3, head_dim=16, patch_size=4, img_size=16, num_classes=5,
+                             parametrization="depth_mup", zero_readout=False, drop_path_rate=drop_path_rate)
+        model.skip_unread_tokens = skip
+        model.set_grad_checkpointing(checkpointing)
+        logits = model(images)
+        nn.functional.cross_entropy(logits, labels).backward()
+        model.eval()
+        with torch.no_grad():
+            results.append((logits.detach(), model(images), {n: p.grad for n, p in model.named_parameters()}))
+    (train_all, eval_all, grads_all), (train_one, eval_one, grads_one) = results
+    torch.testing.assert_close(train_one, train_all, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eval_one, eval_all, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_all.items():
+        torch.testing.assert_close(grads_one[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_performed_flops_leave_out_the_unread_tokens() -> None:
+    model = create_model("vit", width=64, depth=4, head_dim=16, patch_size=8, img_size=32)
+    assert model.flops_per_image(performed=True) < 0.85 * model.flops_per_image()
+    model.skip_unread_tokens = False
+    assert model.flops_per_image(performed=True) == model.flops_per_image()
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_parameter_declares_a_role(name: str) -> None:
     model = create_model(name, **tiny_overrides(name))
