@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,17 +96,19 @@ class StoredRunError(UserError, ValueError):
 
 
 def load_trials(client, study: str, experiment: str | None = None, role: str | None = "proxy",
-                key: str | None = None) -> list[Trial]:
-    """Every run of a study (proxies by default; those of one trial `key`), newest first for each trial key.
-    StoredRunError names the first run that lacks a field."""
+                keys: Collection[str] | None = None) -> list[Trial]:
+    """Every run of a study (proxies by default; with `keys`, those of these trial keys only), newest first for
+    each trial key. StoredRunError names the first run that lacks a field."""
     experiments = _experiment_ids(client, experiment)
     if not experiments:
         return []
     flt = f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` != 'study'"
     if role:
         flt = f"tags.`{tags.STUDY}` = '{study}' and tags.`{tags.ROLE}` = '{role}'"
-    if key:
-        flt += f" and tags.`{tags.TRIAL_KEY}` = '{key}'"
+    if keys is not None:
+        # one search for the keys' common prefix (a stack's trials share their shape's), then exactly these:
+        # MLflow's filter has no IN for tags, and LIKE's `_` matches any character
+        flt += f" and tags.`{tags.TRIAL_KEY}` LIKE '{os.path.commonprefix(list(keys))}%'"
     runs = []
     token = None
     while True:
@@ -114,6 +118,8 @@ def load_trials(client, study: str, experiment: str | None = None, role: str | N
         token = page.token
         if not token:
             break
+    if keys is not None:
+        runs = [run for run in runs if run.data.tags.get(tags.TRIAL_KEY) in keys]
     return [Trial(run_id=run.info.run_id, key=run.data.tags.get(tags.TRIAL_KEY, run.info.run_id),
                   role=run.data.tags.get(tags.ROLE, ""), spec=stored_spec(run),
                   status=run.data.tags.get(tags.STATUS, "unknown"), metrics=dict(run.data.metrics),

@@ -80,9 +80,15 @@ class SweepContext:
     def claim(self, claims: TrialClaims, trials: list[TrialSpec]) -> dict[TrialSpec, str | None]:
         """The trials of `trials` this sweep now holds, each with the child run it continues (None: a new
         one); the others (held elsewhere, or done) count as progress and drop out."""
-        claimed: dict[TrialSpec, str | None] = {}
+        held = []
         for trial in trials:
-            continued = claim_trial(self.client, self.cfg, claims, trial, self.summary)
+            if claims.take(trial.key):
+                held.append(trial)
+            else:
+                self.summary.elsewhere.append(trial.key)
+                self.bar.update(1)
+        claimed: dict[TrialSpec, str | None] = {}
+        for trial, continued in continued_runs(self.client, self.cfg, claims, held, self.summary).items():
             if continued is False:
                 self.bar.update(1)
             else:
@@ -146,22 +152,26 @@ def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
     return keep
 
 
-def claim_trial(client, cfg: StudyConfig, claims: TrialClaims, trial: TrialSpec, summary: SweepSummary
-                ) -> str | None | bool:
-    """Claim the trial, then read its runs again (another sweep may have finished it meanwhile). Returns
-    False when it is not this sweep's to run (held elsewhere, or done: the summary says which), else the
-    child run it continues (None: a new one). The caller releases the claim when the trial ends."""
-    if not claims.take(trial.key):
-        summary.elsewhere.append(trial.key)
-        return False
-    runs = load_trials(client, cfg.study.name, cfg.study.experiment, key=trial.key)
-    done = [t for t in latest_per_key(runs) if t.status in DONE]
-    if done:
-        claims.release(trial.key)
-        summary.skipped.append(trial.key)
-        summary.statuses[trial.key] = done[0].status
-        return False
-    return runs_to_continue(client, runs, {trial.key}).get(trial.key)
+def continued_runs(client, cfg: StudyConfig, claims: TrialClaims, held: list[TrialSpec], summary: SweepSummary
+                   ) -> dict[TrialSpec, str | None | bool]:
+    """For trials this sweep has just claimed, their runs read again (another sweep may have finished one
+    meanwhile; one search for them all): False for each done one (its claim released, the summary says so),
+    else the child run it continues (None: a new one). The caller releases the others' claims when they end."""
+    if not held:
+        return {}
+    runs = load_trials(client, cfg.study.name, cfg.study.experiment, keys={trial.key for trial in held})
+    done = {t.key: t.status for t in latest_per_key(runs) if t.status in DONE}
+    continued = runs_to_continue(client, runs, {trial.key for trial in held} - set(done))
+    outcome: dict[TrialSpec, str | None | bool] = {}
+    for trial in held:
+        if trial.key in done:
+            claims.release(trial.key)
+            summary.skipped.append(trial.key)
+            summary.statuses[trial.key] = done[trial.key]
+            outcome[trial] = False
+        else:
+            outcome[trial] = continued.get(trial.key)
+    return outcome
 
 
 def mark_study(client, parent_run_id: str, status: str) -> None:

@@ -71,7 +71,7 @@ def build_model(cfg: RunConfig, ds_config: dict[str, Any], num_classes: int) -> 
             torch.manual_seed(cfg.run.seed)
             model.init_weights()
     else:
-        model = create_model(cfg.model.name, **kwargs)
+        model = create_model(cfg.model.name, weight_init=False, **kwargs)  # initialised once, here
         torch.manual_seed(cfg.run.seed)
         model.init_weights()
     if cfg.model.grad_checkpointing:

@@ -172,8 +172,7 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
     if not num_classes:
         raise ConfigError("data.num_classes", "not set, and the shards' _info.json does not give it")
     cfgs = [with_values(cfg, {"data.num_classes": num_classes}) for cfg in cfgs]
-    # the same init as at every ZeRO stage, built whole (no DeepSpeed here)
-    models = [build_model(with_values(cfg, {"deepspeed.zero3_init": False}), {}, num_classes) for cfg in cfgs]
+    models = member_models(cfgs, num_classes)
     optim = cfgs[0].optim
     steps_per_epoch = max(1, len(data.streams[0].loader) // optim.accumulation)
     total_steps = cfgs[0].run.total_steps(steps_per_epoch)
@@ -192,6 +191,17 @@ def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.dev
                  total_steps=total_steps,
                  warmup_steps=optim.warmup_steps_for(steps_per_epoch), observer=observer, flops=flops,
                  losses={i: [] for i in range(len(cfgs))}, window_losses={i: [] for i in range(len(cfgs))})
+
+
+def member_models(cfgs: list[RunConfig], num_classes: int) -> list[torch.nn.Module]:
+    """Each member's model as its lone trial builds it (the same init as at every ZeRO stage, built whole: no
+    DeepSpeed here). Members of one seed get one model object: a model's weights depend on its config, which
+    the members share, and on run.seed alone, so each seed's is built once (the stack copies the weights)."""
+    by_seed: dict[int, torch.nn.Module] = {}
+    for cfg in cfgs:
+        if cfg.run.seed not in by_seed:
+            by_seed[cfg.run.seed] = build_model(with_values(cfg, {"deepspeed.zero3_init": False}), {}, num_classes)
+    return [by_seed[cfg.run.seed] for cfg in cfgs]
 
 
 def stack_loop(stack: Stack) -> str:

@@ -63,6 +63,7 @@ class RecordingObserver(StackObserver):
         # other gave every member but the first the few microseconds since the member before it
         self.system_metrics = SystemMetrics()
         self.system_sample: tuple[int, dict[str, float]] = (-1, {})
+        self.experiment_ids: dict[tuple[str, str], str] = {}  # (store, name) -> id: looked up once per stack
 
     def started(self, member: int, cfg: RunConfig, model: torch.nn.Module, total_steps: int) -> None:
         write_run_files(cfg, deepspeed_config(cfg, 1))
@@ -72,8 +73,12 @@ class RecordingObserver(StackObserver):
         record = self.records[member] = MemberRecord(cfg, tracker)
         self.teardown.callback(lambda: tracker.end(record.outcome))
         trim_metrics_file(output_dir / "metrics.jsonl", 0)  # a stacked trial always starts at step 0
+        experiment = (tracker.uri, tracking.experiment)
         run_id = tracker.start(tracking.run_name or output_dir.name, run_tags(cfg, model, 1, total_steps),
-                               parent_run_id=tracking.parent_run_id, run_id=tracking.continue_run_id)
+                               parent_run_id=tracking.parent_run_id, run_id=tracking.continue_run_id,
+                               experiment_id=self.experiment_ids.get(experiment))
+        if tracker.experiment_id:
+            self.experiment_ids[experiment] = tracker.experiment_id
         if run_id and not tracking.continue_run_id:
             tracker.log_params(run_params(cfg, model, 1))
             tracker.log_artifact(output_dir / "config.yaml")

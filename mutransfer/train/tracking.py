@@ -166,10 +166,11 @@ def transient(err: BaseException) -> bool:
 @dataclass
 class _Request:
     what: str
-    send: Callable[[], Any] | None = None  # None for metrics: consecutive ones go out as one log_batch
+    send: Callable[[], Any] | None = None  # None for metrics and tags: consecutive ones go out as one log_batch
     values: int = 0  # metric values it carries (what the buffer bound counts)
     step: int | None = None
     metrics: list | None = None  # a metrics request's values
+    tags: list | None = None  # a tags request's values (sent at once, with the metrics held before them)
 
 
 class Tracker:
@@ -187,6 +188,7 @@ class Tracker:
         self.send_interval_s = send_interval_s
         self._send_at = 0.0  # when held metric values are due (send_interval_s after the last send)
         self.run_id: str | None = None
+        self.experiment_id: str | None = None  # of the run this tracker started
         self._client = None
         self._held: deque[_Request] = deque()
         self._held_values = 0
@@ -266,17 +268,18 @@ class Tracker:
         return True
 
     def _next_requests(self) -> list[_Request]:
-        """The first held request, with the metrics requests right after it when it is one (one log_batch)."""
+        """The first held request, or the metrics and tags requests in a row from it (one log_batch)."""
         first = self._held[0]
-        if first.metrics is None:
+        if first.send is not None:
             return [first]
-        return list(itertools.takewhile(lambda request: request.metrics is not None, self._held))
+        return list(itertools.takewhile(lambda request: request.send is None, self._held))
 
     def _send(self, requests: list[_Request]) -> None:
-        if requests[0].metrics is None:
+        if requests[0].send is not None:
             requests[0].send()
         else:
-            self.client.log_batch(self.run_id, metrics=[metric for request in requests for metric in request.metrics])
+            self.client.log_batch(self.run_id, metrics=[metric for request in requests for metric in request.metrics or ()],
+                                  tags=[tag for request in requests for tag in request.tags or ()])
 
     def _back_off(self, request: _Request, err: Exception) -> None:
         if not self._outage:
@@ -291,9 +294,10 @@ class Tracker:
         return training_experiment_id(self.client, self.experiment)
 
     def start(self, run_name: str | None, run_tags: Mapping[str, str], parent_run_id: str | None = None,
-              run_id: str | None = None) -> str | None:
+              run_id: str | None = None, experiment_id: str | None = None) -> str | None:
         """Start a new run, or continue `run_id` (a resumed training run keeps its MLflow run, and does not
-        record again the steps it already holds)."""
+        record again the steps it already holds). `experiment_id`: the id of tracking.experiment when the
+        caller knows it (a stack's members share it), else looked up (and created) by name."""
         if not self.active:
             return None
         try:
@@ -306,8 +310,8 @@ class Tracker:
                 all_tags = dict(run_tags)
                 if parent_run_id:
                     all_tags["mlflow.parentRunId"] = parent_run_id
-                run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=all_tags)
-                self.run_id = run.info.run_id
+                run = self.client.create_run(experiment_id or self._experiment_id(), run_name=run_name, tags=all_tags)
+                self.run_id, self.experiment_id = run.info.run_id, run.info.experiment_id
         except Exception as err:
             self._disable(f"MLflow start_run failed ({type(err).__name__}: {err})")
         return self.run_id
@@ -334,8 +338,10 @@ class Tracker:
     def set_tags(self, values: Mapping[str, str]) -> None:
         if not self.active:  # before `self.client`: an inactive rank must not open the store
             return
-        for key, value in values.items():
-            self._submit(_Request(f"set_tag {key}", lambda k=key, v=str(value): self.client.set_tag(self.run_id, k, v)))
+        from mlflow.entities import RunTag
+
+        items = [RunTag(key, str(value)) for key, value in values.items()]
+        self._submit(_Request(f"set_tags {', '.join(values)}", tags=items))
 
     def log_artifact(self, path: str | os.PathLike) -> None:
         self._submit(_Request("log_artifact", lambda: self.client.log_artifact(self.run_id, str(path))))

@@ -253,7 +253,7 @@ def test_a_server_that_stays_away_is_reported_at_the_end(mlflow_store, tmp_path,
     assert err.count("training goes on, holding what is not recorded") == 1
     (report,) = [line for line in err.splitlines() if "did not record all of run" in line]
     assert run_id in report and "8 metric value(s) (steps 2-5)" in report
-    assert "set_tag mutransfer.status" in report and str(tmp_path / "metrics.jsonl") in report
+    assert "set_tags mutransfer.status" in report and str(tmp_path / "metrics.jsonl") in report
 
 
 # --- 5. Ctrl-C stops a sweep; the rerun continues it with one child run per trial ----------------------------

@@ -194,3 +194,17 @@ def test_report_and_transfer_read_one_analysis(report, tmp_path: Path, monkeypat
     plan = plan_transfer(study, str(target), out=str(tmp_path / "planned.yaml"), tracking_uri=report["uri"])
     assert plan.study is study and plan.prediction.variant == "mup"
     assert plan.prediction.trend is study.trends["mup"] and plan.prediction.held_out is study.heldout["mup"]
+
+
+@pytest.mark.parametrize("keys", [
+    {"mup-w64-d2-lr-6-m0.8-s0", "mup-w64-d2-lr-6-m0.9-s1"},  # one shape's: their common prefix matches more runs
+    {"mup-w64-d4-lr-5-m0.9-s0", "depth_mup-w64-d4-lr-5-m0.9-s0"},  # no common prefix: every run is searched
+    {"mup-w64-d8-lr-7-m0.9-s1"},
+    {"mup_w64-d8-lr-7-m0.9-s1"},  # LIKE's `_` matches the `-` of a stored key: not that trial
+])
+def test_reading_some_trials_gives_exactly_those(report, keys: set[str]) -> None:
+    from mutransfer.study.store import load_trials
+
+    found = load_trials(report["client"], STUDY, keys=keys)
+    stored = {key for key in keys if "_w" not in key}
+    assert sorted(t.key for t in found) == sorted(stored)
