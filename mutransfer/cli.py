@@ -8,7 +8,9 @@ so `mutransfer --help` is instant and `mutransfer ui` does not hold torch in mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import logging
 import sys
 from typing import NoReturn
@@ -82,11 +84,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def command_imports(argv: list[str]) -> None:
+    """The command's module, and what the command will import later given its arguments (its parser's
+    `lasting_imports` default, a function of the parsed arguments: MLflow's client, say)."""
+    parser = build_parser(_command_of(argv))
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # `main` parses them again and reports what is wrong
+            args, _ = parser.parse_known_args(argv)
+    except SystemExit:
+        return
+    imports = getattr(args, "lasting_imports", None)
+    if imports is not None:
+        imports(args)
+
+
 def run() -> NoReturn:
     """The `mutransfer` console script: `main` as a process's entry point (`mutransfer.process`), with the
-    command's module as its lasting imports."""
+    command's module and what it will import as its lasting imports."""
     argv = sys.argv[1:]
-    run_entry_point(lambda: main(argv), lambda: build_parser(_command_of(argv)))
+    run_entry_point(lambda: main(argv), lambda: command_imports(argv))
 
 
 if __name__ == "__main__":

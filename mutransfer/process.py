@@ -12,7 +12,9 @@ as the process. While they are built, the collector's full passes scan them agai
 pass after that scans them once more; at exit the interpreter collects them all one last time. On 2 CPU cores
 that was 0.5-0.8 s of a sweep's 3.8 s of imports and 1.8-2.0 s of its exit. With the allocator's settings, a
 stacked sweep of the demo's 24 width-32 proxies went from 34.5 to 28.7 s (`benchmarks/sweep_vs_baseline.py --baseline
-0410966`, docs/benchmarks.md). Nothing here changes what a run computes or records.
+0410966`, docs/benchmarks.md). A command's lasting imports include what it only imports once it runs (a study
+command's MLflow: `cli.command_imports`); imported later, MLflow alone cost a sweep six full passes, 0.5 s.
+Nothing here changes what a run computes or records.
 
 Only this module's functions touch the allocator or the collector or end a process early; the package's entry
 points run through `run_entry_point` (`mutransfer` itself, `python -m mutransfer.train`, a launched sweep's

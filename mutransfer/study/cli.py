@@ -18,6 +18,13 @@ from .store import DEFAULT_METRIC
 log = logging.getLogger(__name__)
 
 
+def mlflow_imports(args: argparse.Namespace) -> None:
+    """What every command here imports once it runs: MLflow's client for the store of --tracking-uri."""
+    from mutransfer.train.tracking import import_mlflow
+
+    import_mlflow(args.tracking_uri)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     register_sweep(subparsers)
     register_transfer(subparsers)
@@ -49,7 +56,7 @@ def register_sweep(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--script", default=None, help="where --slurm writes (default: <study output_dir>/sweep.sbatch)")
     add_sbatch_arguments(s)
     s.add_argument("overrides", nargs="*", help="dotted overrides of the study, e.g. study.steps=50")
-    s.set_defaults(func=sweep_command)
+    s.set_defaults(func=sweep_command, lasting_imports=mlflow_imports)
 
 
 
@@ -80,7 +87,7 @@ def register_transfer(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--launch", dest="launch", action="store_true", help="train the target now")
     t.add_argument("--launcher", choices=("inprocess", "deepspeed"), default="deepspeed")
     t.add_argument("overrides", nargs="*", help="dotted overrides of the target config")
-    t.set_defaults(func=transfer_command, launch=False)
+    t.set_defaults(func=transfer_command, launch=False, lasting_imports=mlflow_imports)
 
 
 
@@ -96,7 +103,7 @@ def register_report(subparsers: argparse._SubParsersAction) -> None:
                         help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     parser.add_argument("--experiment", default=None, help="only look in this MLflow experiment")
     parser.add_argument("--no-log", action="store_true", help="do not log the files to the study's parent run")
-    parser.set_defaults(func=report_command)
+    parser.set_defaults(func=report_command, lasting_imports=mlflow_imports)
 
 
 def register_ui(subparsers: argparse._SubParsersAction) -> None:
@@ -109,7 +116,7 @@ def register_ui(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="local store URI (default $MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     parser.add_argument("--experiment", default=None, help="the study's MLflow experiment")
-    parser.set_defaults(func=ui_command)
+    parser.set_defaults(func=ui_command, lasting_imports=mlflow_imports)
 
 
 def register_demo(subparsers: argparse._SubParsersAction) -> None:
@@ -120,7 +127,7 @@ def register_demo(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--tracking-uri", default=None)
     d.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="the study's seeds instead of the config's (a study of its own, named by them)")
-    d.set_defaults(func=demo_command)
+    d.set_defaults(func=demo_command, lasting_imports=mlflow_imports)
 
 
 def sweep_command(args: argparse.Namespace) -> int:
