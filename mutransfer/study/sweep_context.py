@@ -87,12 +87,8 @@ class SweepContext:
             else:
                 self.summary.elsewhere.append(trial.key)
                 self.bar.update(1)
-        claimed: dict[TrialSpec, str | None] = {}
-        for trial, continued in continued_runs(self.client, self.cfg, claims, held, self.summary).items():
-            if continued is False:
-                self.bar.update(1)
-            else:
-                claimed[trial] = continued
+        claimed = continued_runs(self.client, self.cfg, claims, held, self.summary)
+        self.bar.update(len(held) - len(claimed))  # the ones done meanwhile
         return claimed
 
 
@@ -153,25 +149,21 @@ def runs_to_continue(client, trials, keys: set[str]) -> dict[str, str]:
 
 
 def continued_runs(client, cfg: StudyConfig, claims: TrialClaims, held: list[TrialSpec], summary: SweepSummary
-                   ) -> dict[TrialSpec, str | None | bool]:
-    """For trials this sweep has just claimed, their runs read again (another sweep may have finished one
-    meanwhile; one search for them all): False for each done one (its claim released, the summary says so),
-    else the child run it continues (None: a new one). The caller releases the others' claims when they end."""
+                   ) -> dict[TrialSpec, str | None]:
+    """Of trials this sweep has just claimed, the ones still to run, each with the child run it continues
+    (None: a new one). Their runs are read again, with one search for them all: another sweep may have
+    finished one meanwhile, whose claim is released here and which the summary lists as skipped. The caller
+    releases the others' claims when they end."""
     if not held:
         return {}
     runs = load_trials(client, cfg.study.name, cfg.study.experiment, keys={trial.key for trial in held})
     done = {t.key: t.status for t in latest_per_key(runs) if t.status in DONE}
+    for key in (trial.key for trial in held if trial.key in done):  # in the order held, as the summary lists them
+        claims.release(key)
+        summary.skipped.append(key)
+        summary.statuses[key] = done[key]
     continued = runs_to_continue(client, runs, {trial.key for trial in held} - set(done))
-    outcome: dict[TrialSpec, str | None | bool] = {}
-    for trial in held:
-        if trial.key in done:
-            claims.release(trial.key)
-            summary.skipped.append(trial.key)
-            summary.statuses[trial.key] = done[trial.key]
-            outcome[trial] = False
-        else:
-            outcome[trial] = continued.get(trial.key)
-    return outcome
+    return {trial: continued.get(trial.key) for trial in held if trial.key not in done}
 
 
 def mark_study(client, parent_run_id: str, status: str) -> None:

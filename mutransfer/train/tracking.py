@@ -55,7 +55,6 @@ RETRY_FIRST_S = 1.0
 RETRY_MAX_S = 60.0
 END_POLL_S = 2.0  # at the end of a run, how often to try a server that stopped answering
 MAX_HELD_VALUES = 200_000  # metric values held while the server is away (a few tens of MB at most)
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # stores MLflow keeps through SQLAlchemy
 TRANSIENT_CODES = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED", "DEADLINE_EXCEEDED")
 
 
@@ -119,8 +118,10 @@ def import_mlflow(uri: str | None = None) -> None:
     """Import what a client of the store `uri` uses: MLflow's client, and its SQLAlchemy store for a database
     (1-2 s on 2 CPU cores). An entry point runs this among its lasting imports (`mutransfer.process`)."""
     import mlflow.tracking  # noqa: F401
+    from mlflow.store.db.db_types import DATABASE_ENGINES
 
-    if resolve_tracking_uri(uri).split(":", 1)[0].split("+", 1)[0] in DATABASE_SCHEMES:
+    # a scheme names its engine, then maybe a driver (postgresql+psycopg2), as MLflow reads it
+    if urllib.parse.urlparse(resolve_tracking_uri(uri)).scheme.split("+")[0] in DATABASE_ENGINES:
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 
