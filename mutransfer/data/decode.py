@@ -18,6 +18,7 @@ from PIL import Image
 from timm.data.transforms import MaybePILToTensor
 from torchvision.transforms import Compose
 
+from mutransfer.data.pil_steps import direct_steps
 from mutransfer.data.sample_cache import SampleCache
 from mutransfer.data.skips import SkipCounter
 from mutransfer.errors import DataError
@@ -44,11 +45,12 @@ class Decoder(Protocol):
 
 def pil_side(transform: Compose) -> Compose:
     """timm's prefetcher-style transform without its final to-tensor step: the collate writes the PIL
-    images straight into the batch, saving two copies per image."""
+    images straight into the batch, saving two copies per image. Its crop and flip run directly in PIL
+    (`pil_steps`: the same draws and pixels, without torchvision's per-call dispatch)."""
     steps = list(transform.transforms)
     if not steps or not isinstance(steps[-1], MaybePILToTensor):
         raise RuntimeError(f"expected timm's transform to end in MaybePILToTensor: {transform}")
-    return Compose(steps[:-1])
+    return Compose(direct_steps(steps[:-1]))
 
 
 def open_pil(data: bytes) -> Image.Image:
