@@ -34,8 +34,9 @@ browser:
 test-fast: venv lint
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests/unit
 
+# --durations: the slowest tests in every CI log, where the suite's time goes on that day's machine
 test: venv lint browser
-	DS_ACCELERATOR=cpu $(PY) -m pytest -q tests
+	DS_ACCELERATOR=cpu $(PY) -m pytest -q --durations=15 tests
 
 demo: venv
 	DS_ACCELERATOR=cpu $(VENV)/bin/mutransfer demo
