@@ -1,10 +1,10 @@
 """timm's PIL training crop and flip without torchvision's per-call dispatch: the same random draws from the same
 RNGs, the same PIL operations, the same pixels.
 
-A proxy trial's images are tiny (32 px), so the pixels are cheap and the Python around them is not: through
-torchvision's functional layer (API-usage logging, type checks, size arithmetic) timm's
-`RandomResizedCropAndInterpolation` and torchvision's `RandomHorizontalFlip` cost about 0.2 ms an image, a
-stacked sweep's batches about 12 % of its step loop. `direct_steps` replaces those two steps of a transform
+A proxy trial's images are tiny (32 px), so the pixels are cheap and the Python around them is not: drawing
+a stacked sweep's batches was a fifth of its step loop, and torchvision's functional layer (API-usage logging,
+type checks, size arithmetic) a quarter of each draw (120 draws of three seeds' batches 3.10 -> 2.35 s without
+it, docs/benchmarks.md). `direct_steps` replaces those two steps of a transform
 by `PilRandomResizedCrop` and `PilHorizontalFlip`, which draw with timm's own `get_params` (Python's
 `random`) and `torch.rand(1)` as before, then call PIL's crop, resize and transpose as torchvision does. Every
 other step is kept as it is. `tests/unit/test_pil_steps.py` checks pixels and RNG states against the originals.
