@@ -67,4 +67,4 @@ def test_other_steps_are_kept_and_the_whole_transform_matches() -> None:
 
 def test_eval_steps_are_untouched() -> None:
     steps = list(create_transform(16, is_training=False, use_prefetcher=True).transforms)[:-1]
-    assert [step for step in direct_steps(steps)] == steps
+    assert direct_steps(steps) == steps

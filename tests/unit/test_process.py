@@ -133,12 +133,12 @@ run()
 @pytest.mark.parametrize("uri, database", [("sqlite:///{tmp}/mlflow.db", True), ("http://127.0.0.1:9", False)])
 def test_a_study_commands_lasting_imports_include_the_mlflow_it_will_use(tmp_path: Path, uri: str,
                                                                       database: bool) -> None:
-    """A study command imports MLflow's client among its lasting imports (frozen: never scanned again by the
-    collector), and MLflow's database code only for a database store; arguments that do not parse leave the
-    error to `main`, printed once."""
+    """A study command's lasting imports (which `run_entry_point` imports with the collector paused, then
+    freezes) include MLflow's client, and MLflow's database code only for a database store; arguments that do
+    not parse leave the error to `main`, printing nothing here."""
     uri = uri.format(tmp=tmp_path)
     script = f"""
-import gc, sys
+import sys
 from mutransfer.cli import command_imports
 command_imports(["report", "--study", "s", "--out", "o", "--tracking-uri", {uri!r}])
 print("mlflow.tracking" in sys.modules, "mlflow.store.tracking.sqlalchemy_store" in sys.modules)
