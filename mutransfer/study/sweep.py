@@ -26,8 +26,6 @@ from __future__ import annotations
 import logging
 import signal
 
-from tqdm import tqdm
-
 from mutransfer.errors import UsageError
 from mutransfer.launch.trials import LAUNCHERS
 from mutransfer.tags import DONE, RunStatus
@@ -36,6 +34,7 @@ from mutransfer.train.tracking import resolve_tracking_uri
 from .claims import TrialClaims
 from .config import StudyConfig
 from .launched import launched_sizer, run_launched
+from .progress import SweepProgress
 from .stacks import plan_stacks, stack_sizer, train_trials
 from .store import client_for, latest_per_key, load_trials
 from .sweep_array import select_trials
@@ -79,8 +78,8 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
             todo.append(trial)
     if summary.skipped:
         log.info(f"study {cfg.study.name}: {len(summary.skipped)} trial(s) already done, {len(todo)} to run")
-    bar = tqdm(total=len(todo), desc=f"study {cfg.study.name}", disable=not progress, dynamic_ncols=True)
-    ctx = SweepContext(cfg, client, parent, uri, summary, bar)
+    progress_bar = SweepProgress(todo, f"study {cfg.study.name}", show=progress)
+    ctx = SweepContext(cfg, client, parent, uri, summary, progress_bar)
     # planned before anything is marked running: a study that cannot stack at an explicit --stack K is refused
     sizer = stack_sizer(stack, ctx.config) if launcher == "inprocess" else \
         launched_sizer(stack, ctx, parallel, len(todo))
@@ -94,7 +93,7 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
         else:
             run_launched(ctx, stacks, claims, stop, launcher, parallel, gpus_per_trial)
         summary.interrupted = stop.signal
-    bar.close()
+    progress_bar.close()
     _say_what_is_left(cfg, summary, todo)
     close_study(client, cfg, parent, summary, whole_study)
     return summary
@@ -151,6 +150,6 @@ def _train_claimed(ctx: SweepContext, claimed: dict[TrialSpec, str | None]) -> l
     """Train the claimed trials (each continuing its child run, if any): alone when there is one, else as one
     stack. Their sweep statuses."""
     keys = [trial.key for trial in claimed]
-    ctx.bar.set_postfix_str(keys[0] if len(keys) == 1 else f"{keys[0]} +{len(keys) - 1} stacked")
+    ctx.progress.started(keys[0] if len(keys) == 1 else f"{keys[0]} +{len(keys) - 1} stacked")
     return train_trials(lambda: [ctx.config(trial, continued)
                                  for trial, continued in claimed.items()], keys)

@@ -18,6 +18,7 @@ from mutransfer.train.tracking import flatten, training_experiment_id
 
 from .claims import TrialClaims
 from .config import StudyConfig
+from .progress import SweepProgress
 from .store import find_study_run, latest_per_key, load_trials
 from .trial import TrialSpec
 
@@ -60,19 +61,19 @@ class SweepStop(StopRequest):
 @dataclass
 class SweepContext:
     """What every trial of one sweep shares: the study, its MLflow client, parent run and URI, the summary
-    and the progress bar."""
+    and the progress bar (`progress.SweepProgress`)."""
 
     cfg: StudyConfig
     client: Any
     parent: str
     uri: str
     summary: SweepSummary
-    bar: Any
+    progress: SweepProgress
 
     def record(self, trial: TrialSpec, status: str) -> None:
         self.summary.ran.append(trial.key)
         self.summary.statuses[trial.key] = status
-        self.bar.update(1)
+        self.progress.trained(trial)
 
     def config(self, trial: TrialSpec, continued: str | None = None, ranks: int = 1) -> RunConfig:
         return trial_config(self.cfg, trial, self.parent, self.uri, continued, ranks)
@@ -86,9 +87,11 @@ class SweepContext:
                 held.append(trial)
             else:
                 self.summary.elsewhere.append(trial.key)
-                self.bar.update(1)
+                self.progress.passed(trial)
         claimed = continued_runs(self.client, self.cfg, claims, held, self.summary)
-        self.bar.update(len(held) - len(claimed))  # the ones done meanwhile
+        for trial in held:
+            if trial not in claimed:  # done meanwhile
+                self.progress.passed(trial)
         return claimed
 
 
