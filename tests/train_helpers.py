@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from warm_start import popen
 
 from mutransfer.netutil import free_port
 
@@ -120,13 +121,14 @@ def run_ranks(command: list[str], cwd: Path, procs: int = 2, timeout: float = 60
     real DeepSpeed engines on gloo, without DeepSpeed's runner and per-node launcher, which import torch and
     DeepSpeed one after the other before any rank starts (7 of the 17 s of a short two-rank launch here, and
     2-3 s more at the end). Tests of the launcher itself (signals, nodes, /dev/shm) use `deepspeed_command`.
+    Each rank is forked from the warm server where it may be (`warm_start.popen`): a process of its own that
+    skips the 12-14 s of imports a fresh interpreter spends on a slow machine.
 
     Returns the ranks' outputs (rank 0's first) and the exit status of the rank that failed first. As DeepSpeed's
     launcher does, a failed rank ends the others (after RANK_GRACE_S: they may be writing their own error)."""
     port, deadline = free_port(), time.time() + timeout
     outputs = [(tempfile.TemporaryFile(), tempfile.TemporaryFile()) for _ in range(procs)]
-    ranks = [subprocess.Popen(command, cwd=cwd, stdout=out, stderr=err, start_new_session=True,
-                              env=rank_env(rank, procs, port))
+    ranks = [popen(command, cwd, rank_env(rank, procs, port), stdout=out, stderr=err, start_new_session=True)
              for rank, (out, err) in enumerate(outputs)]
     failure: tuple[float, int] | None = None  # (when, exit status) of the first rank that failed
     try:
@@ -154,7 +156,15 @@ def _read(file: Any) -> str:
 
 
 def run(command: list[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout)
+    """`command` to its end, as subprocess.run with captured text output (forked warm where it may be,
+    `warm_start`)."""
+    with popen(command, cwd, run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
 
 def result(output_dir: Path) -> dict[str, Any]:

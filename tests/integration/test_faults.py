@@ -32,6 +32,7 @@ from train_helpers import (
     run_env,
     write_config,
 )
+from warm_start import popen
 
 from mutransfer.netutil import free_port
 from mutransfer.study.store import load_trials
@@ -52,8 +53,8 @@ class Job:
     """A process in its own session whose output is read line by line as it comes."""
 
     def __init__(self, command: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(command, cwd=cwd, env=env or run_env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.process = popen(command, cwd, env or run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
         self.lines: list[str] = []
         self._queue: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()

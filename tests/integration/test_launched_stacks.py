@@ -16,6 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 from train_helpers import BIN, run, run_env, write_proxy_config, write_study
+from warm_start import popen
 
 from mutransfer.errors import UsageError
 from mutransfer.launch.slurm import SlurmOptions, sweep_script
@@ -130,8 +131,8 @@ def test_sigterm_leaves_launched_stack_members_interrupted_and_a_rerun_completes
     study = make_study(tmp_path, shards, steps=steps, log_interval=1)
     command = [str(BIN / "mutransfer"), "sweep", "--config", str(study), "--tracking-uri", uri_of(tmp_path),
                "--launcher", "torchrun", "--parallel", "2"]
-    sweep = subprocess.Popen(command, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    sweep = popen(command, tmp_path, run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                  start_new_session=True)
     folders = {t.key: tmp_path / "trials" / t.key for t in load_study(study).trials()}
     try:
         deadline = time.monotonic() + HARD_TIMEOUT_S

@@ -46,6 +46,7 @@ def test_processes_creating_one_sqlite_store_at_once_all_succeed(tmp_path) -> No
 def test_two_sweeps_of_one_study_at_once_train_each_trial_once(shards, tmp_path) -> None:
     from mlflow.tracking import MlflowClient
     from train_helpers import BIN, run_env, write_proxy_config, write_study
+    from warm_start import popen
 
     from mutransfer.study.config import load_study
     from mutransfer.study.store import find_study_run, load_trials
@@ -54,8 +55,8 @@ def test_two_sweeps_of_one_study_at_once_train_each_trial_once(shards, tmp_path)
     study = write_study(tmp_path, write_proxy_config(tmp_path, shards, uri, steps=6), "twice", "tests",
                         lrs=[1e-3, 3e-3, 1e-2], steps=6)
     command = [str(BIN / "mutransfer"), "sweep", "--config", str(study), "--tracking-uri", uri]
-    sweeps = [subprocess.Popen(command, cwd=tmp_path, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True) for _ in range(2)]
+    sweeps = [popen(command, tmp_path, run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for _ in range(2)]
     outputs = [p.communicate(timeout=600) for p in sweeps]
     for proc, (out, err) in zip(sweeps, outputs):
         assert proc.returncode == 0, err[-3000:]

@@ -25,6 +25,7 @@ from train_helpers import (
     run_ranks,
     write_config,
 )
+from warm_start import popen
 
 from mutransfer.train.__main__ import main as train_main
 from mutransfer.train.checkpoint import STATE_FILE, complete_checkpoints, read_state
@@ -127,8 +128,8 @@ def test_resume_after_kill_equals_uninterrupted_run(shards, mlflow_uri, tmp_path
     killed_dir = tmp_path / "killed"
     killed = write_config(tmp_path / "b.yaml", shards, killed_dir, mlflow_uri, **sections,
                           tracking=dict(send_interval_s=3600.0))
-    child = subprocess.Popen(python_command(killed), cwd=tmp_path, env=run_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+    child = popen(python_command(killed), tmp_path, run_env(), stdout=subprocess.DEVNULL,
+                  stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
         while not (killed_dir / "checkpoints" / "step_00000010" / STATE_FILE).exists():
