@@ -77,8 +77,8 @@ class SweepProgress:
         now = self.clock()
         self.costs.add(self.work_left.pop(trial.key, trial_work(trial)), now - self.last)
         self.last = now
+        self._show(refresh=False)  # a stack's trials end together: the bar's own pace decides what is drawn
         self.bar.update(1)
-        self._show()
 
     def passed(self, trial: TrialSpec) -> None:
         """A trial another sweep trained or holds: progress, with no time of its own."""
@@ -89,10 +89,10 @@ class SweepProgress:
         per_trial = self.costs.per_trial()
         return None if per_trial is None else sum(per_trial(work) for work in self.work_left.values())
 
-    def _show(self) -> None:
+    def _show(self, refresh: bool = True) -> None:
         left = self.seconds_left()
         text = "" if left is None else f"~{tqdm.format_interval(left)} left"
-        self.bar.set_postfix_str(", ".join(part for part in (text, self.running) if part))
+        self.bar.set_postfix_str(", ".join(part for part in (text, self.running) if part), refresh=refresh)
 
     def close(self) -> None:
         self.bar.close()
