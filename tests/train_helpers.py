@@ -37,16 +37,8 @@ def expected_lr_scales() -> dict[str, float]:
     return {g["group"]: g["lr_scale"] for g in param_groups(model, OptimSection(lr=1.0))}
 
 
-# Inductor's default on a 2-core machine compiles in a pool of 2 worker interpreters, each importing torch again,
-# started by every compiling process. The processes tests start compile as 2 ranks at once, for which compiling
-# in each rank itself is faster: test_compile's stage-0 test with a cold cache 194 -> 121 s on a 2017 EPYC. (The
-# test process keeps the pool: alone, it gains from it, test_stacked's compiled stack 141 s against 202.)
-COMPILE_THREADS = 1
-
-
 def run_env() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               TORCHINDUCTOR_COMPILE_THREADS=str(COMPILE_THREADS))
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     for inherited in ("MLFLOW_TRACKING_URI", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(inherited, None)  # each launch makes its own process group and store
     return env
