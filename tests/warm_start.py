@@ -44,7 +44,7 @@ BIN = Path(sys.executable).parent
 # only when these are as the server had them. The rest (ranks, MLflow, ours, what in-process runs of the
 # tests set) is read when called, and the child has the command's own values of them.
 START_UP = ("PYTHON", "LD_", "OMP_", "GOMP_", "KMP_", "MKL_", "OPENBLAS_", "DS_", "CUDA_", "TORCH_", "LC_", "LANG")
-OUR_SCRIPT_ROOTS = (Path(__file__).resolve().parent,)  # scripts by path: the tests' own
+TESTS = Path(__file__).resolve().parent  # scripts by path that may fork: the tests' own
 
 
 # --- the server ------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def ours(command: list[str]) -> bool:
     if len(command) < 2 or command[0] != sys.executable:
         return False
     return (len(command) > 2 and command[1] == "-m" and command[2].split(".")[0] == "mutransfer") or (
-        command[1].endswith(".py") and Path(command[1]).resolve().is_relative_to(OUR_SCRIPT_ROOTS[0]))
+        command[1].endswith(".py") and Path(command[1]).resolve().is_relative_to(TESTS))
 
 
 def start_up_differences(env: dict[str, str]) -> list[str]:
@@ -242,6 +242,8 @@ class WarmProcess:
     def __init__(self, command: list[str], cwd: Path | str, env: dict[str, str], stdout: Any = None,
                  stderr: Any = None, stdin: Any = subprocess.DEVNULL, text: bool = False,
                  start_new_session: bool = False) -> None:
+        if stdin is subprocess.PIPE:  # `popen` starts these fresh; the child's descriptors here are outputs
+            raise ValueError("WarmProcess gives no stdin pipe")
         self.args, self.returncode = command, None
         self.stdin = self.stdout = self.stderr = None
         streams: list[int] = []  # this side's copies of the child's descriptors, closed once sent
