@@ -3,11 +3,8 @@ trainer and its evaluation use. Nothing else in `mutransfer.train` calls torch.d
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,38 +25,26 @@ def init_distributed() -> tuple[int, int, int]:
     if not os.environ.get("MUTRANSFER_DEEPSPEED_INFO"):  # DeepSpeed's INFO lines drown the progress bar
         deepspeed_logger.setLevel(logging.WARNING)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    # on CPU, DeepSpeed prints "DeepSpeed ... built successfully" to stdout as it loads its shared-memory
-    # all-reduce: stdout is the command's output (a sweep's summary), so the line goes to DeepSpeed's logger
-    with contextlib.redirect_stdout(io.StringIO()) as said:
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    if said.getvalue().strip():
-        deepspeed_logger.info(said.getvalue().strip())
+    if not torch.cuda.is_available():
+        skip_shared_memory_all_reduce()
+    deepspeed.init_distributed(dist_backend=backend, verbose=False)
     import torch.distributed as dist
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
-    else:
-        release_shm_buffer(dist.get_rank(), dist.get_world_size())
     return dist.get_rank(), local_rank, dist.get_world_size()
 
 
-def shm_buffer_path(rank: int) -> Path:
-    """The /dev/shm file of DeepSpeed's CPU all-reduce for this rank (its name as DeepSpeed's shm.cpp makes it)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+def skip_shared_memory_all_reduce() -> None:
+    """On CPU, DeepSpeed's process group loads a shared-memory all-reduce kernel that only its
+    `inference_all_reduce` uses, which training never calls; on a machine that has not built it, it is a C++
+    op compiled at the first launch (65 s and 127 s of CPU on 2 cores; docs/benchmarks.md), and each local rank
+    maps a 66 MB /dev/shm file that DeepSpeed never unlinks. Marked unavailable, DeepSpeed neither builds nor
+    loads it; every collective of training goes through gloo as before."""
+    import deepspeed.ops
 
-
-def release_shm_buffer(rank: int, world_size: int) -> None:
-    """DeepSpeed's CPU all-reduce gives each rank of a local run under its launcher a 66 MB /dev/shm file that it
-    never unlinks: every such run leaked that much RAM until reboot. Once every rank has mapped its peers'
-    files (a barrier after init), each rank unlinks its own name; the mappings stay valid until the processes
-    exit, so even a killed run leaves nothing behind."""
-    import torch.distributed as dist
-
-    if world_size > 1:
-        dist.barrier()
-    shm_buffer_path(rank).unlink(missing_ok=True)  # a world of one has its file too (deepspeed --num_gpus 1)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def device_for(local_rank: int) -> torch.device:

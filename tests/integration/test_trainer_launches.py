@@ -53,7 +53,7 @@ def test_two_rank_zero_training_learns_and_keeps_group_lr_ratios(stage, shards, 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = result(out)
     assert res["status"] == "finished" and res["step"] == 30
-    # DeepSpeed's CPU all-reduce files (66 MB of RAM per rank) are released, not left in /dev/shm
+    # no DeepSpeed shared-memory all-reduce file (66 MB of RAM per rank) is left in /dev/shm
     assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before == set()
     # loss falls: from about ln(10) = 2.30 to clearly lower within 30 steps on learnable synthetic data
     curve = losses(out)
