@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from train_helpers import write_config
 
 from mutransfer.models import NAMES
@@ -121,8 +122,20 @@ def test_members_follow_their_lone_runs_with_mixup_cutmix_label_smoothing_and_ra
         assert_follows(outcome, *lone_run(cfg))
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread, as the ranks of the tests' launches run (OMP_NUM_THREADS=1 in `run_env`): inductor
+    writes its kernels for the thread count, so the lone runs' model compiles to the kernels that
+    test_compile.py's ranks compiled (same model, batch and eval batch), and loads them from inductor's cache
+    when that test ran first (as in the suite) instead of compiling them again (25 s on a slow machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.slow  # inductor compiles the stack's loss and each lone model (about a minute on 2 cores)
-def test_a_compiled_stack_follows_its_compiled_lone_runs(shards, tmp_path) -> None:
+def test_a_compiled_stack_follows_its_compiled_lone_runs(shards, tmp_path, one_thread) -> None:
     cfgs = [member_config(tmp_path, shards, "depth_mup", "adamw", m, f"m{i}", compile="model")
             for i, m in enumerate(MEMBERS)]
     outcomes = train_stacked(cfgs)

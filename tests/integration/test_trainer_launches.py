@@ -180,8 +180,9 @@ def test_sigterm_saves_one_consistent_checkpoint_then_resumes(shards, mlflow_uri
     state, _ = read_state(saved[0])
     assert state.status == "preempted" and state.step == res["step"] < 500
     assert {"rng_rank0.safetensors", "rng_rank1.safetensors"} <= {p.name for p in saved[0].iterdir()}
-    # a relaunch continues from that step and finishes
-    proc = run(deepspeed_command(config, f"run.steps={state.step + 3}"), tmp_path)
+    # a relaunch continues from that step and finishes (its ranks started as torchrun starts them: the signal
+    # was the launcher's part, and a second deepspeed launch costs 4 more fresh interpreters)
+    proc = run_ranks(python_command(config, f"run.steps={state.step + 3}"), tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     finished = result(out)
     assert finished["status"] == "finished" and finished["step"] == state.step + 3
