@@ -20,7 +20,17 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from train_helpers import BIN, deepspeed_command, free_port, losses, result, run, run_env, write_config
+from train_helpers import (
+    BIN,
+    free_port,
+    losses,
+    python_command,
+    result,
+    run,
+    run_env,
+    run_ranks,
+    write_config,
+)
 
 from mutransfer.cli import main as cli_main
 from mutransfer.data import DataConfig, build_train_loader, write_synthetic_shards
@@ -144,9 +154,10 @@ class Nodes:
 
 @pytest.fixture(scope="module")
 def one_node_run(workspace) -> Path:
-    """The reference: one node, two processes, the same config and seed."""
+    """The reference: one node, two processes, the same config and seed (started as torchrun starts them: the
+    launcher under test is the two nodes')."""
     config = exact_config(workspace, "one_node")
-    proc = run(deepspeed_command(config), workspace["root"])
+    proc = run_ranks(python_command(config), workspace["root"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return workspace["root"] / "one_node"
 
