@@ -81,9 +81,9 @@ def run_launched(ctx: SweepContext, stacks: list[list[TrialSpec]], claims: Trial
         for launch in [launch for launch in running if launch.proc.poll() is not None]:
             running.remove(launch)
             free_slots.append(launch.gpus)
-            for trial, status in zip(launch.trials, _outcomes(ctx, launch, forwarded)):
+            for trial in launch.trials:
                 claims.release(trial.key)
-                ctx.record(trial, status)
+            ctx.record(launch.trials, _outcomes(ctx, launch, forwarded))
 
 
 def _start(ctx: SweepContext, claimed: dict[TrialSpec, str | None], launcher: str, gpus: list[int]) -> Launch:

@@ -142,8 +142,7 @@ def _run_in_process(ctx: SweepContext, stacks: list[list[TrialSpec]], claims: Tr
                 claims.release(trial.key)
         if RunStatus.INTERRUPTED in statuses:  # the trainer's own handlers caught the signal
             stop.signal = stop.signal or signal.SIGINT
-        for trial, status in zip(claimed, statuses):
-            ctx.record(trial, status)
+        ctx.record(list(claimed), statuses)
 
 
 def _train_claimed(ctx: SweepContext, claimed: dict[TrialSpec, str | None]) -> list[str]:

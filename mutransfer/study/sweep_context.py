@@ -70,10 +70,12 @@ class SweepContext:
     summary: SweepSummary
     progress: SweepProgress
 
-    def record(self, trial: TrialSpec, status: str) -> None:
-        self.summary.ran.append(trial.key)
-        self.summary.statuses[trial.key] = status
-        self.progress.trained(trial)
+    def record(self, stack: list[TrialSpec], statuses: list[str]) -> None:
+        """The outcomes of a stack (or one trial) this sweep trained, in the summary and the progress bar."""
+        for trial, status in zip(stack, statuses, strict=True):
+            self.summary.ran.append(trial.key)
+            self.summary.statuses[trial.key] = status
+        self.progress.trained(stack)
 
     def config(self, trial: TrialSpec, continued: str | None = None, ranks: int = 1) -> RunConfig:
         return trial_config(self.cfg, trial, self.parent, self.uri, continued, ranks)

@@ -9,8 +9,8 @@ from mutransfer.study.progress import SweepProgress, TrialCosts, trial_work
 from mutransfer.study.trial import TrialSpec
 
 
-def trials(width: int, count: int) -> list[TrialSpec]:
-    return [TrialSpec("mup", width, 4, 32, 120, 2.0**-i, 0.9, 0.0, 0) for i in range(count)]
+def trials(width: int, count: int, seed: int = 0) -> list[TrialSpec]:
+    return [TrialSpec("mup", width, 4, 32, 120, 2.0**-i, 0.9, 0.0, seed) for i in range(count)]
 
 
 def test_the_line_prices_a_shape_not_yet_trained() -> None:
@@ -46,9 +46,9 @@ def test_the_bar_counts_trials_and_shows_the_priced_time_left() -> None:
     now = [0.0]
     progress = SweepProgress(narrow + wide + widest, "study s", show=True, clock=lambda: now[0])
     progress.started("first stack")
-    for trial, at in zip(narrow + wide, (60.0, 60.0, 165.0, 165.0)):  # one stack each: the first takes the time
+    for stack, at in ((narrow, 60.0), (wide, 165.0)):  # one stack each, its trials recorded together
         now[0] = at
-        progress.trained(trial)
+        progress.trained(stack)
     per_trial = TrialCosts()
     for work, seconds in ((trial_work(narrow[0]), 30.0), (trial_work(wide[0]), 52.5)):
         per_trial.add(work, seconds)
@@ -59,4 +59,16 @@ def test_the_bar_counts_trials_and_shows_the_priced_time_left() -> None:
     assert progress.seconds_left() == pytest.approx(expected / 2)
     text = str(progress.bar)
     assert "5/6 trials" in text and "left, first stack" in text
+    progress.close()
+
+
+def test_a_stacks_time_is_shared_by_its_trials() -> None:
+    """32 trials that trained together for 64 s cost 2 s each: the 32 of the same shape left take 64 s (charged
+    to the first record alone, the stack's time priced each trial left at 64 s: 34 minutes)."""
+    first, second = trials(32, 32), trials(32, 32, seed=1)
+    now = [0.0]
+    progress = SweepProgress(first + second, "study s", show=False, clock=lambda: now[0])
+    now[0] = 64.0
+    progress.trained(first)
+    assert progress.seconds_left() == pytest.approx(64.0)
     progress.close()
