@@ -44,11 +44,12 @@ class TrialCosts:
         works = np.array(list(self.counts))
         means = np.array([self.seconds[w] / self.counts[w] for w in self.counts])
         weights = np.array([self.counts[w] for w in self.counts], dtype=float)
+        mean = float(np.average(means, weights=weights))
         if len(works) < 2:
-            return lambda _work: float(np.average(means, weights=weights))
+            return lambda _work: mean
         slope, intercept = np.polyfit(works, means, 1, w=np.sqrt(weights))
         if slope < 0:  # dearer shapes trained faster: no line to trust, every trial at the mean
-            return lambda _work: float(np.average(means, weights=weights))
+            return lambda _work: mean
         if intercept < 0:  # no fixed cost: the line through zero that fits best
             slope, intercept = np.sum(weights * works * means) / np.sum(weights * works**2), 0.0
         return lambda work: float(intercept + slope * work)
@@ -78,8 +79,9 @@ class SweepProgress:
         shared by them. (Charged to a stack's first record alone, it priced every trial left at a whole stack's
         time until the others' records came: "~5:03:43 left" in a demo whose sweep ended 16 minutes later.)"""
         now = self.clock()
+        share = (now - self.last) / len(stack)
         for trial in stack:
-            self.costs.add(self.work_left.pop(trial.key, trial_work(trial)), (now - self.last) / len(stack))
+            self.costs.add(self.work_left.pop(trial.key, trial_work(trial)), share)
         self.last = now
         self._show(refresh=False)
         self.bar.update(len(stack))

@@ -24,8 +24,10 @@ def init_distributed() -> tuple[int, int, int]:
 
     if not os.environ.get("MUTRANSFER_DEEPSPEED_INFO"):  # DeepSpeed's INFO lines drown the progress bar
         deepspeed_logger.setLevel(logging.WARNING)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():
+        backend = "nccl"
+    else:
+        backend = "gloo"
         skip_shared_memory_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     import torch.distributed as dist
