@@ -1,7 +1,7 @@
 """`mutransfer demo` (what `make demo` runs): the whole proxy-to-target workflow on CPU.
 
 1. synthetic, learnable shards (10 classes of shape x colour x texture);
-2. a proxy study over width (32 -> 128 at depth 4) comparing the standard parametrization, whose optimal lr
+2. a proxy study over width (32 -> 128 at depth 2) comparing the standard parametrization, whose optimal lr
    falls as the model widens, against the recommended variant (configs/demo_study.yaml): the comparison with
    the largest effect, so that three seeds settle it on every run;
 3. the report: fitted optima, the trend of each variant, plots;
