@@ -1,12 +1,12 @@
 """The sweep's progress bar: trials done of the sweep's, and the time left weighed by what each trial costs.
 
-Trials of one study differ in cost: in the demo a width-128 stack takes about 4x a width-32 one on 2 CPU
-cores (130-134 s against 33-34 s on a 2017 EPYC), so a bar that counts trials (tqdm's own estimate) promises
-the end far too early while the narrow shapes train. Here the time a shape's trials took (the time from the previous record to a stack's, shared by
-the stack's trials, which end together) is fitted against each shape's arithmetic, `trial_work`, as seconds
-per trial = a + b x work (a: what a trial costs whatever its size; both at least 0); once two shapes of
-different work have trained, every trial not yet done is priced by that line. Before then all trials cost the
-same (the trial count's estimate).
+Trials of one study differ in cost: in the demo a width-128 stack takes about 4x a width-32 one on 2 CPU cores
+(130-134 s against 33-34 s on a 2017 EPYC), so a bar that counts trials (tqdm's own estimate) promises the end
+far too early while the narrow shapes train. Here the time a shape's trials took (the time from the previous
+record to a stack's, shared by the stack's trials, which end together) is fitted against each shape's
+arithmetic, `trial_work`, as seconds per trial = a + b x work (a: what a trial costs whatever its size; both at
+least 0); once two shapes of different work have trained, every trial not yet done is priced by that line.
+Before then all trials cost the same (the trial count's estimate).
 """
 
 from __future__ import annotations
