@@ -4,14 +4,15 @@
 #
 #   benchmarks/gpu_check.sh --out DIR             # on the GPU machine, from the repository root
 #   benchmarks/gpu_check.sh --dry-run --out DIR   # rehearsal on CPU: the same steps at toy sizes
+#   benchmarks/gpu_check.sh --only test_gpu,sweep_throughput --stages 1 --budget 380 --out DIR   # a second call
 #
 # Steps, most important first, each under its own time limit and the whole under a deadline (a step that
 # would start past it is skipped and said), so that one slow step costs its own row and not the others:
 #   1. tests/integration/test_gpu.py: flash / memory-efficient SDPA in bf16, fused AdamW with the per-role groups, no
 #      host sync inside a training step, nvJPEG against the CPU decoder;
-#   2. ViT-B/16 bf16 images/s and MFU, eager and compiled, ZeRO-0 and ZeRO-1 against timm's plain loop
+#   2. stacked against one-at-a-time proxies: trials per minute of a sweep (benchmarks/sweep_throughput.py);
+#   3. ViT-B/16 bf16 images/s and MFU, eager and compiled, ZeRO-0 and ZeRO-1 against timm's plain loop
 #      (benchmarks/train_throughput.py);
-#   3. stacked against one-at-a-time proxies: trials per minute of a sweep (benchmarks/sweep_throughput.py);
 #   4. data-fed against synthetic-fed, decode=cpu then decode=gpu (train_throughput.py --data-fed-only).
 #
 # The GPU machine has torch, torchvision, timm and pytest but no deepspeed, mlflow or webdataset: wheels for
@@ -22,12 +23,16 @@ set -uo pipefail
 DRY_RUN=0
 OUT_DIR=${OUT:-gpu_check_out}
 BUDGET_S=520
+ONLY=""
+STAGES=0,1
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY_RUN=1 ;;
     --out) OUT_DIR="$2"; shift ;;
     --budget) BUDGET_S="$2"; shift ;;
-    *) echo "gpu_check.sh: unknown argument '$1' (expected --dry-run, --out DIR, --budget SECONDS)" >&2; exit 2 ;;
+    --only) ONLY="$2"; shift ;;
+    --stages) STAGES="$2"; shift ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (expected --dry-run, --out DIR, --budget SECONDS, --only STEP,STEP, --stages 0,1)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -67,6 +72,7 @@ export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/mutransfer_gpu_check_ex
 step() {
   local name=$1 limit=$(($2 * SCALE)) left=$((BUDGET_S - SECONDS))
   shift 2
+  if [ -n "$ONLY" ] && [[ ",$ONLY," != *",$name,"* ]]; then return; fi
   if [ "$left" -lt 20 ]; then
     printf '%s\tskipped\t0\n' "$name" >> "$STEPS"; echo "[$name] skipped: ${left}s of the budget left"; return
   fi
@@ -88,18 +94,20 @@ command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,dr
 if [ "$DRY_RUN" = 1 ]; then
   MODEL=(--preset tiny --rounds 2 --block 1 --warmup 1)
   FED=(--preset tiny --rounds 2 --block 1 --warmup 1 --workers 1)
-  SWEEP=(--depths 4 --widths 32 --seeds 0 --steps 10 --rounds 1)
+  SWEEP=(--depths 4 --widths 32 --seeds 0 1 --lone-seeds 0 --steps 10 --rounds 1)
 else
   MODEL=(--preset vit_b16 --rounds 4 --block 3 --warmup 3)
   FED=(--preset vit_b16 --rounds 3 --block 2 --warmup 3 --workers 14)
-  SWEEP=(--depths 12 --widths 384 --seeds 0 1 --steps 120 --rounds 1)
+  # 64 stacked trials (stacks as large as memory allows), 8 of them one at a time: a lone trial costs the same
+  # however many there are (the first call's 16 trials, two stacks of 8, gave 4.2x; docs/benchmarks.md)
+  SWEEP=(--depths 12 --widths 384 --seeds 0 1 2 3 4 5 6 7 --lone-seeds 0 --steps 120 --rounds 1)
 fi
 
 step test_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py --junitxml="$OUT_DIR/test_gpu.xml"
-step train_throughput 210 "$PY" benchmarks/train_throughput.py "${MODEL[@]}" --stages 0,1 --precisions bf16 \
-  --compile both --json "$OUT_DIR/train_throughput.json"
-step sweep_throughput 130 "$PY" benchmarks/sweep_throughput.py "${SWEEP[@]}" --work "$(mktemp -d)" \
+step sweep_throughput 200 "$PY" benchmarks/sweep_throughput.py "${SWEEP[@]}" --work "$(mktemp -d)" \
   --json "$OUT_DIR/sweep_throughput.json"
+step train_throughput 210 "$PY" benchmarks/train_throughput.py "${MODEL[@]}" --stages "$STAGES" --precisions bf16 \
+  --compile both --json "$OUT_DIR/train_throughput.json"
 for decode in cpu gpu; do
   step "data_fed_$decode" 70 "$PY" benchmarks/train_throughput.py "${FED[@]}" --stages 0 --precisions bf16 \
     --compile off --data-fed-only --decode "$decode" --json "$OUT_DIR/data_fed_$decode.json"

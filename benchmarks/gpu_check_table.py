@@ -73,7 +73,8 @@ def data_fed_row(figures: dict | None, decode: str) -> str:
 def sweep_rows(figures: dict | None) -> list[str]:
     if not figures:
         return ["| stacked vs one-at-a-time proxies | no result | |"]
-    shape = f"width {figures['widths']}, depth {figures['depths']}, {figures['steps']} steps, {figures['trials']} trials"
+    shape = (f"width {figures['widths']}, depth {figures['depths']}, {figures['steps']} steps, {figures['trials']} trials, "
+             f"{figures.get('lone_trials', figures['trials'])} alone")
     rows = [f"| sweep ({shape}): {name} | {mode['trials_per_min']:.1f} trials/min, overhead "
             f"{mode['overhead_s']:.2f} s per trial ({mode['overhead_share']:.0%} of the plain loop), "
             f"{mode['of_peak']:.1%} of fp32 GEMM peak | |" for name, mode in figures["modes"].items()]

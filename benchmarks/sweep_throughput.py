@@ -42,6 +42,7 @@ from mutransfer.study.config import load_study
 from mutransfer.study.demo import EVAL_SAMPLES, ensure_shards
 from mutransfer.study.store import client_for, latest_per_key, load_trials
 from mutransfer.study.sweep import run_sweep
+from mutransfer.train.distributed import shutdown_distributed
 from mutransfer.typed_config import with_values
 
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "demo_study.yaml"
@@ -147,6 +148,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="default: the demo study's")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the demo study's")
+    parser.add_argument("--lone-seeds", type=int, nargs="+", default=None,
+                        help="seeds of the --stack 1 sweep (default: --seeds): one trial at a time costs the same "
+                             "per trial however many there are, so a few measure it where big stacks need many")
     parser.add_argument("--work", default=None, help="folder for shards, stores and trials (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -162,54 +166,61 @@ def main() -> None:
     shapes = study_shapes(args, shards)
     plain_loop_seconds(args, shards, *shapes[0])  # the first loop in a process pays oneDNN's set-up (~20 s)
     plain_runs: list[list[tuple[float, float]]] = []
+    lone = argparse.Namespace(**{**vars(args), "seeds": args.lone_seeds or args.seeds})
     times: dict[str, list[float]] = {"stack 1": [], "stacked": []}
     results: dict[str, dict[str, float]] = {}
     for round_index in range(args.rounds):
-        modes = [("stack 1", 1), ("stacked", None)]
-        for name, stack in modes if round_index % 2 == 0 else modes[::-1]:
-            seconds, results[name] = sweep_once(args, shards, stack, name.replace(" ", ""))
+        modes = [("stack 1", 1, lone), ("stacked", None, args)]
+        for name, stack, mode_args in modes if round_index % 2 == 0 else modes[::-1]:
+            seconds, results[name] = sweep_once(mode_args, shards, stack, name.replace(" ", ""))
             times[name].append(seconds)
             print(f"round {round_index}: {name}: {seconds:.1f} s", flush=True)
         plain_runs.append([plain_loop_seconds(args, shards, *shape) for shape in shapes])
     plain = [(statistics.median(run[i][0] for run in plain_runs), plain_runs[0][i][1]) for i in range(len(shapes))]
     report(args, times, results, plain, peak, load_before)
+    shutdown_distributed()  # the warm-up sweep joined a process group: leave it, or NCCL may stall the exit
 
 
 def report(args, times, results, plain, peak, load_before) -> None:
-    trials = len(results["stack 1"])
+    counts = {name: len(trials) for name, trials in results.items()}
+    trials = counts["stacked"]
     plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, every shape has as many trials
-    flops = sum(f for _, f in plain) / len(plain) * trials
-    print(f"\n{trials} trials ({args.variant}, widths {args.widths or 'of the study'}, depths {args.depths}, "
+    flops_per_trial = sum(f for _, f in plain) / len(plain)
+    print(f"\n{counts['stacked']} trials stacked, {counts['stack 1']} one at a time ({args.variant}, widths {args.widths or 'of the study'}, depths {args.depths}, "
           f"{args.steps} steps), "
           f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; load average before "
           f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     print(f"fp32 GEMM peak (torch.mm 2048^2): {peak / 1e9:.0f} GFLOP/s; plain loop: {plain_s:.2f} s per trial, "
-          f"{flops / trials / plain_s / 1e9:.1f} GFLOP/s ({flops / trials / plain_s / peak:.1%} of peak)")
+          f"{flops_per_trial / plain_s / 1e9:.1f} GFLOP/s ({flops_per_trial / plain_s / peak:.1%} of peak)")
     print("| mode | s per sweep (median) | trials/min | overhead per trial | overhead / plain loop | GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|---|---|---|")
     rates, modes = {}, {}
     for name, values in times.items():
         seconds = statistics.median(values)
-        rates[name] = trials * 60 / seconds
-        overhead = seconds / trials - plain_s
+        rates[name] = counts[name] * 60 / seconds
+        overhead = seconds / counts[name] - plain_s
+        flops = flops_per_trial * counts[name]
         modes[name] = dict(seconds=seconds, trials_per_min=rates[name], overhead_s=overhead,
                            overhead_share=overhead / plain_s, gflops=flops / seconds / 1e9, of_peak=flops / seconds / peak)
         print(f"| {name} | {seconds:.1f} | {rates[name]:.1f} | {overhead:.2f} s | {overhead / plain_s:.0%} | "
               f"{flops / seconds / 1e9:.1f} | {flops / seconds / peak:.1%} |")
     print(f"stacked / stack 1: {rates['stacked'] / rates['stack 1']:.2f}x trials per minute")
     lone, stacked = results["stack 1"], results["stacked"]
-    finished = [k for k in lone if lone[k] == lone[k]]
-    same_status = all((stacked.get(k) == stacked.get(k)) == (lone[k] == lone[k]) for k in lone)
-    worst = max(finished, key=lambda k: abs(stacked[k] / lone[k] - 1), default=None)
-    gap = abs(stacked[worst] / lone[worst] - 1) if worst else float("nan")
-    print(f"same results: {len(finished)} of {trials} trials finished in both modes ({'same' if same_status else 'NOT the same'}"
+    finished = [k for k in lone if lone[k] == lone[k] and k in stacked]
+    same_status = all(k in stacked and (stacked[k] == stacked[k]) == (lone[k] == lone[k]) for k in lone)
+    gaps = {k: abs(stacked[k] / lone[k] - 1) for k in finished}
+    worst = max(gaps, key=gaps.get, default=None)
+    gap = gaps[worst] if worst else float("nan")
+    print(f"same results: {len(finished)} of {counts['stack 1']} trials finished in both modes ({'same' if same_status else 'NOT the same'}"
           f" statuses), final eval loss differs by at most {gap:.1e} (relative; {worst})")
+    print("each trial's relative gap (stacked against alone), largest first: "
+          + ", ".join(f"{k}: {g:.1e}" for k, g in sorted(gaps.items(), key=lambda kv: -kv[1])))
     if args.json:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         Path(args.json).write_text(json.dumps(dict(
-            device=where, trials=trials, widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
+            device=where, trials=trials, lone_trials=counts["stack 1"], widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
             speedup=rates["stacked"] / rates["stack 1"], plain_s=plain_s, gemm_peak_gflops=peak / 1e9,
-            finished=len(finished), same_status=same_status, max_rel_gap=gap), indent=1))
+            finished=len(finished), same_status=same_status, max_rel_gap=gap, gaps=gaps), indent=1))
 
 
 if __name__ == "__main__":

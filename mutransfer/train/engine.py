@@ -14,6 +14,7 @@ from mutransfer.models import create_model
 from mutransfer.models.optim import build_optimizer
 
 from . import checkpoint as ckpt
+from . import deepspeed_sync
 from .config import ConfigError, RunConfig
 from .schedule import build_scheduler
 
@@ -99,6 +100,7 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, An
     multiplies each group's own LR), compiled as run.compile asks; checkpoints load with weights_only."""
     import deepspeed
 
+    deepspeed_sync.install()  # DeepSpeed's per-step host waits out (its docstring says which)
     optim = cfg.optim
     optimizer = build_optimizer(model, optim, fused=fused_optimizer(cfg))
     engine, _, _, _ = deepspeed.initialize(

@@ -1,5 +1,5 @@
-"""What only a CUDA GPU can show; every test here is skipped without one (no GPU was lent to the session
-that wrote them, so they have not run yet): flash / memory-efficient SDPA in bf16, fused AdamW with the
+"""What only a CUDA GPU can show; every test here is skipped without one (first run on an H100 on 2026-12-06,
+docs/benchmarks.md): flash / memory-efficient SDPA in bf16, fused AdamW with the
 per-role groups, no host sync inside a training step, and nvJPEG decoding against the CPU decoder."""
 
 from __future__ import annotations
@@ -33,28 +33,39 @@ def test_sdpa_runs_on_the_fast_kernels_in_bf16(backend) -> None:
 
 
 def test_fused_adamw_on_cuda_keeps_the_group_scales() -> None:
+    """Fused AdamW moves every parameter as torch's per-tensor loop over the same per-role groups does.
+    Compared by each parameter's whole update: single elements whose gradient is near zero (the key bias's,
+    whose gradient softmax cancels) step by rounding noise in either kernel (measured on CPU: updates agree to
+    3e-4 of their norm, single elements by 5e-5 absolute); a wrong group lr would be off by 30 % or more."""
     torch.manual_seed(0)
-    model = create_model("vit", width=64, depth=2, head_dim=16, patch_size=8, img_size=32, num_classes=10,
-                         parametrization="depth_mup", base_width=32, base_depth=1).cuda()
-    reference = create_model("vit", width=64, depth=2, head_dim=16, patch_size=8, img_size=32, num_classes=10,
-                             parametrization="depth_mup", base_width=32, base_depth=1).cuda()
+    shape = dict(width=64, depth=2, head_dim=16, patch_size=8, img_size=32, num_classes=10,
+                 parametrization="depth_mup", base_width=32, base_depth=1)
+    model = create_model("vit", **shape).cuda()
+    reference = create_model("vit", **shape).cuda()
     reference.load_state_dict(model.state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
     fused = build_optimizer(model, OptimSection(lr=1e-2, weight_decay=0.05), fused=True)
     loop = torch.optim.AdamW(param_groups(reference, OptimSection(lr=1e-2, weight_decay=0.05)), foreach=False)
     assert all(group["fused"] for group in fused.param_groups)
+    assert len({group["lr_scale"] for group in fused.param_groups}) >= 3  # the scales differ, or this shows nothing
     images, labels = torch.randn(4, 3, 32, 32, device="cuda"), torch.randint(0, 10, (4,), device="cuda")
     for _ in range(3):
         for net, opt in ((model, fused), (reference, loop)):
             opt.zero_grad()
             F.cross_entropy(net(images), labels).backward()
             opt.step()
-    for (name, mine), theirs in zip(model.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5, msg=name)
+    gaps = {name: ((mine - theirs).norm() / (theirs - before).norm()).item()
+            for (name, mine), theirs, before in zip(model.named_parameters(), reference.parameters(), start)}
+    worst = max(gaps, key=gaps.get)
+    assert gaps[worst] < 1e-2, f"{worst}: fused and per-tensor updates differ by {gaps[worst]:.1e} of the update"
 
 
 def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch) -> None:
-    """Between sync points the host never waits for the GPU: CUDA's sync debug mode turns any wait inside
-    `train_step` (after two warm-up steps) into an error. bf16, ZeRO-1, one process."""
+    """Between sync points the host never waits for the GPU: under CUDA's sync debug mode every wait inside
+    `train_step` (after two warm-up steps) is recorded with the Python line that caused it, and there must be
+    none. bf16, ZeRO-1 (DeepSpeed's own waits removed by mutransfer.train.deepspeed_sync), one process."""
+    import warnings
+
     from mutransfer.data import write_synthetic_shards
     from mutransfer.train import trainer
     from mutransfer.train.config import load_config
@@ -63,22 +74,34 @@ def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch) -> Non
     write_synthetic_shards(str(shards), "train", classes=10, samples=256, image_size=32, seed=0, samples_per_shard=128)
     write_synthetic_shards(str(shards), "validation", classes=10, samples=32, image_size=32, seed=0)
     real_step = trainer.train_step
+    waits: set[str] = set()
 
-    def strict_step(run):
+    def watched(call, *args) -> set[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                call(*args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return {f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)}
+
+    # the watch sees a wait (if it saw none, an empty list below would prove nothing)
+    assert watched(lambda: torch.ones(1, device="cuda").item())
+
+    def watched_step(run):
         if run.state.step < 2:
             return real_step(run)
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            real_step(run)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        waits.update(watched(real_step, run))
+        return None
 
-    monkeypatch.setattr(trainer, "train_step", strict_step)
+    monkeypatch.setattr(trainer, "train_step", watched_step)
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", "sqlite:///unused.db",
                           deepspeed=dict(zero_stage=1, bf16=True), tracking=dict(enabled=False),
                           run=dict(steps=12, log_interval=6))
     result = trainer.train(load_config(config))
     assert result.status == "finished"
+    assert not waits, f"the host waited for the GPU inside train_step at: {sorted(waits)}"
 
 
 def test_nvjpeg_batch_decode_matches_the_cpu_decoder(tmp_path: Path, make_gradient) -> None:
