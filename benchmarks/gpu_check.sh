@@ -103,7 +103,7 @@ else
   SWEEP=(--depths 12 --widths 384 --seeds 0 1 2 3 4 5 6 7 --lone-seeds 0 --steps 120 --rounds 1)
 fi
 
-step test_gpu 90 "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py --junitxml="$OUT_DIR/test_gpu.xml"
+step test_gpu 120 "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_gpu.py --junitxml="$OUT_DIR/test_gpu.xml"
 step sweep_throughput 200 "$PY" benchmarks/sweep_throughput.py "${SWEEP[@]}" --work "$(mktemp -d)" \
   --json "$OUT_DIR/sweep_throughput.json"
 step train_throughput 210 "$PY" benchmarks/train_throughput.py "${MODEL[@]}" --stages "$STAGES" --precisions bf16 \
