@@ -60,10 +60,14 @@ def test_fused_adamw_on_cuda_keeps_the_group_scales() -> None:
     assert gaps[worst] < 1e-2, f"{worst}: fused and per-tensor updates differ by {gaps[worst]:.1e} of the update"
 
 
-def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("zero_stage", [
+    pytest.param(0, marks=pytest.mark.xfail(strict=True, reason="DeepSpeed's BF16_Optimizer (ZeRO-0 in bf16) tests "
+                                            "its gradient norm with bool() every step; the engine warns")),
+    1, 2])
+def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch, zero_stage: int) -> None:
     """Between sync points the host never waits for the GPU: under CUDA's sync debug mode every wait inside
     `train_step` (after two warm-up steps) is recorded with the Python line that caused it, and there must be
-    none. bf16, ZeRO-1 (DeepSpeed's own waits removed by mutransfer.train.deepspeed_sync), one process."""
+    none. bf16, one process, ZeRO-1 and 2 (DeepSpeed's own waits removed by mutransfer.train.deepspeed_sync)."""
     import warnings
 
     from mutransfer.data import write_synthetic_shards
@@ -97,7 +101,7 @@ def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch) -> Non
 
     monkeypatch.setattr(trainer, "train_step", watched_step)
     config = write_config(tmp_path / "run.yaml", shards, tmp_path / "out", "sqlite:///unused.db",
-                          deepspeed=dict(zero_stage=1, bf16=True), tracking=dict(enabled=False),
+                          deepspeed=dict(zero_stage=zero_stage, bf16=True), tracking=dict(enabled=False),
                           run=dict(steps=12, log_interval=6))
     result = trainer.train(load_config(config))
     assert result.status == "finished"
@@ -109,7 +113,8 @@ def test_stack_members_follow_their_lone_runs_on_the_gpu(shard_set, tmp_path: Pa
     """A stacked trial and the same trial alone, on the GPU, step by step (on CPU they agree to 1e-4:
     tests/integration/test_stacked.py). The H100 sweep of 2026-12-06 found final eval losses 0.2-3.5 % apart
     at lr <= 2^-6 after 120 steps, with PyTorch's defaults (TF32 in cuDNN's convolutions, here the patch
-    embedding). In full fp32 they must agree as on CPU; with TF32 the message gives the per-step gaps."""
+    embedding): the float32 chaos those trials show on CPU too (docs/benchmarks.md). These two members'
+    runs are reproducible: in full fp32 they must agree as on CPU; the message gives the per-step gaps."""
     before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # computed attributes
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
