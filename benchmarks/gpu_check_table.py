@@ -74,10 +74,10 @@ def sweep_rows(figures: dict | None) -> list[str]:
     if not figures:
         return ["| stacked vs one-at-a-time proxies | no result | |"]
     shape = (f"width {figures['widths']}, depth {figures['depths']}, {figures['steps']} steps, {figures['trials']} trials, "
-             f"{figures.get('lone_trials', figures['trials'])} alone")
+             f"{figures.get('lone_trials', figures['trials'])} alone{''.join('; ' + s for s in figures.get('settings', []))}")
     rows = [f"| sweep ({shape}): {name} | {mode['trials_per_min']:.1f} trials/min, overhead "
             f"{mode['overhead_s']:.2f} s per trial ({mode['overhead_share']:.0%} of the plain loop), "
-            f"{mode['of_peak']:.1%} of fp32 GEMM peak | |" for name, mode in figures["modes"].items()]
+            f"{mode['of_peak']:.1%} of the GEMM peak | |" for name, mode in figures["modes"].items()]
     rows.append(f"| stacked / one-at-a-time | {figures['speedup']:.2f}x trials per minute; final eval losses "
                 f"differ by at most {figures['max_rel_gap']:.1e} | goal >= {GOALS['stacked']:.0f}x |")
     return rows

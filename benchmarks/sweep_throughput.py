@@ -14,7 +14,8 @@ output folder, so that nothing is skipped. Reported, as medians over the rounds:
   a bare loop over batches already in memory, the same steps, and the same 2,000-image evaluation; timed
   once per round after a warm-up loop, median), also as a fraction of the plain loop;
 - achieved GFLOP/s of each mode (training FLOPs from the model's shapes x images, evaluation at a third of
-  that per image) against the measured fp32 GEMM peak (median `torch.mm` of 2048 x 2048);
+  that per image) against the measured float32 GEMM peak (median `torch.mm` of 2048 x 2048, 8192 x 8192 on a
+  GPU), taken at the trials' `run.matmul_precision` (`--set run.matmul_precision=high`: TF32 on a GPU);
 - that both modes found the same results: the largest relative difference of any trial's final eval loss.
 
 Every shard is read once through the process's sample cache (data.cache_mb) before anything is timed, so
@@ -43,7 +44,7 @@ from mutransfer.study.demo import EVAL_SAMPLES, ensure_shards
 from mutransfer.study.store import client_for, latest_per_key, load_trials
 from mutransfer.study.sweep import run_sweep
 from mutransfer.train.distributed import shutdown_distributed
-from mutransfer.typed_config import with_values
+from mutransfer.typed_config import parse_override, with_values
 
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "demo_study.yaml"
 
@@ -76,7 +77,8 @@ def study_for(args: argparse.Namespace, root: Path, shards: Path):
     overrides += [f"shapes.widths=[{','.join(map(str, args.widths))}]"] if args.widths else []
     overrides += [f"seeds=[{','.join(map(str, args.seeds))}]"] if args.seeds else []
     cfg = load_study(str(STUDY), overrides)
-    cfg.base = with_values(cfg.base, {"data.shards_dir": str(shards)})
+    settings = dict((".".join(keys), value) for keys, value in map(parse_override, args.set))
+    cfg.base = with_values(cfg.base, {**settings, "data.shards_dir": str(shards)})
     return cfg
 
 
@@ -151,6 +153,8 @@ def main() -> None:
     parser.add_argument("--lone-seeds", type=int, nargs="+", default=None,
                         help="seeds of the --stack 1 sweep (default: --seeds): one trial at a time costs the same "
                              "per trial however many there are, so a few measure it where big stacks need many")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a value of the trials' run config, for both modes (run.matmul_precision=high)")
     parser.add_argument("--work", default=None, help="folder for shards, stores and trials (default: a temp dir)")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args()
@@ -186,11 +190,13 @@ def report(args, times, results, plain, peak, load_before) -> None:
     trials = counts["stacked"]
     plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, every shape has as many trials
     flops_per_trial = sum(f for _, f in plain) / len(plain)
+    settings = f"; {', '.join(args.set)}" if args.set else ""
     print(f"\n{counts['stacked']} trials stacked, {counts['stack 1']} one at a time ({args.variant}, widths {args.widths or 'of the study'}, depths {args.depths}, "
-          f"{args.steps} steps), "
+          f"{args.steps} steps{settings}), "
           f"{args.rounds} rounds; torch threads {torch.get_num_threads()}; load average before "
           f"{load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print(f"fp32 GEMM peak (torch.mm 2048^2): {peak / 1e9:.0f} GFLOP/s; plain loop: {plain_s:.2f} s per trial, "
+    print(f"float32 GEMM peak (torch.mm 2048^2, 8192^2 on a GPU, at the trials' run.matmul_precision): "
+          f"{peak / 1e9:.0f} GFLOP/s; plain loop: {plain_s:.2f} s per trial, "
           f"{flops_per_trial / plain_s / 1e9:.1f} GFLOP/s ({flops_per_trial / plain_s / peak:.1%} of peak)")
     print("| mode | s per sweep (median) | trials/min | overhead per trial | overhead / plain loop | GFLOP/s | % of GEMM peak |")
     print("|---|---|---|---|---|---|---|")
@@ -218,7 +224,7 @@ def report(args, times, results, plain, peak, load_before) -> None:
     if args.json:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         Path(args.json).write_text(json.dumps(dict(
-            device=where, trials=trials, lone_trials=counts["stack 1"], widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
+            device=where, settings=args.set, trials=trials, lone_trials=counts["stack 1"], widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
             speedup=rates["stacked"] / rates["stack 1"], plain_s=plain_s, gemm_peak_gflops=peak / 1e9,
             finished=len(finished), same_status=same_status, max_rel_gap=gap, gaps=gaps), indent=1))
 

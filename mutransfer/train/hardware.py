@@ -1,4 +1,5 @@
-"""What the machine can do: peak bf16 throughput for MFU, and peak memory."""
+"""What the machine can do and how it is asked to: peak bf16 throughput for MFU, peak memory, and the
+precision of float32 matrix products (run.matmul_precision)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,19 @@ def peak_flops() -> float | None:
         if key in name:
             return flops
     return None
+
+
+# run.matmul_precision -> (torch.set_float32_matmul_precision's value, cuDNN convolutions in TF32)
+MATMUL_PRECISION = {"default": ("highest", True), "highest": ("highest", False), "high": ("high", True),
+                    "medium": ("medium", True)}
+
+
+def set_matmul_precision(mode: str) -> None:
+    """Set the process's float32 product and convolution precision (every value is set, so that a run in a
+    process never inherits what an earlier run there asked for)."""
+    products, tf32_convolutions = MATMUL_PRECISION[mode]
+    torch.set_float32_matmul_precision(products)
+    torch.backends.cudnn.allow_tf32 = tf32_convolutions
 
 
 def peak_memory_bytes() -> int:

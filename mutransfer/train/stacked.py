@@ -31,7 +31,7 @@ from .config import ConfigError, RunConfig, with_values
 from .ema import StackedEma
 from .engine import COMPILE_KWARGS, build_model, deepspeed_config
 from .evaluate import evaluate_members
-from .hardware import peak_flops
+from .hardware import peak_flops, set_matmul_precision
 from .mlflow_model import wants_model
 from .progress import StepWindow
 from .schedule import lr_factor
@@ -167,6 +167,7 @@ def train_stacked(cfgs: list[RunConfig], observer: StackObserver | None = None,
 
 def open_stack(cfgs: list[RunConfig], observer: StackObserver, device: torch.device) -> Stack:
     """The members' models (built and seeded as lone trials build theirs), stacked; the optimizer; the data."""
+    set_matmul_precision(cfgs[0].run.matmul_precision)  # the members share it (not a member key)
     data = StackData(cfgs, device)
     num_classes = cfgs[0].data.num_classes or data.streams[0].loader.num_classes
     if not num_classes:

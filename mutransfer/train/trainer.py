@@ -58,7 +58,7 @@ from .distributed import (
 from .ema import WeightEma, build_ema
 from .engine import build_engine, build_model, deepspeed_config, param_groups_of, seed_rngs
 from .evaluate import evaluate
-from .hardware import peak_flops
+from .hardware import peak_flops, set_matmul_precision
 from .mlflow_model import log_final_model
 from .progress import StepWindow
 from .resume import check_fresh_start, resume_run, save_checkpoint
@@ -271,6 +271,7 @@ def open_run(cfg: RunConfig, teardown: ExitStack) -> Run:
     rank, local_rank, world_size = init_distributed()
     device = device_for(local_rank)
     check_fresh_start(cfg)
+    set_matmul_precision(cfg.run.matmul_precision)
     ds_config = deepspeed_config(cfg, world_size)
     loader = build_train_loader(cfg.data, rank, world_size, device=device, with_keys=cfg.run.record_samples)
     if not (cfg.data.num_classes or loader.num_classes):

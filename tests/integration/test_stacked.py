@@ -141,3 +141,16 @@ def test_a_compiled_stack_follows_its_compiled_lone_runs(shards, tmp_path, one_t
     outcomes = train_stacked(cfgs)
     for outcome, cfg in zip(outcomes, cfgs):
         assert_follows(outcome, *lone_run(cfg))
+
+
+def test_a_stack_sets_its_members_matmul_precision(shards, tmp_path) -> None:
+    """A stack sets run.matmul_precision as a lone run does (members share it: tests/unit/test_stacked_optimizer.py)."""
+    from mutransfer.train.hardware import set_matmul_precision
+
+    cfgs = [with_values(member_config(tmp_path, shards, "mup", "adamw", m, f"m{i}"),
+                        {"run.steps": 2, "run.matmul_precision": "high"}) for i, m in enumerate(MEMBERS)]
+    try:
+        assert [o.status for o in train_stacked(cfgs)] == ["finished", "finished"]
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        set_matmul_precision("default")

@@ -67,3 +67,5 @@ def test_configs_that_cannot_stack_are_refused_by_name(shard_set, tmp_path) -> N
         check_stack([cfg, with_values(cfg, {"model.width": 64})])
     with pytest.raises(ConfigError, match="optim"):
         check_stack([cfg, with_values(cfg, {"optim.beta2": 0.9})])
+    with pytest.raises(ConfigError, match="in run"):  # run.matmul_precision: members share one process
+        check_stack([cfg, with_values(cfg, {"run.matmul_precision": "high"})])

@@ -20,6 +20,7 @@ from mutransfer.train import trainer
 from mutransfer.train.checkpoint import complete_checkpoints, read_state
 from mutransfer.train.config import ConfigError, RunConfig, RunSection, load_config, with_values
 from mutransfer.train.engine import build_model, deepspeed_config, merge_config
+from mutransfer.train.hardware import set_matmul_precision
 from mutransfer.train.schedule import build_scheduler
 
 TINY = {k: v for k, v in TINY_MODEL.items() if k != "name"}
@@ -128,6 +129,21 @@ def spy_on_sync(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(trainer, "sync", sync)
     return steps
+
+
+def test_a_run_sets_its_matmul_precision_and_the_next_run_its_own(shards, tmp_path) -> None:
+    """run.matmul_precision is set at the start of every run, so a sweep's next trial never inherits it."""
+    import torch
+
+    try:
+        for mode, products, tf32_convolutions in [("high", "high", True), ("default", "highest", True),
+                                                  ("highest", "highest", False)]:
+            cfg = in_process_config(tmp_path / mode, shards, run=dict(steps=1, matmul_precision=mode))
+            assert trainer.train(cfg).status == "finished"
+            assert torch.get_float32_matmul_precision() == products
+            assert torch.backends.cudnn.allow_tf32 is tf32_convolutions
+    finally:
+        set_matmul_precision("default")
 
 
 def test_sync_points_are_the_logging_eval_and_checkpoint_steps(shards, tmp_path, monkeypatch) -> None:
