@@ -4,7 +4,7 @@
 #
 #   benchmarks/gpu_check.sh --out DIR             # on the GPU machine, from the repository root
 #   benchmarks/gpu_check.sh --dry-run --out DIR   # rehearsal on CPU: the same steps at toy sizes
-#   benchmarks/gpu_check.sh --only test_gpu,sweep_throughput --stages 1 --budget 380 --out DIR   # a second call
+#   benchmarks/gpu_check.sh --only test_gpu,sweep_throughput,train_throughput --stages 1 --budget 340 --out DIR
 #
 # Steps, most important first, each under its own time limit and the whole under a deadline (a step that
 # would start past it is skipped and said), so that one slow step costs its own row and not the others:
@@ -37,6 +37,10 @@ while [ $# -gt 0 ]; do
     *) echo "gpu_check.sh: unknown argument '$1' (expected --dry-run, --out DIR, --budget SECONDS, --only STEP,STEP, --stages 0,1)" >&2; exit 2 ;;
   esac
   shift
+done
+STEP_NAMES="test_gpu sweep_throughput train_throughput data_fed_cpu data_fed_gpu"
+for name in ${ONLY//,/ }; do
+  [[ " $STEP_NAMES " == *" $name "* ]] || { echo "gpu_check.sh: --only: no step '$name' (steps: $STEP_NAMES)" >&2; exit 2; }
 done
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -101,9 +105,9 @@ else
   MODEL=(--preset vit_b16 --rounds 4 --block 3 --warmup 3)
   FED=(--preset vit_b16 --rounds 3 --block 2 --warmup 3 --workers 14)
   # 64 stacked trials (stacks as large as memory allows), 8 of them one at a time: a lone trial costs the same
-  # however many there are (the first call's 16 trials, two stacks of 8, gave 4.2x; docs/benchmarks.md)
+  # however many there are (the first call's 16 trials, one stack, gave 4.2x; docs/benchmarks.md)
   # In TF32 (run.matmul_precision=high, both modes): in float32 the stacks ran at 15-18 % of the float32 peak,
-  # 3.8-4.2x one at a time, and TF32 products have about 10x that peak
+  # 3.8-4.2x one at a time; NVIDIA's dense TF32 figure for an H100 (495 TFLOP/s) is 10x the float32 peak measured
   SWEEP=(--depths 12 --widths 384 --seeds 0 1 2 3 4 5 6 7 --lone-seeds 0 --steps 120 --rounds 1
          --set run.matmul_precision=high)
 fi

@@ -75,7 +75,9 @@ def sweep_rows(figures: dict | None) -> list[str]:
         return ["| stacked vs one-at-a-time proxies | no result | |"]
     shape = (f"width {figures['widths']}, depth {figures['depths']}, {figures['steps']} steps, {figures['trials']} trials, "
              f"{figures.get('lone_trials', figures['trials'])} alone{''.join('; ' + s for s in figures.get('settings', []))}")
-    rows = [f"| sweep ({shape}): {name} | {mode['trials_per_min']:.1f} trials/min, overhead "
+    sizes = figures.get("stack_sizes", {})
+    rows = [f"| sweep ({shape}): {name}{f' (stacks of {sizes[name]})' if name in sizes else ''} | "
+            f"{mode['trials_per_min']:.1f} trials/min, overhead "
             f"{mode['overhead_s']:.2f} s per trial ({mode['overhead_share']:.0%} of the plain loop), "
             f"{mode['of_peak']:.1%} of the GEMM peak | |" for name, mode in figures["modes"].items()]
     rows.append(f"| stacked / one-at-a-time | {figures['speedup']:.2f}x trials per minute; final eval losses "

@@ -44,6 +44,7 @@ from mutransfer.study.demo import EVAL_SAMPLES, ensure_shards
 from mutransfer.study.store import client_for, latest_per_key, load_trials
 from mutransfer.study.sweep import run_sweep
 from mutransfer.train.distributed import shutdown_distributed
+from mutransfer.train.hardware import set_matmul_precision
 from mutransfer.typed_config import parse_override, with_values
 
 STUDY = Path(__file__).resolve().parents[1] / "configs" / "demo_study.yaml"
@@ -90,9 +91,10 @@ def warm_sample_cache(data: DataConfig) -> None:
             pass
 
 
-def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: str) -> tuple[float, dict[str, float]]:
-    """(wall seconds, final eval loss by trial key: NaN for a trial that did not finish) of one sweep into a
-    fresh store."""
+def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: str
+               ) -> tuple[float, dict[str, float], list[int]]:
+    """(wall seconds, final eval loss by trial key: NaN for a trial that did not finish, trials per stack) of
+    one sweep into a fresh store."""
     root = Path(tempfile.mkdtemp(prefix=f"sweep_{tag}_", dir=args.work))
     cfg = study_for(args, root, shards)
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -102,8 +104,9 @@ def sweep_once(args: argparse.Namespace, shards: Path, stack: int | None, tag: s
     if summary.failed:
         raise SystemExit(f"{tag}: trials failed: {summary.failed}")
     trials = latest_per_key(load_trials(client_for(uri), cfg.study.name, cfg.study.experiment))
-    return seconds, {t.key: t.metrics.get("final/eval_loss", float("nan")) if t.status == "finished" else float("nan")
-                     for t in trials}
+    losses = {t.key: t.metrics.get("final/eval_loss", float("nan")) if t.status == "finished" else float("nan")
+              for t in trials}
+    return seconds, losses, summary.stack_sizes
 
 
 def study_shapes(args: argparse.Namespace, shards: Path) -> list[tuple[int, int]]:
@@ -166,6 +169,8 @@ def main() -> None:
               tracking_uri=f"sqlite:///{Path(tempfile.mkdtemp(dir=args.work)) / 'warm.db'}")
     warm_sample_cache(study_for(args, Path(args.work), shards).base.data)
     load_before = os.getloadavg()
+    # the peak and the plain loop at the trials' precision (the sweeps set it at each trial's start)
+    set_matmul_precision(study_for(args, Path(args.work), shards).base.run.matmul_precision)
     peak = gemm_peak()
     shapes = study_shapes(args, shards)
     plain_loop_seconds(args, shards, *shapes[0])  # the first loop in a process pays oneDNN's set-up (~20 s)
@@ -173,19 +178,20 @@ def main() -> None:
     lone = argparse.Namespace(**{**vars(args), "seeds": args.lone_seeds or args.seeds})
     times: dict[str, list[float]] = {"stack 1": [], "stacked": []}
     results: dict[str, dict[str, float]] = {}
+    stack_sizes: dict[str, list[int]] = {}
     for round_index in range(args.rounds):
         modes = [("stack 1", 1, lone), ("stacked", None, args)]
         for name, stack, mode_args in modes if round_index % 2 == 0 else modes[::-1]:
-            seconds, results[name] = sweep_once(mode_args, shards, stack, name.replace(" ", ""))
+            seconds, results[name], stack_sizes[name] = sweep_once(mode_args, shards, stack, name.replace(" ", ""))
             times[name].append(seconds)
-            print(f"round {round_index}: {name}: {seconds:.1f} s", flush=True)
+            print(f"round {round_index}: {name}: {seconds:.1f} s, stacks of {stack_sizes[name]} trials", flush=True)
         plain_runs.append([plain_loop_seconds(args, shards, *shape) for shape in shapes])
     plain = [(statistics.median(run[i][0] for run in plain_runs), plain_runs[0][i][1]) for i in range(len(shapes))]
-    report(args, times, results, plain, peak, load_before)
+    report(args, times, results, stack_sizes, plain, peak, load_before)
     shutdown_distributed()  # the warm-up sweep joined a process group: leave it, or NCCL may stall the exit
 
 
-def report(args, times, results, plain, peak, load_before) -> None:
+def report(args, times, results, stack_sizes, plain, peak, load_before) -> None:
     counts = {name: len(trials) for name, trials in results.items()}
     trials = counts["stacked"]
     plain_s = sum(s for s, _ in plain) / len(plain)  # per trial, every shape has as many trials
@@ -224,7 +230,7 @@ def report(args, times, results, plain, peak, load_before) -> None:
     if args.json:
         where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         Path(args.json).write_text(json.dumps(dict(
-            device=where, settings=args.set, trials=trials, lone_trials=counts["stack 1"], widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
+            device=where, settings=args.set, stack_sizes=stack_sizes, trials=trials, lone_trials=counts["stack 1"], widths=args.widths, depths=args.depths, steps=args.steps, modes=modes,
             speedup=rates["stacked"] / rates["stack 1"], plain_s=plain_s, gemm_peak_gflops=peak / 1e9,
             finished=len(finished), same_status=same_status, max_rel_gap=gap, gaps=gaps), indent=1))
 

@@ -84,6 +84,7 @@ def run_sweep(cfg: StudyConfig, launcher: str = "inprocess", parallel: int = 1, 
     sizer = stack_sizer(stack, ctx.config) if launcher == "inprocess" else \
         launched_sizer(stack, ctx, parallel, len(todo))
     stacks = plan_stacks(todo, sizer)
+    summary.stack_sizes = [len(stack) for stack in stacks]
     whole_study = trial_index is None and stack_index is None  # an array task leaves the parent run to the others
     if whole_study:
         mark_study(client, parent, "running")

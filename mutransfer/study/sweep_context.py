@@ -35,6 +35,7 @@ class SweepSummary:
     statuses: dict[str, str] = field(default_factory=dict)
     elsewhere: list[str] = field(default_factory=list)  # trials another running sweep holds
     interrupted: int | None = None  # the signal that stopped the sweep
+    stack_sizes: list[int] = field(default_factory=list)  # the plan: trials per stack, in order
 
     @property
     def failed(self) -> list[str]:

@@ -186,11 +186,12 @@ class RunSection(Section):
     ZeRO 0-2 only: at ZeRO-3, dynamo traces DeepSpeed's per-module parameter gather hooks, breaking the
     graph and recompiling at every submodule (DeepSpeed's DeepCompile is the ZeRO-3 path; not wired here)."""
     matmul_precision: Literal["default", "highest", "high", "medium"] = "default"
-    """float32 matrix products and convolutions on the GPU, set when the run (or stack) starts: `default` is
+    """float32 matrix products and convolutions, set when the run (or stack) starts: `default` is
     PyTorch's (products in full float32, cuDNN's convolutions in TF32), `highest` full float32 for both,
-    `high` TF32 for both (tensor cores: an H100's float32 products ran at 51 TFLOP/s), `medium` products in
-    bf16 internally (torch.set_float32_matmul_precision). A float32 run or stack trains at the precision of its
-    products; a bf16 run (deepspeed.bf16) is not affected. Stacked and lone trials of one study share it."""
+    `high` TF32 for both (on the tensor cores; without them an H100's float32 products ran at 51 TFLOP/s),
+    `medium` products in bf16 internally (torch.set_float32_matmul_precision; on CPUs that have them, oneDNN's
+    products follow `high` and `medium` too). A float32 run or stack trains at the precision of its products;
+    a bf16 run (deepspeed.bf16) is not affected. Stacked and lone trials of one study share it."""
     ema_decay: float = 0.0
     """Weight EMA with this decay after every optimizer step, as timm's ModelEmaV3 (--model-ema-decay; 0: none):
     evaluated beside the weights (eval/ema_loss, eval/ema_top1), checkpointed, `mutransfer export --ema`

@@ -1,13 +1,18 @@
 """Removes the host waits that DeepSpeed 0.19 puts inside every ZeRO step, so that a GPU step queues its work
 without waiting for it (the trainer's docstring lists the only places where the host waits).
 
-Found by `tests/integration/test_gpu.py` on an H100 (2026-12-06), in the gradient-norm path that every ZeRO-1/2
-step takes when it clips or logs the norm:
+The first was found by `tests/integration/test_gpu.py` on an H100 (2026-12-06), in the gradient-norm path that
+every ZeRO-1/2 step takes (DeepSpeed computes the norm for its grad-norm record whether or not it clips):
 
 - a norm that is inf/NaN is masked to -1 with `torch.tensor(-1.0, device=...)`: a copy from pageable host
-  memory, which waits for the GPU to drain first (also in ZeRO-3 and in ZeRO-0's bf16 optimizer);
-- before clipping, ZeRO-1/2 asks `is_invalid_grad_norm(norm)`, a `bool()` of a GPU tensor, to turn an invalid
-  norm into inf.
+  memory, which waits for the GPU to drain first (the same function serves ZeRO-3 and the global norm of
+  ZeRO-0's optimizer);
+- when it clips (optim.grad_clip > 0), ZeRO-1/2 asks `is_invalid_grad_norm(norm)`, a `bool()` of a GPU tensor,
+  to turn an invalid norm into inf.
+
+Waits that remain, outside what this module touches: ZeRO-3 reads its norm back with `.cpu()`, and ZeRO-0 in
+bf16 runs DeepSpeed's FP16_UnfusedOptimizer, whose overflow and norm checks read values back every step (the
+engine warns; use ZeRO-1).
 
 `install()` swaps both for the same arithmetic kept on the device (`masked_fill_` with a Python number,
 `torch.where`): the same numbers, bit for bit (tests/unit/test_deepspeed_sync.py checks them against
@@ -33,7 +38,7 @@ def mask_invalid_norm(norm: torch.Tensor, device: Any = None, val: float = -1.0)
 def unscale_and_clip_grads(self, grad_groups_flat: list, total_norm: Any) -> None:
     """ZeRO-1/2's unscale-and-clip with the invalid-norm test on the device (an invalid norm clips as inf:
     every gradient scaled to zero, as in DeepSpeed)."""
-    if not torch.is_tensor(total_norm):  # the offload paths hand a float: DeepSpeed's own code has no GPU wait
+    if not torch.is_tensor(total_norm):  # None (no norm computed): nothing of DeepSpeed's own waits then
         return _originals["unscale_and_clip_grads"](self, grad_groups_flat, total_norm)
     if self.clip_grad == 0.0 and self.loss_scale == 1.0:
         return None

@@ -105,8 +105,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, An
 
     deepspeed_sync.install()  # DeepSpeed's per-step host waits out (its docstring says which)
     if torch.cuda.is_available() and cfg.deepspeed.bf16 and cfg.deepspeed.zero_stage == 0:
-        log.warning("mutransfer: deepspeed.zero_stage=0 with bf16 runs DeepSpeed's BF16_Optimizer, which waits for "
-                    "the GPU every step; ZeRO-1 trained ViT-B/16 1.3-1.5x faster on an H100 (docs/benchmarks.md): "
+        log.warning("mutransfer: deepspeed.zero_stage=0 with bf16 runs DeepSpeed's FP16_UnfusedOptimizer, which waits "
+                    "for the GPU every step; ZeRO-1 trained ViT-B/16 1.3-1.5x faster on an H100 (docs/benchmarks.md): "
                     "set deepspeed.zero_stage=1, the same training on any number of GPUs")
     optim = cfg.optim
     optimizer = build_optimizer(model, optim, fused=fused_optimizer(cfg))

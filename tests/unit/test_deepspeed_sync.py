@@ -49,18 +49,21 @@ def test_masking_matches_deepspeed(originals, value: float) -> None:
     assert torch.equal(mine, theirs)
 
 
+@pytest.mark.parametrize("loss_scale", [1.0, 1024.0])
 @pytest.mark.parametrize("clip", [0.0, 0.5])
 @pytest.mark.parametrize("norm", [0.2, 3.0, math.inf, math.nan, -1.0])
-def test_unscale_and_clip_matches_deepspeed(originals, clip: float, norm: float) -> None:
+def test_unscale_and_clip_matches_deepspeed(originals, clip: float, norm: float, loss_scale: float) -> None:
     _, own_clip = originals
     optimizer = zero1_engine(clip).optimizer
     assert isinstance(optimizer, stage_1_and_2.DeepSpeedZeroOptimizer)
+    optimizer.override_loss_scale(loss_scale)  # as fp16 training's scaler would have it
+    assert optimizer.loss_scale == loss_scale
     grads = torch.randn(2, 37)
     mine, theirs = [grads[0].clone(), [grads[1].clone()]], [grads[0].clone(), [grads[1].clone()]]
     deepspeed_sync.unscale_and_clip_grads(optimizer, mine, torch.tensor(norm))
     own_clip(optimizer, theirs, torch.tensor(norm))
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1][0], theirs[1][0])
-    if clip and norm == 3.0:  # the check means something only where clipping changes the gradients
+    if (clip and norm == 3.0) or loss_scale != 1.0:  # the check means something only where gradients change
         assert not torch.equal(mine[0], grads[0])
 
 
