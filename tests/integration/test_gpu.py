@@ -61,18 +61,56 @@ def test_fused_adamw_on_cuda_keeps_the_group_scales() -> None:
     assert gaps[worst] < 1e-2, f"{worst}: fused and per-tensor updates differ by {gaps[worst]:.1e} of the update"
 
 
+def host_waits(call, *args) -> set[str]:
+    """Where `call(*args)` made the host wait for the GPU ("file:line (what)"): every wait CUDA's sync debug
+    mode sees (copies and reads back to the host), and the explicit synchronizations it does not
+    (torch.cuda.synchronize, Event.synchronize, Stream.synchronize), counted by wrapping them."""
+    import sys
+    import warnings
+
+    explicit: set[str] = set()
+    originals = [(torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "synchronize")]
+
+    def counting(owner, name, real):
+        def wrapper(*a, **k):
+            caller = sys._getframe(1)
+            explicit.add(f"{caller.f_code.co_filename}:{caller.f_lineno} ({getattr(owner, '__name__', owner)}.{name})")
+            return real(*a, **k)
+        return wrapper
+
+    saved = [(owner, name, getattr(owner, name)) for owner, name in originals]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for owner, name, real in saved:
+            setattr(owner, name, counting(owner, name, real))
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            call(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            for owner, name, real in saved:
+                setattr(owner, name, real)
+    return explicit | {f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)}
+
+
+def test_the_wait_watch_sees_planted_waits() -> None:
+    """If `host_waits` missed waits, the empty lists of the test below would prove nothing."""
+    assert host_waits(lambda: torch.ones(1, device="cuda").item())
+    assert host_waits(torch.cuda.synchronize)
+    assert host_waits(lambda: torch.cuda.current_stream().synchronize())
+    assert not host_waits(lambda: torch.ones(1, device="cuda") * 2)
+
+
 @pytest.mark.parametrize("zero_stage", [
     pytest.param(0, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
                                             reason="ZeRO-0 in bf16 runs DeepSpeed's FP16_UnfusedOptimizer, whose "
                                                    "overflow and norm checks read values back every step; the engine warns")),
     1, 2])
 def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch, zero_stage: int) -> None:
-    """Between sync points the host never waits for the GPU: under CUDA's sync debug mode every wait inside
-    `train_step` (after two warm-up steps) is recorded with the Python line that caused it, and there must be
-    none. bf16, one process, ZeRO-1 and 2 (DeepSpeed's own waits removed by mutransfer.train.deepspeed_sync),
-    clipping on, so that the clip's path runs too."""
-    import warnings
-
+    """Between sync points the host never waits for the GPU: every wait inside `train_step` (after two warm-up
+    steps) is recorded with the Python line that caused it (`host_waits`), and there must be none. bf16, one
+    process, ZeRO-1 and 2 (DeepSpeed's own waits removed by mutransfer.train.deepspeed_sync), clipping on, so
+    that the clip's path runs too."""
     from mutransfer.data import write_synthetic_shards
     from mutransfer.train import trainer
     from mutransfer.train.config import load_config
@@ -83,23 +121,10 @@ def test_no_host_sync_inside_a_training_step(tmp_path: Path, monkeypatch, zero_s
     real_step = trainer.train_step
     waits: set[str] = set()
 
-    def watched(call, *args) -> set[str]:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                call(*args)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        return {f"{w.filename}:{w.lineno}" for w in caught if "synchronizing" in str(w.message)}
-
-    # the watch sees a wait (if it saw none, an empty list below would prove nothing)
-    assert watched(lambda: torch.ones(1, device="cuda").item())
-
     def watched_step(run):
         if run.state.step < 2:
             return real_step(run)
-        waits.update(watched(real_step, run))
+        waits.update(host_waits(real_step, run))
         return None
 
     monkeypatch.setattr(trainer, "train_step", watched_step)
