@@ -131,6 +131,18 @@ def spy_on_sync(monkeypatch) -> list[int]:
     return steps
 
 
+def test_training_installs_the_deepspeed_wait_fixes(shards, tmp_path) -> None:
+    """build_engine puts mutransfer.train.deepspeed_sync in place (that it removes the waits shows on a GPU)."""
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    from mutransfer.train import deepspeed_sync
+
+    deepspeed_sync.uninstall()
+    assert trainer.train(in_process_config(tmp_path, shards, run=dict(steps=1))).status == "finished"
+    assert stage_1_and_2.mask_nan_or_inf_with_val_inplace is deepspeed_sync.mask_invalid_norm
+    assert stage_1_and_2.DeepSpeedZeroOptimizer.unscale_and_clip_grads is deepspeed_sync.unscale_and_clip_grads
+
+
 def test_a_run_sets_its_matmul_precision_and_the_next_run_its_own(shards, tmp_path) -> None:
     """run.matmul_precision is set at the start of every run, so a sweep's next trial never inherits it."""
     import torch
