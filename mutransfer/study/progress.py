@@ -6,7 +6,8 @@ far too early while the narrow shapes train. Here the time a shape's trials took
 record to a stack's, shared by the stack's trials, which end together) is fitted against each shape's
 arithmetic, `trial_work`, as seconds per trial = a + b x work (a: what a trial costs whatever its size; both at
 least 0); once two shapes of different work have trained, every trial not yet done is priced by that line.
-Before then all trials cost the same (the trial count's estimate).
+Before then all trials cost the same (the trial count's estimate), and where dearer shapes are still to come
+that is a floor, shown as "~2:46+ left" (the demo's first estimate: the sweep took 6:55 more).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class TrialCosts:
             slope, intercept = np.sum(weights * works * means) / np.sum(weights * works**2), 0.0
         return lambda work: float(intercept + slope * work)
 
+    def is_floor_for(self, works: list[float]) -> bool:
+        """Whether `per_trial` can only under-price `works`: one work level timed, and dearer ones among them."""
+        return len(self.counts) == 1 and any(work > next(iter(self.counts)) for work in works)
+
 
 class SweepProgress:
     """tqdm's bar over the sweep's trials, with `TrialCosts`' estimate of the time left and the trials now
@@ -97,7 +102,8 @@ class SweepProgress:
 
     def _show(self, refresh: bool = True) -> None:
         left = self.seconds_left()
-        text = "" if left is None else f"~{tqdm.format_interval(left)} left"
+        floor = "+" if self.costs.is_floor_for(list(self.work_left.values())) else ""
+        text = "" if left is None else f"~{tqdm.format_interval(left)}{floor} left"
         self.bar.set_postfix_str(", ".join(part for part in (text, self.running) if part), refresh=refresh)
 
     def close(self) -> None:

@@ -62,6 +62,26 @@ def test_the_bar_counts_trials_and_shows_the_priced_time_left() -> None:
     progress.close()
 
 
+def test_with_one_shape_timed_the_time_left_is_marked_as_a_floor_until_a_dearer_one_is() -> None:
+    narrow, wide = trials(32, 2), trials(64, 2)
+    now = [0.0]
+    progress = SweepProgress(narrow + wide, "study s", show=True, clock=lambda: now[0])
+    now[0] = 60.0
+    progress.trained(narrow[:1])
+    assert "~03:00+ left" in str(progress.bar)  # 3 trials at 60 s, at least: the wide ones cost more
+    now[0] = 90.0
+    progress.trained(narrow[1:])  # still one work level: still a floor
+    assert "+ left" in str(progress.bar)
+    now[0] = 200.0
+    progress.trained(wide[:1])
+    assert " left" in str(progress.bar) and "+ left" not in str(progress.bar)
+    progress.close()
+    same = SweepProgress(trials(32, 2), "study s", show=True, clock=lambda: now[0])
+    same.trained(trials(32, 2)[:1])
+    assert "+ left" not in str(same.bar)  # nothing dearer to come: the mean is the estimate
+    same.close()
+
+
 def test_a_stacks_time_is_shared_by_its_trials() -> None:
     """32 trials that trained together for 64 s cost 2 s each: the 32 of the same shape left take 64 s (charged
     to the first record alone, the stack's time priced each trial left at 64 s: 34 minutes)."""
