@@ -167,10 +167,11 @@ def main() -> None:
     warm = argparse.Namespace(**{**vars(args), "steps": 1})  # imports, DeepSpeed's op build, MLflow's tables
     run_sweep(study_for(warm, Path(tempfile.mkdtemp(dir=args.work)), shards), progress=False, trial_index=0,
               tracking_uri=f"sqlite:///{Path(tempfile.mkdtemp(dir=args.work)) / 'warm.db'}")
-    warm_sample_cache(study_for(args, Path(args.work), shards).base.data)
+    base = study_for(args, Path(args.work), shards).base
+    warm_sample_cache(base.data)
     load_before = os.getloadavg()
     # the peak and the plain loop at the trials' precision (the sweeps set it at each trial's start)
-    set_matmul_precision(study_for(args, Path(args.work), shards).base.run.matmul_precision)
+    set_matmul_precision(base.run.matmul_precision)
     peak = gemm_peak()
     shapes = study_shapes(args, shards)
     plain_loop_seconds(args, shards, *shapes[0])  # the first loop in a process pays oneDNN's set-up (~20 s)

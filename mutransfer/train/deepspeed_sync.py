@@ -14,8 +14,8 @@ Waits that remain, outside what this module touches: ZeRO-3 reads its norm back 
 bf16 runs DeepSpeed's FP16_UnfusedOptimizer, whose overflow and norm checks read values back every step (the
 engine warns; use ZeRO-1).
 
-`install()` swaps both for the same arithmetic kept on the device (`masked_fill_` with a Python number,
-`torch.where`): the same numbers, bit for bit (tests/unit/test_deepspeed_sync.py checks them against
+`install()` swaps both for the same arithmetic kept on the device (`masked_fill` with Python numbers): the
+same numbers, bit for bit (tests/unit/test_deepspeed_sync.py checks them against
 DeepSpeed's own on finite, inf, NaN and negative norms, with and without clipping). It changes nothing for other
 DeepSpeed versions, whose code may differ; the GPU test shows whether one waits.
 """

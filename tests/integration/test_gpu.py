@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import write_config
+from train_helpers import losses, write_config
 
 from mutransfer.models import create_model
 from mutransfer.models.optim import OptimSection, build_optimizer, param_groups
@@ -157,8 +157,6 @@ def test_stack_members_follow_their_lone_runs_on_the_gpu(shard_set, tmp_path: Pa
 def stacked_against_alone(shards: Path, tmp_path: Path, precision: str) -> list[list[float]]:
     """Two members (lr 3e-3 seed 0, lr 1e-3 seed 1) trained as a stack and alone: each member's relative
     gap at each of 20 steps, then of its final eval loss."""
-    import json
-
     from mutransfer.train import trainer
     from mutransfer.train.config import load_config
     from mutransfer.train.stacked import train_stacked
@@ -174,8 +172,7 @@ def stacked_against_alone(shards: Path, tmp_path: Path, precision: str) -> list[
     for outcome, cfg in zip(stacked, cfgs):
         result = trainer.train(cfg)
         assert outcome.status == result.status == "finished"
-        rows = [json.loads(line) for line in (Path(cfg.run.output_dir) / "metrics.jsonl").read_text().splitlines()]
-        alone = [row["train/loss"] for row in rows if "train/loss" in row]
+        alone = list(losses(Path(cfg.run.output_dir)).values())  # steps 1-20 in order
         gaps.append([abs(a / b - 1) for a, b in zip(outcome.losses, alone)]
                     + [abs(outcome.eval["eval/loss"] / result.eval["eval/loss"] - 1)])
     return gaps
